@@ -1,0 +1,1 @@
+"""Experiment engine: specs, runs, the result store and the local and SLURM executors."""

@@ -1,0 +1,95 @@
+"""Experiment kinds: the contract between the engine and the code of one experiment.
+
+A kind declares its settings schema (a mapping name -> :class:`Field`), runs one point of a
+sweep (``run(settings, ctx) -> metrics``) and draws its figures from stored results
+(``plot(df, spec, outdir) -> list of paths``). Metrics are JSON-serialisable: numbers,
+strings, and lists for per-step or per-epoch series. A run whose metrics hold NaN or inf, or
+that raises :class:`Diverged`, is recorded as ``diverged``; any other exception as ``failed``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from hsbench.engine.runner import RunContext
+    from hsbench.engine.spec import Spec
+
+REQUIRED = object()
+"""Default of a field that every spec must set."""
+
+
+class Diverged(Exception):
+    """Raised by a kind's ``run`` to stop a run that diverged, keeping the metrics so far."""
+
+    def __init__(self, message: str, metrics: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.metrics = dict(metrics or {})
+
+
+@dataclass(frozen=True)
+class Field:
+    """One setting of a kind: its type, default, admissible values and a one-line doc.
+
+    ``type`` is one of int, float, str, bool (an int is accepted where a float is expected).
+    ``choices`` is a collection or a zero-argument callable returning one, so that the
+    admissible values may live in another module (e.g. the list of curvature methods).
+    ``low`` / ``high`` bound numbers inclusively.
+    """
+
+    type: type
+    doc: str
+    default: Any = REQUIRED
+    choices: Iterable[Any] | Callable[[], Iterable[Any]] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def allowed(self) -> list[Any] | None:
+        if self.choices is None:
+            return None
+        return list(self.choices() if callable(self.choices) else self.choices)
+
+    def check(self, value: Any) -> Any:
+        """Return ``value`` converted to the field's type, or raise ValueError saying why not."""
+        ok = isinstance(value, self.type) and not (self.type is int and isinstance(value, bool))
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ValueError(f"expected {self.type.__name__}, got {type(value).__name__} {value!r}")
+        if self.type is float and not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        allowed = self.allowed()
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"unknown value {value!r}; choose from {', '.join(map(str, allowed))}")
+        if self.low is not None and value < self.low:
+            raise ValueError(f"{value!r} is below the minimum {self.low!r}")
+        if self.high is not None and value > self.high:
+            raise ValueError(f"{value!r} is above the maximum {self.high!r}")
+        return value
+
+
+class ExperimentKind(ABC):
+    """Base class of experiment kinds; subclasses set ``name``, ``description``, ``fields``."""
+
+    name: str
+    description: str
+    fields: Mapping[str, Field]
+
+    @abstractmethod
+    def run(self, settings: Mapping[str, Any], ctx: RunContext) -> dict[str, Any]:
+        """Run one point of the sweep and return its metrics."""
+
+    @abstractmethod
+    def plot(self, df: pd.DataFrame, spec: Spec, outdir: Path) -> list[Path]:
+        """Draw the experiment's figures from ``hsbench.results.load`` rows into ``outdir``."""

@@ -1,0 +1,124 @@
+"""Execution of one run: seeding, the run context, status classification and the record.
+
+``execute`` is what every executor calls, in-process, in a pool worker or in a SLURM job. It
+is idempotent: a run already recorded ``ok`` or ``diverged`` is not run again, and a run
+interrupted at any point (SIGKILL, preemption) has no record and continues from its last
+checkpoint when executed again.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import platform
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hsbench.engine.kind import Diverged
+from hsbench.engine.provenance import git_revision, versions
+from hsbench.engine.spec import Run
+from hsbench.engine.store import FINAL, Store, atomic_write
+
+DEFAULT_CHECKPOINT_INTERVAL_S = 60.0
+
+
+@dataclass
+class RunContext:
+    """What a kind's ``run`` gets besides its settings: ids, device and a checkpoint API.
+
+    Call ``checkpoint_due()`` at convenient points (e.g. every step) and, when it returns
+    True, ``save_checkpoint(state)``; at the start, ``load_checkpoint()`` returns the last
+    saved state or None. States are anything ``torch.save`` accepts; include RNG states so
+    that a resumed run gives the same numbers as an uninterrupted one.
+    """
+
+    run_id: str
+    seed: int
+    device: str
+    checkpoint_path: Path
+    checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
+    _last_save: float = field(default_factory=time.monotonic)
+
+    def checkpoint_due(self) -> bool:
+        return time.monotonic() - self._last_save >= self.checkpoint_interval_s
+
+    def save_checkpoint(self, state: Any) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(self.checkpoint_path, buffer.getvalue())
+        self._last_save = time.monotonic()
+
+    def load_checkpoint(self) -> Any | None:
+        if not self.checkpoint_path.exists():
+            return None
+        return torch.load(self.checkpoint_path, weights_only=False)
+
+
+def finite(value: Any) -> bool:
+    """Whether a metrics value (number, string, or nested lists and dicts of them) has no NaN or inf."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(finite(v) for v in value)
+    return True
+
+
+def execute(run: Run, results_dir: str | Path, checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S) -> str:
+    """Run ``run`` unless already recorded ok/diverged, write its record, return its status."""
+    from hsbench.experiments import KINDS
+
+    store = Store(results_dir, run.experiment)
+    done = store.read(run.id)
+    if done is not None and done["status"] in FINAL:
+        return done["status"]
+    seed = run.settings["seed"]
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    ctx = RunContext(
+        run_id=run.id,
+        seed=seed,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        checkpoint_path=store.checkpoint_path(run.id),
+        checkpoint_interval_s=checkpoint_interval_s,
+    )
+    start = time.perf_counter()
+    error = None
+    try:
+        metrics = KINDS[run.kind].run(dict(run.settings), ctx)
+        status = "ok" if finite(metrics) else "diverged"
+    except Diverged as e:
+        metrics, status = e.metrics, "diverged"
+    except Exception:
+        metrics, status, error = {}, "failed", traceback.format_exc()
+    store.write(
+        {
+            "id": run.id,
+            "experiment": run.experiment,
+            "kind": run.kind,
+            "scale": run.settings["scale"],
+            "settings": run.settings,
+            "status": status,
+            "metrics": metrics,
+            "error": error,
+            "wall_time_s": time.perf_counter() - start,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "device": ctx.device,
+            "versions": versions(),
+            "git_revision": git_revision(),
+        }
+    )
+    if status in FINAL:
+        ctx.checkpoint_path.unlink(missing_ok=True)
+    return status

@@ -1,0 +1,6 @@
+"""Registry of experiment kinds by name; a spec's ``kind`` must be one of ``KINDS``."""
+
+from hsbench.engine.kind import ExperimentKind
+from hsbench.experiments.quadratic import Quadratic
+
+KINDS: dict[str, ExperimentKind] = {kind.name: kind for kind in (Quadratic(),)}
