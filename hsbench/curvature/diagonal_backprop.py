@@ -1,0 +1,51 @@
+"""HesScale, HesScaleGN and BL89: backpropagation of a diagonal Hessian estimate (Eq. 3–4, 10–11).
+
+Walking backward, ŝ estimates the diagonal of ∂²ℓ/∂y² at each module output y and g = ∂ℓ/∂y:
+
+* through a linear map y = J x:   ŝ_x = Σ_o J_oi² ŝ_o          (off-diagonal terms dropped),
+* through an activation y = σ(x): ŝ_x = σ'(x)² ŝ_y + σ''(x) g_y  (HesScaleGN drops the σ'' term),
+* at a weight of a linear map:     ŝ_W = Σ_positions ŝ_y x²     (Eq. 3 and 11).
+
+HesScale starts from the exact diagonal of the loss Hessian w.r.t. the network output
+(appendices B, C); BL89 applies the same diagonal rule to the output nonlinearity too, starting
+from the diagonal w.r.t. the distribution's probabilities (see ``LossRule.bl89_diagonal``).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from hsbench.curvature.tape import Tape, elementwise
+
+VARIANTS = ("hesscale", "hesscale-gn", "bl89")
+
+
+def backpropagate(tape: Tape, variant: str, per_sample: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Gradient and diagonal estimate of every parameter, keyed by parameter name.
+
+    Batch results (per_sample=False) are those of the batch loss; per-sample results have a
+    leading batch dimension and belong to each sample's own loss ℓ_n (unscaled)."""
+    z, target, loss = tape.output, tape.target, tape.loss
+    g = loss.grad(z, target).reshape(z.shape[0], 1, *z.shape[1:])
+    start = loss.bl89_diagonal if variant == "bl89" else loss.hessian_diagonal
+    s = start(z, target).reshape(g.shape)
+    grads, diags = {}, {}
+    for step, more in tape.backward_steps():
+        module, rule, ctx = step.module, step.rule, step.ctx
+        if elementwise(step):
+            d1, d2 = (d.unsqueeze(1) for d in rule.derivatives(module, ctx))
+            s = s * d1.square() if variant == "hesscale-gn" else s * d1.square() + d2 * g
+            g = g * d1
+            continue
+        if step.has_parameters:
+            for name, value in rule.param_sums(module, ctx.x, g[:, 0], per_sample).items():
+                grads[step.parameter_name(name)] = value
+            for name, value in rule.param_sums(module, ctx.x.square(), s[:, 0], per_sample).items():
+                diags[step.parameter_name(name)] = value
+        if more:
+            g, s = rule.vjp(module, ctx, g), rule.vjp_squared(module, ctx, s)
+    if not per_sample:
+        scale = tape.scale()
+        grads = {k: v * scale for k, v in grads.items()}
+        diags = {k: v * scale for k, v in diags.items()}
+    return grads, diags

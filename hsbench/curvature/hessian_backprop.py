@@ -1,0 +1,60 @@
+"""Exact Hessian and GGN diagonals by backpropagating full Hessians w.r.t. module outputs.
+
+Per sample, H_y = ∂²ℓ/∂y² (D × D) passes backward exactly (Dangel et al. 2020, HBP):
+
+* through a linear map y = J x:   H_x = Jᵀ H_y J,
+* through an activation y = σ(x): H_x = diag(σ') H_y diag(σ') + diag(σ'' ∘ g_y)  (GGN: no last term),
+* at a weight entry w of a linear map (y is linear in w with ∂y_t/∂w = u_t, the input patch):
+  ∂²ℓ/∂w² = Σ_{t,t'} u_t H_y[t, t'] u_t', which for a Linear layer is diag(H_y) ⊗ x².
+
+Cost grows with D², so this is meant for the small networks where the exact values are needed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hsbench.curvature.tape import Tape, elementwise
+
+
+def _sandwich(step, h: Tensor) -> Tensor:
+    """Jᵀ H J for per-sample H (N, D_out, D_out) -> (N, D_in, D_in)."""
+    n, d_out = h.shape[:2]
+    out_shape = step.ctx.y.shape[1:]
+    hj = step.rule.vjp(step.module, step.ctx, h.reshape(n, d_out, *out_shape)).reshape(n, d_out, -1)
+    d_in = hj.shape[2]
+    return step.rule.vjp(step.module, step.ctx, hj.transpose(1, 2).reshape(n, d_in, *out_shape)).reshape(n, d_in, d_in)
+
+
+def _parameter_diagonals(step, h: Tensor, per_sample: bool) -> dict[str, Tensor]:
+    module = step.module
+    patches = step.rule.patches(module, step.ctx.x)  # (N, G, K, T)
+    blocks = step.rule.output_blocks(module, h)  # (N, G, C, T, T)
+    weight = torch.einsum("ngkt,ngctu,ngku->ngck", patches, blocks, patches)
+    out = {"weight": weight.reshape(h.shape[0], *module.weight.shape)}
+    if module.bias is not None:
+        out["bias"] = blocks.sum((-1, -2)).reshape(h.shape[0], -1)
+    return out if per_sample else {k: v.sum(0) for k, v in out.items()}
+
+
+def backpropagate(tape: Tape, curvature_of_activations: bool = True, per_sample: bool = False) -> dict[str, Tensor]:
+    """Exact Hessian diagonal (``curvature_of_activations=True``) or exact GGN diagonal per parameter."""
+    z, target, loss = tape.output, tape.target, tape.loss
+    h = loss.hessian(z, target)
+    g = loss.grad(z, target).reshape(z.shape[0], 1, *z.shape[1:])
+    diags = {}
+    for step, more in tape.backward_steps():
+        if elementwise(step):
+            d1, d2 = (d.reshape(d.shape[0], -1) for d in step.rule.derivatives(step.module, step.ctx))
+            h = d1.unsqueeze(2) * h * d1.unsqueeze(1)
+            if curvature_of_activations:
+                h = h + torch.diag_embed(d2 * g.reshape(d2.shape))
+            g = g * d1.reshape(g.shape[0], 1, *g.shape[2:])
+            continue
+        if step.has_parameters:
+            for name, value in _parameter_diagonals(step, h, per_sample).items():
+                diags[step.parameter_name(name)] = value
+        if more:
+            h, g = _sandwich(step, h), step.rule.vjp(step.module, step.ctx, g)
+    return diags if per_sample else {k: v * tape.scale() for k, v in diags.items()}

@@ -1,0 +1,214 @@
+"""Per-loss rules: derivatives of each sample's loss ℓ_n w.r.t. the network output z_n.
+
+The batch loss is ``scale · Σ_n ℓ_n`` with scale = 1/N for reduction='mean' and 1 for 'sum';
+ℓ_n is the loss of sample n on its own (``loss_fn`` on a batch of one). Every quantity here is
+per sample and unscaled, of shape (N, D) with D the size of one output:
+
+* ``grad``: ∂ℓ_n/∂z_n;
+* ``hessian_diagonal``: the exact diagonal of ∂²ℓ_n/∂z_n² (appendices B and C), linear in D;
+* ``bl89_diagonal``: Becker & LeCun's output diagonal — the diagonal of the loss Hessian w.r.t.
+  the distribution's probabilities pushed through the softmax with the diagonal of its Jacobian
+  and of its second derivative (identical to the exact one for elementwise outputs);
+* ``mc_factor`` (M samples): vectors S with E[S Sᵀ] equal to the output Hessian (for the
+  Gaussian NLL, the Fisher), from targets sampled from the model's predictive distribution;
+* ``hessian``: the full (N, D, D) output Hessian through torch.func, used by the exact methods.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import jacfwd, jacrev, vmap
+
+from hsbench import losses
+
+
+def _flat(z: Tensor) -> Tensor:
+    return z.reshape(z.shape[0], -1)
+
+
+def _log_prob_derivatives(z: Tensor, actions: Tensor, distribution: str, variance: str) -> tuple[Tensor, Tensor]:
+    """(∂ log π / ∂z, diagonal of ∂² log π / ∂z²), both (N, D_out)."""
+    if distribution == "categorical":
+        q = torch.softmax(z, -1)
+        return nn.functional.one_hot(actions.long(), z.shape[-1]).to(z.dtype) - q, q.square() - q
+    mean, var = losses.gaussian_split(z, variance)
+    r2 = (actions - mean).square()
+    g_mean, h_mean = (actions - mean) / var, -1 / var
+    if variance == "raw":  # appendix B.2
+        g_var, h_var = 0.5 * (r2 / var - 1) / var, (0.5 - r2 / var) / var.square()
+    else:  # ν = log σ²
+        g_var, h_var = 0.5 * (r2 / var - 1), -0.5 * r2 / var
+    return torch.cat([g_mean, g_var], -1), torch.cat([h_mean, h_var], -1)
+
+
+class LossRule:
+    """Derivatives of one loss module; subclasses implement ``grad`` and ``hessian_diagonal``."""
+
+    def __init__(self, loss_fn: nn.Module):
+        if getattr(loss_fn, "reduction", None) not in ("mean", "sum"):
+            raise ValueError(f"{type(loss_fn).__name__} needs reduction 'mean' or 'sum'")
+        self.loss_fn = loss_fn
+
+    def scale(self, z: Tensor) -> float:
+        return 1.0 / z.shape[0] if self.loss_fn.reduction == "mean" else 1.0
+
+    def bl89_diagonal(self, z, target) -> Tensor:
+        return self.hessian_diagonal(z, target)
+
+    def mc_factor(self, z, target, samples: int, generator) -> Tensor:
+        raise ValueError(
+            f"{type(self.loss_fn).__name__} has no predictive distribution to sample from; Monte-Carlo GGN methods "
+            "support CrossEntropyLoss, MSELoss and GaussianNLLLoss"
+        )
+
+    def hessian(self, z: Tensor, target) -> Tensor:
+        def loss_of_one(z_n, t_n):
+            batch_of_one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), t_n)
+            return self.loss_fn(z_n.unsqueeze(0), batch_of_one)
+
+        return vmap(jacfwd(jacrev(loss_of_one)))(z, target).reshape(z.shape[0], z[0].numel(), z[0].numel())
+
+
+class CrossEntropy(LossRule):
+    """Softmax cross-entropy, class indices (N,) or class probabilities (N, C) as targets (appendix B.1)."""
+
+    def __init__(self, loss_fn: nn.CrossEntropyLoss):
+        super().__init__(loss_fn)
+        if loss_fn.weight is not None or loss_fn.label_smoothing != 0:
+            raise ValueError("CrossEntropyLoss with class weights or label smoothing is not supported")
+
+    def _probabilities(self, z, target):
+        if z.dim() != 2:
+            raise ValueError(f"CrossEntropyLoss needs outputs of shape (N, classes); got {tuple(z.shape)}")
+        if target.is_floating_point():
+            return target
+        if (target == self.loss_fn.ignore_index).any():
+            raise ValueError("CrossEntropyLoss targets equal to ignore_index are not supported")
+        return nn.functional.one_hot(target, z.shape[1]).to(z.dtype)
+
+    def grad(self, z, target):
+        p = self._probabilities(z, target)
+        return p.sum(1, keepdim=True) * torch.softmax(z, 1) - p
+
+    def hessian_diagonal(self, z, target):
+        q = torch.softmax(z, 1)
+        return self._probabilities(z, target).sum(1, keepdim=True) * (q - q.square())
+
+    def bl89_diagonal(self, z, target):
+        """p ∘ q ∘ (1 − q): from ∂ℓ/∂q = −p/q and ∂²ℓ/∂q² = p/q² through the softmax's diagonal."""
+        q = torch.softmax(z, 1)
+        return self._probabilities(z, target) * q * (1 - q)
+
+    def mc_factor(self, z, target, samples, generator):
+        q = torch.softmax(z, 1)
+        draws = torch.multinomial(q, samples, replacement=True, generator=generator)  # (N, M)
+        mass = self._probabilities(z, target).sum(1).sqrt()[:, None, None]
+        return mass * (q.unsqueeze(1) - nn.functional.one_hot(draws, z.shape[1]).to(z.dtype))
+
+
+class MeanSquaredError(LossRule):
+    """ℓ_n = c Σ_i (z_i − t_i)², c = 1/D for reduction='mean' (torch averages over all elements), else 1."""
+
+    def _c(self, z):
+        return 1.0 / z[0].numel() if self.loss_fn.reduction == "mean" else 1.0
+
+    def grad(self, z, target):
+        return 2 * self._c(z) * _flat(z - target)
+
+    def hessian_diagonal(self, z, target):
+        return torch.full_like(_flat(z), 2 * self._c(z))
+
+    def mc_factor(self, z, target, samples, generator):
+        noise = torch.randn((z.shape[0], samples, z[0].numel()), generator=generator, dtype=z.dtype, device=z.device)
+        return (2 * self._c(z)) ** 0.5 * noise
+
+
+class GaussianNLL(LossRule):
+    """−log N(t; μ, σ²) with z = [μ, ν] (appendix B.2)."""
+
+    def grad(self, z, target):
+        return -_log_prob_derivatives(z, target, "gaussian", self.loss_fn.variance)[0]
+
+    def hessian_diagonal(self, z, target):
+        return -_log_prob_derivatives(z, target, "gaussian", self.loss_fn.variance)[1]
+
+    def mc_factor(self, z, target, samples, generator):
+        mean, var = losses.gaussian_split(z, self.loss_fn.variance)
+        noise = torch.randn((z.shape[0], samples, mean.shape[1]), generator=generator, dtype=z.dtype, device=z.device)
+        drawn = mean.unsqueeze(1) + var.sqrt().unsqueeze(1) * noise
+        z_rep = z.unsqueeze(1).expand(-1, samples, -1).reshape(-1, z.shape[1])
+        grad = -_log_prob_derivatives(z_rep, drawn.reshape(-1, mean.shape[1]), "gaussian", self.loss_fn.variance)[0]
+        return grad.reshape(z.shape[0], samples, z.shape[1])
+
+
+class PolicyGradient(LossRule):
+    """ℓ = −A log π(a|z) (appendix C.1): the log-likelihood's derivatives times −A."""
+
+    def _derivatives(self, z, target):
+        actions, advantages = target
+        g, h = _log_prob_derivatives(z, actions, self.loss_fn.distribution, self.loss_fn.variance)
+        return g, h, advantages.unsqueeze(1)
+
+    def grad(self, z, target):
+        g, _, a = self._derivatives(z, target)
+        return -a * g
+
+    def hessian_diagonal(self, z, target):
+        _, h, a = self._derivatives(z, target)
+        return -a * h
+
+    def bl89_diagonal(self, z, target):
+        if self.loss_fn.distribution == "gaussian":
+            return self.hessian_diagonal(z, target)
+        actions, advantages = target  # A times the cross-entropy's p ∘ q ∘ (1 − q)
+        q = torch.softmax(z, 1)
+        return advantages.unsqueeze(1) * nn.functional.one_hot(actions.long(), z.shape[1]) * q * (1 - q)
+
+
+class PPO(LossRule):
+    """ℓ = −min(rA, clip(r)A) (appendix C.3): where the unclipped branch is active, ℓ = −A r with
+    ∂r = r g and ∂²r = r (g² + h) on the diagonal (g, h: derivatives of log π); elsewhere 0."""
+
+    def _derivatives(self, z, target):
+        actions, advantages, _ = target
+        g, h = _log_prob_derivatives(z, actions, self.loss_fn.distribution, self.loss_fn.variance)
+        r = self.loss_fn.ratio(z, target)
+        eps = self.loss_fn.clip
+        active = ((advantages > 0) & (r <= 1 + eps)) | ((advantages < 0) & (r >= 1 - eps))
+        return g, h, (-advantages * r * active).unsqueeze(1)  # last: ∂ℓ/∂r restricted to active samples
+
+    def grad(self, z, target):
+        g, _, c = self._derivatives(z, target)
+        return c * g
+
+    def hessian_diagonal(self, z, target):
+        g, h, c = self._derivatives(z, target)
+        return c * (g.square() + h)
+
+    def bl89_diagonal(self, z, target):
+        """Categorical: ∂ℓ/∂q_a = −A/π_old, ∂²ℓ/∂q_a² = 0, so only the softmax's second derivative
+        q_a (1 − q_a)(1 − 2 q_a) contributes, at the taken action."""
+        if self.loss_fn.distribution == "gaussian":
+            return self.hessian_diagonal(z, target)
+        _, _, c = self._derivatives(z, target)
+        q = torch.softmax(z, 1)
+        onehot = nn.functional.one_hot(target[0].long(), z.shape[1])
+        return c * onehot * (1 - q) * (1 - 2 * q)
+
+
+LOSS_RULES = {
+    nn.CrossEntropyLoss: CrossEntropy,
+    nn.MSELoss: MeanSquaredError,
+    losses.GaussianNLLLoss: GaussianNLL,
+    losses.PolicyGradientLoss: PolicyGradient,
+    losses.PPOLoss: PPO,
+}
+
+
+def loss_rule(loss_fn: nn.Module) -> LossRule:
+    """The rule of ``loss_fn`` (matched by exact class); ``ValueError`` naming the supported losses."""
+    if type(loss_fn) not in LOSS_RULES:
+        names = ", ".join(t.__name__ for t in LOSS_RULES)
+        raise ValueError(f"loss {type(loss_fn).__name__} is not supported by this method (supported: {names})")
+    return LOSS_RULES[type(loss_fn)](loss_fn)

@@ -1,0 +1,355 @@
+"""Per-module rules: how first- and second-order information passes backward through one module.
+
+A rule knows one module type (matched by exact class, as in BackPACK: a subclass with its own
+``forward`` is a different module). Shapes: ``x`` is the module input (N, *in), ``y`` its
+output (N, *out). Backpropagated quantities carry an extra vector dimension K after the batch
+dimension, ``v`` of shape (N, K, *out), so one call serves a gradient (K = 1), K Monte-Carlo
+vectors, or the K = D_out rows of a full Hessian.
+
+Kinds of rules:
+
+* ``LinearMap`` rules (Linear, Conv, pooling, padding, flatten, dropout, identity): the output
+  is linear in the input, y = J x (+ b), with J possibly depending on the input only through
+  a piecewise-constant selection (max pooling). They provide ``vjp(v) = Jᵀ v`` and
+  ``vjp_squared(s) = Σ_o J_oi² s_o``, the diagonal of Jᵀ diag(s) J.
+* ``Elementwise`` rules (activations): y = σ(x) elementwise; they provide σ'(x) and σ''(x).
+
+Rules of modules with parameters also map output quantities to parameter quantities.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Context:
+    """What the backward pass needs from one module's forward: input, output and extras."""
+
+    __slots__ = ("x", "y", "extra")
+
+    def __init__(self, x: Tensor, y: Tensor, extra=None):
+        self.x, self.y, self.extra = x, y, extra
+
+
+def _fold(v: Tensor) -> Tensor:
+    """(N, K, *shape) -> (N*K, *shape)."""
+    return v.reshape(v.shape[0] * v.shape[1], *v.shape[2:])
+
+
+def _unfold(v: Tensor, n: int) -> Tensor:
+    """(N*K, *shape) -> (N, K, *shape)."""
+    return v.reshape(n, v.shape[0] // n, *v.shape[1:])
+
+
+class Rule:
+    """Base rule: the forward pass that records the context."""
+
+    def forward(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Context]:
+        if getattr(module, "inplace", False):
+            x = x.clone()  # keep the input intact for the backward pass
+        return module(x), None
+
+    def context(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Context]:
+        y, extra = self.forward(module, x)
+        return y, Context(x, y, extra)
+
+
+class LinearMap(Rule):
+    """y = J x (+ b) with J independent of the input values; sample-wise (no mixing across N)."""
+
+    def vjp(self, module: nn.Module, ctx: Context, v: Tensor) -> Tensor:
+        """Jᵀ v for each sample and vector: (N, K, *out) -> (N, K, *in).
+
+        Generic version through autograd on a zero input (J does not depend on the input)."""
+        n = v.shape[0]
+        with torch.enable_grad():
+            x0 = torch.zeros((_fold(v).shape[0], *ctx.x.shape[1:]), dtype=v.dtype, device=v.device, requires_grad=True)
+            (vjp,) = torch.autograd.grad(module(x0), x0, _fold(v))
+        return _unfold(vjp, n)
+
+    def vjp_squared(self, module: nn.Module, ctx: Context, s: Tensor) -> Tensor:
+        """Σ_o J_oi² s_o, the diagonal of Jᵀ diag(s) J. Default: J has only 0/1 entries."""
+        return self.vjp(module, ctx, s)
+
+
+class Selection(LinearMap):
+    """Flatten, zero padding, identity: J selects or reshapes entries (0/1 entries)."""
+
+
+class AvgPool(LinearMap):
+    """Average pooling: row o of J has the constant entry c_o on the inputs of window o."""
+
+    def _row_weights(self, module: nn.Module, ctx: Context) -> Tensor:
+        """c_o = (Σ_i J_oi) / (number of real, non-padding inputs in window o); shape (1, *out[1:])."""
+        ones = ctx.x.new_ones((1, *ctx.x.shape[1:]))
+        spatial = ones.dim() - 2
+        # the window counts come from the 2d/3d pooling with divisor 1 (1d as 2d with height 1)
+        pool = {1: F.avg_pool2d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
+        expand = (lambda t: (1, *t)) if spatial == 1 else (lambda t: t)
+        as_tuple = lambda t: tuple(t) if isinstance(t, (tuple, list)) else (t,) * spatial  # noqa: E731
+        counts = pool(
+            ones.unsqueeze(2) if spatial == 1 else ones,
+            expand(as_tuple(module.kernel_size)),
+            expand(as_tuple(module.stride)),
+            expand(as_tuple(module.padding)) if spatial > 1 else (0, as_tuple(module.padding)[0]),
+            module.ceil_mode,
+            module.count_include_pad,
+            divisor_override=1,
+        )
+        counts = counts.squeeze(2) if spatial == 1 else counts
+        return module(ones) / counts
+
+    def vjp_squared(self, module, ctx, s):
+        return self.vjp(module, ctx, s * self._row_weights(module, ctx).unsqueeze(1))
+
+
+class MaxPool(LinearMap):
+    """Max pooling: J selects, for every output, the input position of the window maximum."""
+
+    _pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+    def forward(self, module, x):
+        y, indices = self._pool[x.dim() - 2](
+            x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode, return_indices=True
+        )
+        return y, indices
+
+    def vjp(self, module, ctx, v):
+        n, k, c = v.shape[0], v.shape[1], v.shape[2]
+        indices = ctx.extra.unsqueeze(1).expand(n, k, *ctx.extra.shape[1:]).reshape(n, k, c, -1)
+        out = v.new_zeros((n, k, c, math.prod(ctx.x.shape[2:])))
+        out.scatter_add_(3, indices, v.reshape(n, k, c, -1))
+        return out.reshape(n, k, *ctx.x.shape[1:])
+
+
+class Dropout(LinearMap):
+    """Dropout: J = diag(mask / (1 - p)) in training mode, identity in evaluation mode."""
+
+    def forward(self, module, x):
+        if not (module.training and module.p > 0):
+            return x, None
+        mask = F.dropout(torch.ones_like(x), module.p, training=True)  # scaled by 1 / (1 - p)
+        return x * mask, mask
+
+    def vjp(self, module, ctx, v):
+        return v if ctx.extra is None else v * ctx.extra.unsqueeze(1)
+
+    def vjp_squared(self, module, ctx, s):
+        return s if ctx.extra is None else s * ctx.extra.square().unsqueeze(1)
+
+
+class Linear(LinearMap):
+    """y = x Wᵀ + b for inputs (N, in)."""
+
+    def forward(self, module, x):
+        if x.dim() != 2:
+            raise ValueError(f"Linear layers need inputs of shape (N, features); got {tuple(x.shape)}")
+        return module(x), None
+
+    def vjp(self, module, ctx, v):
+        return v @ module.weight
+
+    def vjp_squared(self, module, ctx, s):
+        return s @ module.weight.square()
+
+    def param_sums(self, module: nn.Module, x: Tensor, v: Tensor, per_sample: bool) -> dict[str, Tensor]:
+        """Σ_n v_n ⊗ x_n for v (N, out): the gradient for v = ∂L/∂y, Eq. 3 for v = ŝ and x = x²."""
+        out = {"weight": torch.einsum("no,ni->noi" if per_sample else "no,ni->oi", v, x)}
+        if module.bias is not None:
+            out["bias"] = v if per_sample else v.sum(0)
+        return out
+
+    def squared_param_sums(self, module, x, v, per_sample):
+        """Σ_n mean_k (gradient of vector v_nk)² for v (N, K, out); rank-one gradients square to v² ⊗ x²."""
+        return self.param_sums(module, x.square(), v.square().mean(1), per_sample)
+
+    def patches(self, module, x):
+        """Inputs each output position sees: (N, G=1, in, T=1)."""
+        return x[:, None, :, None]
+
+    def output_blocks(self, module, h):
+        """Full output Hessian (N, D, D) -> per output channel blocks (N, G=1, out, T=1, T=1)."""
+        return torch.diagonal(h, dim1=1, dim2=2)[:, None, :, None, None]
+
+
+class Conv(LinearMap):
+    """Convolution in 1, 2 or 3 spatial dimensions with stride, padding, dilation and groups."""
+
+    def forward(self, module, x):
+        if module.padding_mode != "zeros":
+            raise ValueError(f"{type(module).__name__} with padding_mode={module.padding_mode!r} is not supported")
+        return module(x), None
+
+    @staticmethod
+    def _padding(module) -> tuple[int, ...]:
+        if module.padding == "valid":
+            return (0,) * len(module.kernel_size)
+        if module.padding == "same":
+            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+            if any(t % 2 for t in total):
+                raise ValueError("asymmetric padding='same' (even kernel) is not supported; pad with ZeroPad instead")
+            return tuple(t // 2 for t in total)
+        return module.padding
+
+    def _args(self, module):
+        return module.stride, self._padding(module), module.dilation, module.groups
+
+    def _grad_input(self, module, weight, v, in_shape):
+        dims = len(module.kernel_size)
+        fn = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}[dims]
+        n = v.shape[0]
+        folded = _fold(v)
+        return _unfold(fn((folded.shape[0], *in_shape[1:]), weight, folded, *self._args(module)), n)
+
+    def vjp(self, module, ctx, v):
+        return self._grad_input(module, module.weight, v, ctx.x.shape)
+
+    def vjp_squared(self, module, ctx, s):
+        return self._grad_input(module, module.weight.square(), s, ctx.x.shape)  # Eq. 10
+
+    def param_sums(self, module, x, v, per_sample):
+        """Σ_n Σ_t v_{n,t} x_{n,t} per weight entry (convolution weight gradient); Eq. 11 for v = ŝ, x = x²."""
+        dims = len(module.kernel_size)
+        fn = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}[dims]
+        stride, padding, dilation, groups = self._args(module)
+        shape = module.weight.shape
+        if per_sample:  # each sample as its own group of a grouped convolution
+            n = x.shape[0]
+            weight = fn(
+                x.reshape(1, -1, *x.shape[2:]), (n * shape[0], *shape[1:]), v.reshape(1, -1, *v.shape[2:]),
+                stride, padding, dilation, groups * n,
+            ).reshape(n, *shape)
+        else:
+            weight = fn(x, shape, v, stride, padding, dilation, groups)
+        out = {"weight": weight}
+        if module.bias is not None:
+            out["bias"] = v.flatten(2).sum(2) if per_sample else v.flatten(2).sum((0, 2))
+        return out
+
+    def squared_param_sums(self, module, x, v, per_sample):
+        """Σ_n mean_k (gradient of vector v_nk)² for v (N, K, C_out, *spatial), through per-vector gradients."""
+        n, k = v.shape[:2]
+        grads = self.param_sums(module, x.repeat_interleave(k, 0), _fold(v), per_sample=True)
+        out = {name: g.square().reshape(n, k, *g.shape[1:]).mean(1) for name, g in grads.items()}
+        return out if per_sample else {name: g.sum(0) for name, g in out.items()}
+
+    def patches(self, module, x):
+        """Input patches each output position sees: (N, G, C_in/G * prod(kernel), T)."""
+        c_in, kernel = x.shape[1], module.kernel_size
+        size = math.prod(kernel)
+        one_hot = torch.eye(size, dtype=x.dtype, device=x.device).reshape(size, 1, *kernel).repeat(c_in, 1, *([1] * len(kernel)))
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel)]
+        stride, padding, dilation, _ = self._args(module)
+        patches = conv(x, one_hot, None, stride, padding, dilation, c_in)  # (N, C_in * size, *out)
+        return patches.reshape(x.shape[0], module.groups, (c_in // module.groups) * size, -1)
+
+    def output_blocks(self, module, h):
+        """Full output Hessian (N, D, D), D = C_out·T -> per output channel blocks (N, G, C_out/G, T, T)."""
+        n, c = h.shape[0], module.out_channels
+        t = h.shape[1] // c
+        blocks = torch.diagonal(h.reshape(n, c, t, c, t), dim1=1, dim2=3).permute(0, 3, 1, 2)
+        return blocks.reshape(n, module.groups, c // module.groups, t, t)
+
+
+class Elementwise(Rule):
+    """y = σ(x) elementwise; ``derivatives`` returns (σ'(x), σ''(x))."""
+
+    def __init__(self, derivatives: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]):
+        self.derivatives_fn = derivatives
+
+    def derivatives(self, module: nn.Module, ctx: Context) -> tuple[Tensor, Tensor]:
+        return self.derivatives_fn(module, ctx.x, ctx.y)
+
+
+def _relu(m, x, y):
+    d1 = (x > 0).to(x.dtype)
+    return d1, torch.zeros_like(d1)
+
+
+def _leaky_relu(m, x, y):
+    d1 = torch.where(x > 0, 1.0, m.negative_slope).to(x.dtype)
+    return d1, torch.zeros_like(d1)
+
+
+def _tanh(m, x, y):
+    d1 = 1 - y.square()
+    return d1, -2 * y * d1
+
+
+def _sigmoid(m, x, y):
+    d1 = y * (1 - y)
+    return d1, d1 * (1 - 2 * y)
+
+
+def _elu(m, x, y, scale=1.0, alpha=None):
+    alpha = m.alpha if alpha is None else alpha
+    negative = scale * alpha * torch.exp(torch.clamp(x, max=0))
+    d1 = torch.where(x > 0, torch.full_like(x, scale), negative)
+    return d1, torch.where(x > 0, torch.zeros_like(x), negative)
+
+
+def _selu(m, x, y):
+    return _elu(m, x, y, scale=1.0507009873554804934193349852946, alpha=1.6732632423543772848170429916717)
+
+
+def _softplus(m, x, y):
+    z = m.beta * x
+    sig = torch.sigmoid(z)
+    linear = z > m.threshold
+    return torch.where(linear, 1.0, sig).to(x.dtype), torch.where(linear, 0.0, m.beta * sig * (1 - sig)).to(x.dtype)
+
+
+RULES: dict[type, Rule] = {
+    nn.Linear: Linear(),
+    nn.Conv1d: Conv(),
+    nn.Conv2d: Conv(),
+    nn.Conv3d: Conv(),
+    nn.MaxPool1d: MaxPool(),
+    nn.MaxPool2d: MaxPool(),
+    nn.MaxPool3d: MaxPool(),
+    nn.AvgPool1d: AvgPool(),
+    nn.AvgPool2d: AvgPool(),
+    nn.AvgPool3d: AvgPool(),
+    nn.Flatten: Selection(),
+    nn.ZeroPad1d: Selection(),
+    nn.ZeroPad2d: Selection(),
+    nn.ZeroPad3d: Selection(),
+    nn.Identity: Selection(),
+    nn.Dropout: Dropout(),
+    nn.ReLU: Elementwise(_relu),
+    nn.LeakyReLU: Elementwise(_leaky_relu),
+    nn.Tanh: Elementwise(_tanh),
+    nn.Sigmoid: Elementwise(_sigmoid),
+    nn.ELU: Elementwise(_elu),
+    nn.SELU: Elementwise(_selu),
+    nn.Softplus: Elementwise(_softplus),
+}
+
+
+def layers(model: nn.Module) -> list[tuple[str, nn.Module, Rule]]:
+    """The leaves of a (nested) ``nn.Sequential`` with their positions and rules, in forward order.
+
+    Raises ``ValueError`` naming the class and position of the first unsupported module."""
+    if type(model) in RULES:
+        return [("", model, RULES[type(model)])]
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(
+            f"the curvature core needs an nn.Sequential (nesting allowed) of supported modules; got {type(model).__name__}"
+        )
+    found = []
+    for name, child in model.named_children():
+        if isinstance(child, nn.Sequential):
+            found += [(f"{name}.{sub}", leaf, rule) for sub, leaf, rule in layers(child)]
+        elif type(child) in RULES:
+            found.append((name, child, RULES[type(child)]))
+        else:
+            raise ValueError(
+                f"module {type(child).__name__} at position '{name}' is not supported "
+                f"(supported: {', '.join(sorted(t.__name__ for t in RULES))})"
+            )
+    return found

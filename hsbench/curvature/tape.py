@@ -1,0 +1,64 @@
+"""The recorded forward pass that every backpropagation method walks backward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from hsbench.curvature.loss_rules import LossRule, loss_rule
+from hsbench.curvature.modules import Context, Elementwise, Rule, layers
+
+
+@dataclass
+class Step:
+    """One module of the forward pass: its position in the model, the module, its rule and context."""
+
+    position: str
+    module: nn.Module
+    rule: Rule
+    ctx: Context
+
+    def parameter_name(self, local: str) -> str:
+        return f"{self.position}.{local}" if self.position else local
+
+    @property
+    def has_parameters(self) -> bool:
+        return any(p.requires_grad for p in self.module.parameters(recurse=False))
+
+
+@dataclass
+class Tape:
+    """Forward pass of ``model`` on a batch: per-module contexts, the output z and the loss rule."""
+
+    steps: list[Step]
+    output: Tensor
+    target: object
+    loss: LossRule
+
+    def backward_steps(self) -> Iterator[tuple[Step, bool]]:
+        """Steps from last to first, with whether anything below still needs a backpropagated quantity."""
+        first = next((i for i, s in enumerate(self.steps) if s.has_parameters), len(self.steps))
+        for i in range(len(self.steps) - 1, first - 1, -1):
+            yield self.steps[i], i > first
+
+    def scale(self) -> float:
+        return self.loss.scale(self.output)
+
+
+def record(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets) -> Tape:
+    """Run ``model`` on ``inputs`` module by module (no autograd graph) and keep what backward needs."""
+    rule = loss_rule(loss_fn)
+    steps = []
+    x = inputs
+    with torch.no_grad():
+        for position, module, module_rule in layers(model):
+            x, ctx = module_rule.context(module, x)
+            steps.append(Step(position, module, module_rule, ctx))
+    return Tape(steps, x, targets, rule)
+
+
+def elementwise(step: Step) -> bool:
+    return isinstance(step.rule, Elementwise)
