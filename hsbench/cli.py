@@ -29,6 +29,10 @@ class UsageError(Exception):
     """Bad command-line input; reported in one line with exit code 2."""
 
 
+class NoResults(Exception):
+    """Nothing stored to plot or export; reported in one line with exit code 1."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -36,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, UsageError) as e:
         print(f"hsbench: error: {e}", file=sys.stderr)
         return 2
+    except NoResults as e:
+        print(f"hsbench: {e}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -172,7 +179,7 @@ def _frame(args: argparse.Namespace, spec: Spec):
     store = Store(args.results, spec.name)
     df = store.frame(args.scale, {run.id for run in spec.runs(args.scale)})
     if df.empty:
-        raise UsageError(f"{spec.name}: no stored results at scale {args.scale} in {store.root}; run it first")
+        raise NoResults(f"{spec.name}: no stored results at scale {args.scale} in {store.root}; run it first")
     return store, df
 
 

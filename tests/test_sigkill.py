@@ -1,0 +1,61 @@
+"""A local sweep killed with SIGKILL at random moments, then rerun, equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+
+from conftest import HSBENCH, REPO, hsbench, outcomes
+
+# Four runs of about a second each, with gradient noise so that resuming must restore the RNG.
+SPEC = """
+kind = "quadratic"
+[settings]
+dim = 20
+steps = 8000
+noise = 0.1
+[grid]
+optimizer = ["sgd", "adam"]
+[seeds]
+count = 2
+"""
+
+
+def newest_change(folder) -> float:
+    return max((p.stat().st_mtime for p in folder.rglob("*")), default=0.0)
+
+
+def test_sigkill_then_rerun_gives_identical_results(write_spec, tmp_path):
+    spec = write_spec(SPEC, name="killed")
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    args = ["run", spec, "--jobs", "2", "--checkpoint-every", "0.05"]
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(5):
+        started = time.time()
+        proc = subprocess.Popen(
+            [str(HSBENCH), *map(str, args), "--results", str(killed)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: the kill takes the pool workers too
+        )
+        # kill at a random moment once this attempt has written something (checkpoint or record)
+        while proc.poll() is None and newest_change(killed) < started:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.3))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills == 5, "the sweep finished before five kills; make its runs longer"
+
+    hsbench(*args, "--results", killed)
+    hsbench("run", spec, "--results", reference)  # uninterrupted, sequential
+    resumed = outcomes(killed, "killed")
+    assert len(resumed) == 4 and {status for status, _, _ in resumed.values()} == {"ok"}
+    assert resumed == outcomes(reference, "killed")
+    assert not list((killed / "killed" / "checkpoints").glob("[!.]*"))
