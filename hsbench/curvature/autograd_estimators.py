@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, vjp, vmap
 from torch.utils._pytree import tree_map
 
 
@@ -53,10 +53,8 @@ def hutchinson(model, loss_fn, inputs, targets, samples: int, generator=None, pe
     probes = rademacher(params, samples, generator)
 
     def estimate(params, x, t, probes, f):
-        def hvp(v):
-            return jvp(lambda p: grad(f)(p, x, t), (params,), (v,))[1]
-
-        hz = vmap(hvp, randomness="same")(probes)
+        _, hvp = vjp(lambda p: grad(f)(p, x, t), params)  # reverse over reverse: Hᵀ v = H v
+        (hz,) = vmap(hvp, randomness="same")(probes)
         return {k: (probes[k] * hz[k]).mean(0) for k in params}
 
     if per_sample:

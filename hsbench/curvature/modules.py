@@ -272,7 +272,7 @@ def _relu(m, x, y):
 
 
 def _leaky_relu(m, x, y):
-    d1 = torch.where(x > 0, 1.0, m.negative_slope).to(x.dtype)
+    d1 = torch.where(x > 0, torch.ones_like(x), torch.full_like(x, m.negative_slope))
     return d1, torch.zeros_like(d1)
 
 
@@ -331,11 +331,11 @@ RULES: dict[type, Rule] = {
 }
 
 
-def layers(model: nn.Module) -> list[tuple[str, nn.Module, Rule]]:
+def layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, Rule]]:
     """The leaves of a (nested) ``nn.Sequential`` with their positions and rules, in forward order.
 
     Raises ``ValueError`` naming the class and position of the first unsupported module."""
-    if type(model) in RULES:
+    if not prefix and type(model) in RULES:
         return [("", model, RULES[type(model)])]
     if not isinstance(model, nn.Sequential):
         raise ValueError(
@@ -343,13 +343,14 @@ def layers(model: nn.Module) -> list[tuple[str, nn.Module, Rule]]:
         )
     found = []
     for name, child in model.named_children():
+        position = f"{prefix}{name}"
         if isinstance(child, nn.Sequential):
-            found += [(f"{name}.{sub}", leaf, rule) for sub, leaf, rule in layers(child)]
+            found += layers(child, f"{position}.")
         elif type(child) in RULES:
-            found.append((name, child, RULES[type(child)]))
+            found.append((position, child, RULES[type(child)]))
         else:
             raise ValueError(
-                f"module {type(child).__name__} at position '{name}' is not supported "
+                f"module {type(child).__name__} at position '{position}' is not supported "
                 f"(supported: {', '.join(sorted(t.__name__ for t in RULES))})"
             )
     return found

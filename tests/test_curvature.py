@@ -1,0 +1,330 @@
+"""Every curvature method against independent autograd references on small networks (float64)."""
+
+import pytest
+import torch
+from torch import nn
+
+import reference
+from cases import LOSSES, MODELS, OUT, problem
+from hsbench import losses
+from hsbench.curvature import METHODS, diagonal
+from hsbench.curvature.loss_rules import loss_rule
+
+CNNS = [m for m in MODELS if m.startswith("conv")]
+
+
+def assert_close(found, expected, rtol=1e-9, atol=1e-12):
+    assert found.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(found[k], expected[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+def max_difference(a, b, keys=None):
+    return max(float((a[k] - b[k]).abs().max()) for k in (keys or b))
+
+
+# ---------------------------------------------------------------------------------------------
+# exact and ggn against autograd
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("loss_name", ["ce", "mse"])
+def test_exact_and_ggn_on_every_network(model_name, loss_name):
+    model, loss_fn, x, t = problem(model_name, loss_name)
+    assert_close(diagonal("exact", model, loss_fn, x, t), reference.hessian_diagonal(model, loss_fn, x, t))
+    assert_close(diagonal("ggn", model, loss_fn, x, t), reference.ggn_diagonal(model, loss_fn, x, t))
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_exact_ggn_and_hesscale_last_layer_for_every_loss(loss_name, reduction):
+    model, loss_fn, x, t = problem("mlp-tanh", loss_name, reduction)
+    exact = reference.hessian_diagonal(model, loss_fn, x, t)
+    assert_close(diagonal("exact", model, loss_fn, x, t), exact)
+    assert_close(diagonal("ggn", model, loss_fn, x, t), reference.ggn_diagonal(model, loss_fn, x, t))
+    last = [k for k in exact if k.startswith("4.") or k.startswith("0.4.")]  # the output Linear layer
+    assert len(last) == 2
+    output_activation = LOSSES[loss_name][2]  # a Softplus after the last layer: HesScaleGN drops its σ''
+    for method in ("hesscale",) if output_activation else ("hesscale", "hesscale-gn"):
+        found = diagonal(method, model, loss_fn, x, t)
+        assert_close({k: found[k] for k in last}, {k: exact[k] for k in last})
+        assert max_difference(found, exact) > 1e-6  # hidden layers are approximations
+
+
+def test_cnn_with_the_other_losses():
+    for loss_name in ("gauss-log", "ppo-cat"):
+        model, loss_fn, x, t = problem("conv2d", loss_name, "sum")
+        assert_close(diagonal("exact", model, loss_fn, x, t), reference.hessian_diagonal(model, loss_fn, x, t))
+
+
+def test_ppo_cases_include_clipped_and_unclipped_samples():
+    _, loss_fn, x, t = problem("mlp-tanh", "ppo-cat")
+    model, *_ = problem("mlp-tanh", "ppo-cat")
+    z = model(x).detach()
+    g = loss_rule(loss_fn).grad(z, t)
+    assert (g.abs().sum(1) == 0).any() and (g.abs().sum(1) > 0).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# HesScale / HesScaleGN / BL89
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("variant", ["hesscale", "hesscale-gn"])
+def test_hesscale_equals_brute_force_recursion(model_name, variant):
+    model, loss_fn, x, t = problem(model_name, "ce", seed=3)
+    expected = reference.hesscale_recursion(model, loss_fn, x, t, gauss_newton=variant == "hesscale-gn")
+    assert_close(diagonal(variant, model, loss_fn, x, t), expected)
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "gauss-raw", "pg-gauss", "ppo-gauss", "ppo-cat"])
+def test_hesscale_brute_force_with_other_losses(loss_name):
+    model, loss_fn, x, t = problem("conv1d", loss_name, "sum", seed=4)
+    assert_close(diagonal("hesscale", model, loss_fn, x, t), reference.hesscale_recursion(model, loss_fn, x, t))
+
+
+def test_hesscale_with_dropout_in_training_mode():
+    model, loss_fn, x, t = problem("conv2d-strided", "ce", train=True)
+    torch.manual_seed(11)
+    found = diagonal("hesscale", model, loss_fn, x, t)
+    torch.manual_seed(11)
+    masks = reference.dropout_masks(model, x)
+    assert (masks[model[4]] == 0).any()
+    assert_close(found, reference.hesscale_recursion(model, loss_fn, x, t, masks=masks))
+
+
+def _loss_of_probabilities(loss_name, loss_fn, t, n):
+    """Sample n's loss written as a function of the softmax probabilities q (C,)."""
+    if loss_name in ("ce", "ce-soft"):
+        p = t[n] if t.is_floating_point() else torch.nn.functional.one_hot(t[n], OUT).double()
+        return lambda q: -(p * q.log()).sum()
+    if loss_name == "pg-cat":
+        return lambda q: -t[1][n] * q[t[0][n]].log()
+    actions, advantages, old = (u[n] for u in t)
+    ratio = lambda q: q[actions] / old.exp()  # noqa: E731
+    return lambda q: -torch.minimum(ratio(q) * advantages, ratio(q).clamp(1 - loss_fn.clip, 1 + loss_fn.clip) * advantages)
+
+
+@pytest.mark.parametrize("loss_name", ["ce", "ce-soft", "pg-cat", "ppo-cat"])
+def test_bl89_output_diagonal_follows_its_definition(loss_name):
+    model, loss_fn, x, t = problem("mlp-tanh", loss_name)
+    z = model(x).detach()
+    found = loss_rule(loss_fn).bl89_diagonal(z, t)
+    for n in range(z.shape[0]):
+        expected = reference.softmax_bl89_start(_loss_of_probabilities(loss_name, loss_fn, t, n), z[n])
+        torch.testing.assert_close(found[n], expected)
+
+
+def test_bl89_is_hesscale_for_mse_and_differs_from_exact_at_the_softmax():
+    model, loss_fn, x, t = problem("mlp-tanh", "mse")
+    assert_close(diagonal("bl89", model, loss_fn, x, t), diagonal("hesscale", model, loss_fn, x, t))
+    model, loss_fn, x, t = problem("mlp-tanh", "ce")
+    bl89, exact = diagonal("bl89", model, loss_fn, x, t), diagonal("exact", model, loss_fn, x, t)
+    assert max_difference(bl89, exact, ["4.weight", "4.bias"]) > 1e-3
+    start = lambda n, z: loss_rule(loss_fn).bl89_diagonal(z.unsqueeze(0), t[n : n + 1])[0]  # noqa: E731
+    assert_close(bl89, reference.hesscale_recursion(model, loss_fn, x, t, start=start))
+
+
+def test_hesscale_is_exact_for_width_one_hidden_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 1), nn.Tanh(), nn.Linear(1, 1), nn.Sigmoid(), nn.Linear(1, 1)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    assert_close(diagonal("hesscale", model, nn.MSELoss(), x, y), reference.hessian_diagonal(model, nn.MSELoss(), x, y))
+
+
+def test_hesscale_is_exact_for_square_diagonal_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.ELU(), nn.Linear(3, 3)).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    loss_fn = nn.MSELoss()
+    assert max_difference(diagonal("hesscale", model, loss_fn, x, y), reference.hessian_diagonal(model, loss_fn, x, y)) > 1e-4
+    with torch.no_grad():
+        for layer in model[::2]:
+            layer.weight.copy_(torch.diag(torch.diagonal(layer.weight)))
+    assert_close(diagonal("hesscale", model, loss_fn, x, y), reference.hessian_diagonal(model, loss_fn, x, y))
+
+
+def test_hesscale_gn_equals_hesscale_for_relu_networks_only():
+    for activation, equal in (("relu", True), ("tanh", False)):
+        model, loss_fn, x, t = problem(f"mlp-{activation}", "ce")
+        gap = max_difference(diagonal("hesscale-gn", model, loss_fn, x, t), diagonal("hesscale", model, loss_fn, x, t))
+        assert (gap < 1e-15) if equal else (gap > 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Monte-Carlo estimators: converge within a tolerance derived from the sample count
+
+
+def _single_draw_spread(method, model, loss_fn, x, t, draws=300):
+    """Per-entry standard deviation of the one-sample estimator, from ``draws`` seeds."""
+    runs = [diagonal(method, model, loss_fn, x, t, generator=torch.Generator().manual_seed(s)) for s in range(draws)]
+    return {k: torch.stack([r[k] for r in runs]).std(0) for k in runs[0]}
+
+
+@pytest.mark.parametrize(
+    "method,target,model_name,loss_name",
+    [
+        ("hutchinson", "exact", "mlp-tanh", "ce"),
+        ("hutchinson", "exact", "conv1d", "mse"),
+        ("hutchinson", "exact", "mlp-elu", "gauss-log"),
+        ("ggn-mc", "ggn", "mlp-tanh", "ce"),
+        ("ggn-mc", "ggn", "conv1d", "mse"),  # for the Gaussian NLL ggn-mc samples the Fisher: see below
+    ],
+)
+def test_monte_carlo_estimators_converge(method, target, model_name, loss_name):
+    model, loss_fn, x, t = problem(model_name, loss_name)
+    samples = 20000
+    spread = _single_draw_spread(method, model, loss_fn, x, t)
+    found = diagonal(method, model, loss_fn, x, t, mc_samples=samples, generator=torch.Generator().manual_seed(999))
+    expected = diagonal(target, model, loss_fn, x, t)
+    for k in expected:
+        tolerance = 5 * spread[k] / samples**0.5 + 1e-12
+        assert ((found[k] - expected[k]).abs() <= tolerance).all(), k
+    few = diagonal(method, model, loss_fn, x, t, mc_samples=1, generator=torch.Generator().manual_seed(0))
+    assert max_difference(few, expected) > max_difference(found, expected)
+
+
+def test_ggn_mc_for_gaussian_nll_samples_the_fisher():
+    model, loss_fn, x, t = problem("mlp-tanh", "gauss-log")
+    z = model(x).detach()
+    mean, var = losses.gaussian_split(z, "log")
+    # Fisher of N(μ, e^ν) in (μ, ν): diag(1/σ², 1/2) per dimension, so Jᵀ F J from the reference GGN
+    # of a loss whose output Hessian is that Fisher: 0.5 Σ (μ - c)²/σ² + 0.25 Σ (ν - d)² at fixed σ².
+    fisher_loss = lambda out, _: (  # noqa: E731
+        0.5 * ((out[:, :2] ** 2) / var).sum() + 0.25 * (out[:, 2:] ** 2).sum()
+    ) / out.shape[0]
+    expected = reference.ggn_diagonal(model, fisher_loss, x, t)
+    found = diagonal("ggn-mc", model, loss_fn, x, t, mc_samples=20000, generator=torch.Generator().manual_seed(1))
+    spread = _single_draw_spread("ggn-mc", model, loss_fn, x, t)
+    for k in expected:
+        assert ((found[k] - expected[k]).abs() <= 5 * spread[k] / 20000**0.5 + 1e-12).all(), k
+
+
+def test_kfac_equals_ggn_mc_for_one_sample_of_an_mlp():
+    model, loss_fn, x, t = problem("mlp-tanh", "ce")
+    x, t = x[:1], t[:1]
+    for samples in (1, 7):
+        kfac = diagonal("kfac", model, loss_fn, x, t, mc_samples=samples, generator=torch.Generator().manual_seed(3))
+        ggnmc = diagonal("ggn-mc", model, loss_fn, x, t, mc_samples=samples, generator=torch.Generator().manual_seed(3))
+        assert_close(kfac, ggnmc)
+
+
+def test_kfac_converges_to_the_kronecker_product_of_exact_factors():
+    """With many samples, B → mean_n mean_t diag(GGN w.r.t. the layer output); checked on a CNN."""
+    model, loss_fn, x, t = problem("conv1d", "ce")
+    conv = model[0]
+    n = x.shape[0]
+    # exact per-sample GGN diagonal w.r.t. the first conv's output, via autograd
+    rest = model[1:]
+    y = conv(x).detach()
+    b = []
+    for i in range(n):
+        j = torch.func.jacrev(lambda u: rest(u.unsqueeze(0))[0])(y[i]).reshape(OUT, -1)
+        h = torch.func.hessian(lambda z: loss_fn(z.unsqueeze(0), t[i : i + 1]))(model(x[i : i + 1])[0].detach())
+        b.append(torch.diagonal(j.T @ h @ j).reshape(y.shape[1], -1).mean(1))
+    b = torch.stack(b).mean(0)  # (C_out,)
+    patches = torch.nn.functional.unfold(
+        torch.nn.functional.pad(x, (1, 1)).unsqueeze(2), (1, 3), stride=(1, 2)
+    )  # (N, C_in * 3, T)
+    a = patches.square().sum(-1).mean(0).reshape(2, 3)  # (C_in, k); conv has 2 groups of one input channel
+    groups = torch.arange(4) // 2
+    expected_weight = b[:, None, None] * a[groups].reshape(4, 1, 3)  # mean reduction: scale·N = 1
+    found = diagonal("kfac", model, loss_fn, x, t, mc_samples=40000, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(found["0.weight"], expected_weight, rtol=0.05, atol=1e-6)
+    torch.testing.assert_close(found["0.bias"], b * patches.shape[-1], rtol=0.05, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-sample diagonals
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_per_sample_mean_and_single_sample_runs(method):
+    model, loss_fn, x, t = problem("conv2d", "ce")
+    seed = lambda: torch.Generator().manual_seed(21)  # noqa: E731
+    per_sample = diagonal(method, model, loss_fn, x, t, per_sample=True, mc_samples=3, generator=seed())
+    batch = diagonal(method, model, loss_fn, x, t, mc_samples=3, generator=seed())
+    assert all(v.shape == (x.shape[0], *batch[k].shape) for k, v in per_sample.items())
+    mean = {k: v.mean(0) for k, v in per_sample.items()}
+    if method in ("grad2", "kfac"):  # products of batch statistics: the mean is not the batch result
+        assert max_difference(mean, batch) > 1e-6
+    else:
+        assert_close(mean, batch)
+    if method in ("ggn-mc", "kfac"):
+        return  # their draws depend on the batch size
+    for n in range(x.shape[0]):
+        alone = diagonal(method, model, loss_fn, x[n : n + 1], t[n : n + 1], mc_samples=3, generator=seed())
+        assert_close({k: v[n] for k, v in per_sample.items()}, alone)
+
+
+def test_per_sample_with_sum_reduction_sums_to_the_batch():
+    model, loss_fn, x, t = problem("mlp-tanh", "mse", "sum")
+    per_sample = diagonal("hesscale", model, loss_fn, x, t, per_sample=True)
+    assert_close({k: v.sum(0) for k, v in per_sample.items()}, diagonal("hesscale", model, loss_fn, x, t))
+
+
+# ---------------------------------------------------------------------------------------------
+# interface, errors, dtypes
+
+
+def test_unknown_method_lists_the_valid_ones():
+    model, loss_fn, x, t = problem()
+    with pytest.raises(ValueError, match="hesscale-gn.*bl89"):
+        diagonal("hesscale2", model, loss_fn, x, t)
+
+
+def test_unsupported_module_is_named_with_its_position():
+    model = nn.Sequential(nn.Linear(5, 4), nn.Sequential(nn.Tanh(), nn.BatchNorm1d(4)), nn.Linear(4, 2))
+    x, y = torch.randn(3, 5), torch.randint(0, 2, (3,))
+    for method in ("hesscale", "exact", "ggn-mc", "kfac"):
+        with pytest.raises(ValueError, match=r"BatchNorm1d at position '1\.1'"):
+            diagonal(method, model, nn.CrossEntropyLoss(), x, y)
+    model.eval()  # autograd-only methods take any model
+    assert diagonal("grad2", model, nn.CrossEntropyLoss(), x, y)["1.1.weight"].shape == (4,)
+
+
+def test_unsupported_loss_and_policy_losses_without_sampling():
+    model, _, x, t = problem()
+    with pytest.raises(ValueError, match="loss L1Loss is not supported"):
+        diagonal("hesscale", model, nn.L1Loss(), x, torch.zeros(3, OUT, dtype=torch.float64))
+    model, loss_fn, x, t = problem("mlp-tanh", "pg-cat")
+    with pytest.raises(ValueError, match="no predictive distribution"):
+        diagonal("ggn-mc", model, loss_fn, x, t)
+
+
+def test_in_place_activations_work():
+    torch.manual_seed(0)
+    layers = lambda inplace: [nn.Linear(5, 4), nn.ReLU(inplace), nn.Linear(4, 4), nn.ELU(inplace=inplace), nn.Linear(4, 3)]  # noqa: E731
+    plain = nn.Sequential(*layers(False)).double()
+    inplace = nn.Sequential(*layers(True)).double()
+    inplace.load_state_dict(plain.state_dict())
+    x, y = torch.randn(3, 5, dtype=torch.float64), torch.tensor([0, 2, 1])
+    for method in ("hesscale", "exact"):
+        assert_close(diagonal(method, inplace, nn.CrossEntropyLoss(), x, y), diagonal(method, plain, nn.CrossEntropyLoss(), x, y))
+
+
+def test_float32_agrees_with_float64():
+    model, loss_fn, x, t = problem("conv2d", "ce")
+    expected = diagonal("hesscale", model, loss_fn, x, t)
+    found = diagonal("hesscale", model.float(), loss_fn, x.float(), t)
+    assert all(v.dtype == torch.float32 for v in found.values())
+    assert_close(found, {k: v.float() for k, v in expected.items()}, rtol=1e-4, atol=1e-6)
+
+
+def test_results_are_detached_and_shaped_like_parameters():
+    model, loss_fn, x, t = problem("conv3d", "ce")
+    for method in METHODS:
+        found = diagonal(method, model, loss_fn, x, t)
+        assert list(found) == [k for k, _ in model.named_parameters()]
+        assert all(v.shape == p.shape and not v.requires_grad for v, p in zip(found.values(), model.parameters()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    model, loss_fn, x, t = problem("conv2d", "ce")
+    for method in ("hesscale", "exact", "ggn"):
+        expected = diagonal(method, model, loss_fn, x, t)
+        found = diagonal(method, model.cuda(), loss_fn, x.cuda(), t.cuda())
+        assert_close({k: v.cpu() for k, v in found.items()}, expected)
+        model.cpu()
+
