@@ -36,6 +36,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -58,7 +59,7 @@ class Store:
         self.logs_dir = self.root / "logs"
 
     def write(self, record: dict[str, Any]) -> None:
-        atomic_write(self.runs_dir / f"{record['id']}.json", json.dumps(record, indent=1).encode())
+        atomic_write(self.runs_dir / f"{record['id']}.json", json.dumps(record).encode())
 
     def read(self, run_id: str) -> dict[str, Any] | None:
         try:
