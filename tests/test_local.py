@@ -130,5 +130,6 @@ def test_run_resumes_from_its_checkpoint(write_spec, tmp_path):
     assert store.checkpoint_path(run.id).exists()
     assert len(torch.load(store.checkpoint_path(run.id), weights_only=False)["losses"]) == 120
     assert execute(run, parts) == "ok"
+    assert store.read(run.id)["resumed"] and not Store(whole, run.experiment).read(run.id)["resumed"]
     assert store.read(run.id)["metrics"] == Store(whole, run.experiment).read(run.id)["metrics"]
     assert not store.checkpoint_path(run.id).exists()

@@ -6,9 +6,11 @@ installs them). Skipped elsewhere, except under CI (CI=true), where it fails ins
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -29,6 +31,13 @@ time_min = 5
 mem_gb = 1
 """
 # lr 0.01 without failure is ok, with fail_at_step = 10 it fails; lr 0.5 diverges before step 10.
+
+
+def wait_for(condition, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} after {timeout_s} s"
+        time.sleep(0.2)
 
 
 def cluster_running() -> bool:
@@ -73,3 +82,41 @@ def test_slurm_sweep_equals_local_run(slurm_cluster, write_spec, tmp_path):
     from_slurm = outcomes(on_slurm, "onslurm")
     assert len(from_slurm) == 4
     assert from_slurm == outcomes(local, "onslurm")
+
+
+LONG = """
+kind = "quadratic"
+[settings]
+dim = 20
+steps = 30000
+noise = 0.1
+optimizer = "adam"
+"""
+
+
+def job_field(job: str, name: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+    return next(word.split("=", 1)[1] for word in out.split() if word.startswith(f"{name}="))
+
+
+def test_preempted_job_is_requeued_and_continues_from_its_checkpoint(slurm_cluster, write_spec, tmp_path):
+    spec = write_spec(LONG, name="preempted")
+    on_slurm, local = tmp_path / "slurm", tmp_path / "local"
+    hsbench("run", spec, "--results", on_slurm, "--executor", "slurm", "--checkpoint-every", "0.2")
+    (submission,) = (on_slurm / "preempted" / "submissions").glob("*.json")
+    (task,) = json.loads(submission.read_text())["tasks"].values()
+    checkpoints = on_slurm / "preempted" / "checkpoints"
+    wait_for(lambda: any(checkpoints.glob("*.pt")), "a first checkpoint")
+
+    # what SLURM sends before preempting or timing out a job; submitit checkpoints and requeues
+    subprocess.run(["scancel", "--signal=USR2", task], check=True)
+    wait_for(lambda: job_field(task, "Restarts") == "1" and job_field(task, "JobState") == "PENDING", "the requeue")
+    subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)  # skip SLURM's requeue delay
+    hsbench("run", spec, "--results", on_slurm, "--executor", "slurm", "--wait")
+
+    hsbench("run", spec, "--results", local)
+    assert outcomes(on_slurm, "preempted") == outcomes(local, "preempted")
+    log = next((on_slurm / "preempted" / "logs").glob(f"{task}/*_log.err")).read_text()
+    assert log.count("Starting with JobEnvironment") == 2
+    record = json.loads(next((on_slurm / "preempted" / "runs").glob("*.json")).read_text())
+    assert record["resumed"] and record["status"] == "ok"

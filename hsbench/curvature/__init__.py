@@ -57,16 +57,15 @@ def diagonal(
     if not (isinstance(mc_samples, int) and mc_samples >= 1):
         raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}")
     if method == "grad2":
-        found = autograd_estimators.squared_gradient(model, loss_fn, inputs, targets, per_sample)
-    elif method == "hutchinson":
-        found = autograd_estimators.hutchinson(model, loss_fn, inputs, targets, mc_samples, generator, per_sample)
-    else:
-        tape = record(model, loss_fn, inputs, targets)
-        with torch.no_grad():
-            if method in diagonal_backprop.VARIANTS:
-                found = diagonal_backprop.backpropagate(tape, method, per_sample)[1]
-            elif method in ("exact", "ggn"):
-                found = hessian_backprop.backpropagate(tape, method == "exact", per_sample)
-            else:
-                found = sampled_backprop.backpropagate(tape, method, mc_samples, generator, per_sample)
-    return {name: found[name] for name, p in model.named_parameters() if p.requires_grad}
+        return autograd_estimators.squared_gradient(model, loss_fn, inputs, targets, per_sample)
+    if method == "hutchinson":
+        return autograd_estimators.hutchinson(model, loss_fn, inputs, targets, mc_samples, generator, per_sample)
+    tape = record(model, loss_fn, inputs, targets)
+    with torch.no_grad():
+        if method in diagonal_backprop.VARIANTS:
+            found = diagonal_backprop.backpropagate(tape, method, per_sample)[1]
+        elif method in ("exact", "ggn"):
+            found = hessian_backprop.backpropagate(tape, method == "exact", per_sample)
+        else:
+            found = sampled_backprop.backpropagate(tape, method, mc_samples, generator, per_sample)[1]
+    return {name: found[p] for name, p in model.named_parameters() if p.requires_grad}

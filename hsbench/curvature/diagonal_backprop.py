@@ -20,8 +20,8 @@ from hsbench.curvature.tape import Tape, elementwise
 VARIANTS = ("hesscale", "hesscale-gn", "bl89")
 
 
-def backpropagate(tape: Tape, variant: str, per_sample: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Gradient and diagonal estimate of every parameter, keyed by parameter name.
+def backpropagate(tape: Tape, variant: str, per_sample: bool = False) -> tuple[dict[Tensor, Tensor], dict[Tensor, Tensor]]:
+    """Gradient and diagonal estimate of every trainable parameter, keyed by the parameter.
 
     Batch results (per_sample=False) are those of the batch loss; per-sample results have a
     leading batch dimension and belong to each sample's own loss ℓ_n (unscaled)."""
@@ -38,10 +38,8 @@ def backpropagate(tape: Tape, variant: str, per_sample: bool = False) -> tuple[d
             g = g * d1
             continue
         if step.has_parameters:
-            for name, value in rule.param_sums(module, ctx.x, g[:, 0], per_sample).items():
-                grads[step.parameter_name(name)] = value
-            for name, value in rule.param_sums(module, ctx.x.square(), s[:, 0], per_sample).items():
-                diags[step.parameter_name(name)] = value
+            step.accumulate(grads, rule.param_sums(module, ctx.x, g[:, 0], per_sample))
+            step.accumulate(diags, rule.param_sums(module, ctx.x.square(), s[:, 0], per_sample))
         if more:
             g, s = rule.vjp(module, ctx, g), rule.vjp_squared(module, ctx, s)
     if not per_sample:

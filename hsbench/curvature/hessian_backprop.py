@@ -38,8 +38,8 @@ def _parameter_diagonals(step, h: Tensor, per_sample: bool) -> dict[str, Tensor]
     return out if per_sample else {k: v.sum(0) for k, v in out.items()}
 
 
-def backpropagate(tape: Tape, curvature_of_activations: bool = True, per_sample: bool = False) -> dict[str, Tensor]:
-    """Exact Hessian diagonal (``curvature_of_activations=True``) or exact GGN diagonal per parameter."""
+def backpropagate(tape: Tape, curvature_of_activations: bool = True, per_sample: bool = False) -> dict[Tensor, Tensor]:
+    """Exact Hessian diagonal (``curvature_of_activations=True``) or exact GGN diagonal, keyed by parameter."""
     z, target, loss = tape.output, tape.target, tape.loss
     h = loss.hessian(z, target)
     g = loss.grad(z, target).reshape(z.shape[0], 1, *z.shape[1:])
@@ -53,8 +53,7 @@ def backpropagate(tape: Tape, curvature_of_activations: bool = True, per_sample:
             g = g * d1.reshape(g.shape[0], 1, *g.shape[2:])
             continue
         if step.has_parameters:
-            for name, value in _parameter_diagonals(step, h, per_sample).items():
-                diags[step.parameter_name(name)] = value
+            step.accumulate(diags, _parameter_diagonals(step, h, per_sample))
         if more:
             h, g = _sandwich(step, h), step.rule.vjp(step.module, step.ctx, g)
     return diags if per_sample else {k: v * tape.scale() for k, v in diags.items()}

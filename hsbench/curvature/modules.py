@@ -28,7 +28,10 @@ from torch import Tensor, nn
 
 
 class Context:
-    """What the backward pass needs from one module's forward: input, output and extras."""
+    """What the backward pass needs from one module's forward: input, output and extras.
+
+    Built from the input and output alone, so that a forward hook can record it. After an
+    in-place module the input tensor holds the output; rules of such modules use ``y`` only."""
 
     __slots__ = ("x", "y", "extra")
 
@@ -47,16 +50,16 @@ def _unfold(v: Tensor, n: int) -> Tensor:
 
 
 class Rule:
-    """Base rule: the forward pass that records the context."""
+    """Base rule: checks a module's configuration and records its context."""
 
-    def forward(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Context]:
-        if getattr(module, "inplace", False):
-            x = x.clone()  # keep the input intact for the backward pass
-        return module(x), None
+    def check(self, module: nn.Module) -> None:
+        """Raise ``ValueError`` if this configuration of the module is not supported."""
 
-    def context(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Context]:
-        y, extra = self.forward(module, x)
-        return y, Context(x, y, extra)
+    def extra(self, module: nn.Module, x: Tensor, y: Tensor):
+        return None
+
+    def context(self, module: nn.Module, x: Tensor, y: Tensor) -> Context:
+        return Context(x, y, self.extra(module, x, y))
 
 
 class LinearMap(Rule):
@@ -113,11 +116,11 @@ class MaxPool(LinearMap):
 
     _pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
-    def forward(self, module, x):
-        y, indices = self._pool[x.dim() - 2](
+    def extra(self, module, x, y):
+        """Flat index of each output's maximum in its input plane (pooling again, with indices)."""
+        return self._pool[x.dim() - 2](
             x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode, return_indices=True
-        )
-        return y, indices
+        )[1]
 
     def vjp(self, module, ctx, v):
         n, k, c = v.shape[0], v.shape[1], v.shape[2]
@@ -130,11 +133,12 @@ class MaxPool(LinearMap):
 class Dropout(LinearMap):
     """Dropout: J = diag(mask / (1 - p)) in training mode, identity in evaluation mode."""
 
-    def forward(self, module, x):
+    def extra(self, module, x, y):
+        """mask / (1 - p), read off the output: a zero output counts as dropped (its input can only
+        matter if it is an exact zero that still carries gradient, e.g. an ELU or tanh at 0)."""
         if not (module.training and module.p > 0):
-            return x, None
-        mask = F.dropout(torch.ones_like(x), module.p, training=True)  # scaled by 1 / (1 - p)
-        return x * mask, mask
+            return None
+        return (y != 0).to(y.dtype) / (1 - module.p)
 
     def vjp(self, module, ctx, v):
         return v if ctx.extra is None else v * ctx.extra.unsqueeze(1)
@@ -146,10 +150,9 @@ class Dropout(LinearMap):
 class Linear(LinearMap):
     """y = x Wᵀ + b for inputs (N, in)."""
 
-    def forward(self, module, x):
+    def extra(self, module, x, y):
         if x.dim() != 2:
             raise ValueError(f"Linear layers need inputs of shape (N, features); got {tuple(x.shape)}")
-        return module(x), None
 
     def vjp(self, module, ctx, v):
         return v @ module.weight
@@ -159,7 +162,7 @@ class Linear(LinearMap):
 
     def param_sums(self, module: nn.Module, x: Tensor, v: Tensor, per_sample: bool) -> dict[str, Tensor]:
         """Σ_n v_n ⊗ x_n for v (N, out): the gradient for v = ∂L/∂y, Eq. 3 for v = ŝ and x = x²."""
-        out = {"weight": torch.einsum("no,ni->noi" if per_sample else "no,ni->oi", v, x)}
+        out = {"weight": v.unsqueeze(2) * x.unsqueeze(1) if per_sample else v.T @ x}
         if module.bias is not None:
             out["bias"] = v if per_sample else v.sum(0)
         return out
@@ -180,10 +183,10 @@ class Linear(LinearMap):
 class Conv(LinearMap):
     """Convolution in 1, 2 or 3 spatial dimensions with stride, padding, dilation and groups."""
 
-    def forward(self, module, x):
+    def check(self, module):
         if module.padding_mode != "zeros":
             raise ValueError(f"{type(module).__name__} with padding_mode={module.padding_mode!r} is not supported")
-        return module(x), None
+        self._padding(module)
 
     @staticmethod
     def _padding(module) -> tuple[int, ...]:
@@ -266,13 +269,15 @@ class Elementwise(Rule):
         return self.derivatives_fn(module, ctx.x, ctx.y)
 
 
-def _relu(m, x, y):
-    d1 = (x > 0).to(x.dtype)
+def _relu(m, x, y):  # in-place capable: uses y (y > 0 exactly where x > 0)
+    d1 = (y > 0).to(y.dtype)
     return d1, torch.zeros_like(d1)
 
 
-def _leaky_relu(m, x, y):
-    d1 = torch.where(x > 0, torch.ones_like(x), torch.full_like(x, m.negative_slope))
+def _leaky_relu(m, x, y):  # in-place capable: uses y
+    if m.negative_slope <= 0:
+        raise ValueError("LeakyReLU needs a positive negative_slope")
+    d1 = torch.where(y > 0, torch.ones_like(y), torch.full_like(y, m.negative_slope))
     return d1, torch.zeros_like(d1)
 
 
@@ -286,11 +291,11 @@ def _sigmoid(m, x, y):
     return d1, d1 * (1 - 2 * y)
 
 
-def _elu(m, x, y, scale=1.0, alpha=None):
+def _elu(m, x, y, scale=1.0, alpha=None):  # in-place capable: for x ≤ 0, σ' = σ'' = scale·α·eˣ = y + scale·α
     alpha = m.alpha if alpha is None else alpha
-    negative = scale * alpha * torch.exp(torch.clamp(x, max=0))
-    d1 = torch.where(x > 0, torch.full_like(x, scale), negative)
-    return d1, torch.where(x > 0, torch.zeros_like(x), negative)
+    positive = y > 0
+    negative = y + scale * alpha
+    return torch.where(positive, torch.full_like(y, scale), negative), torch.where(positive, torch.zeros_like(y), negative)
 
 
 def _selu(m, x, y):
@@ -336,6 +341,7 @@ def layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, Rul
 
     Raises ``ValueError`` naming the class and position of the first unsupported module."""
     if not prefix and type(model) in RULES:
+        RULES[type(model)].check(model)
         return [("", model, RULES[type(model)])]
     if not isinstance(model, nn.Sequential):
         raise ValueError(
@@ -347,6 +353,7 @@ def layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, Rul
         if isinstance(child, nn.Sequential):
             found += layers(child, f"{position}.")
         elif type(child) in RULES:
+            RULES[type(child)].check(child)
             found.append((position, child, RULES[type(child)]))
         else:
             raise ValueError(

@@ -34,21 +34,27 @@ def _kfac(step, v: Tensor, per_sample: bool) -> dict[str, Tensor]:
     return out if per_sample else {k: t[0] for k, t in out.items()}
 
 
-def backpropagate(tape: Tape, method: str, samples: int, generator=None, per_sample: bool = False) -> dict[str, Tensor]:
-    """``ggn-mc`` or ``kfac`` diagonal per parameter from ``samples`` Monte-Carlo vectors per example."""
-    z = tape.output
-    v = tape.loss.mc_factor(z, tape.target, samples, generator).reshape(z.shape[0], samples, *z.shape[1:])
-    diags = {}
+def backpropagate(
+    tape: Tape, method: str, samples: int, generator=None, per_sample: bool = False
+) -> tuple[dict[Tensor, Tensor], dict[Tensor, Tensor]]:
+    """Gradient and ``ggn-mc`` or ``kfac`` diagonal (``samples`` Monte-Carlo vectors per example),
+    keyed by parameter. The gradient travels as one more vector beside the sampled ones."""
+    z, target, loss = tape.output, tape.target, tape.loss
+    grad = loss.grad(z, target).unsqueeze(1)
+    v = torch.cat([grad, loss.mc_factor(z, target, samples, generator)], 1).reshape(z.shape[0], samples + 1, *z.shape[1:])
+    grads, diags = {}, {}
     for step, more in tape.backward_steps():
         if elementwise(step):
             v = v * step.rule.derivatives(step.module, step.ctx)[0].unsqueeze(1)
             continue
         if step.has_parameters:
+            step.accumulate(grads, step.rule.param_sums(step.module, step.ctx.x, v[:, 0], per_sample))
             if method == "kfac":
-                found = _kfac(step, v, per_sample)
+                step.accumulate(diags, _kfac(step, v[:, 1:], per_sample))
             else:
-                found = step.rule.squared_param_sums(step.module, step.ctx.x, v, per_sample)
-            diags.update({step.parameter_name(k): t for k, t in found.items()})
+                step.accumulate(diags, step.rule.squared_param_sums(step.module, step.ctx.x, v[:, 1:], per_sample))
         if more:
             v = step.rule.vjp(step.module, step.ctx, v)
-    return diags if per_sample else {k: t * tape.scale() for k, t in diags.items()}
+    if per_sample:
+        return grads, diags
+    return {k: t * tape.scale() for k, t in grads.items()}, {k: t * tape.scale() for k, t in diags.items()}

@@ -21,8 +21,13 @@ class Step:
     rule: Rule
     ctx: Context
 
-    def parameter_name(self, local: str) -> str:
-        return f"{self.position}.{local}" if self.position else local
+    def accumulate(self, into: dict[Tensor, Tensor], values: dict[str, Tensor]) -> None:
+        """Add values keyed by the module's local parameter names ('weight', 'bias') into ``into``,
+        keyed by the parameter tensors themselves (a parameter used twice gets the sum)."""
+        for local, value in values.items():
+            p = getattr(self.module, local)
+            if p.requires_grad:
+                into[p] = into[p] + value if p in into else value
 
     @property
     def has_parameters(self) -> bool:
@@ -55,8 +60,9 @@ def record(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets) -> Tap
     x = inputs
     with torch.no_grad():
         for position, module, module_rule in layers(model):
-            x, ctx = module_rule.context(module, x)
-            steps.append(Step(position, module, module_rule, ctx))
+            y = module(x)
+            steps.append(Step(position, module, module_rule, module_rule.context(module, x, y)))
+            x = y
     return Tape(steps, x, targets, rule)
 
 
