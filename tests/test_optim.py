@@ -1,0 +1,234 @@
+"""Optimizers: hand-computed updates, closed forms, step-size scaling, state round trips, training."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hsbench.curvature import diagonal
+from hsbench.curvature.extend import extend
+from hsbench.data import embedded_mnist
+from hsbench.optim import OPTIMIZERS, make
+
+CURVATURE = {"adahesscale": "hesscale", "adahesscale-gn": "hesscale-gn", "adabl89": "bl89", "adaggnmc": "ggn-mc"}
+
+
+def small_problem(seed=0, conv=False):
+    torch.manual_seed(seed)
+    if conv:
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ELU(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
+        x = torch.randn(4, 1, 5, 5, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+        x = torch.randn(4, 5, dtype=torch.float64)
+    return extend(model.double()), extend(nn.CrossEntropyLoss()), x, torch.tensor([0, 2, 1, 2])
+
+
+def train_steps(opt, model, loss_fn, x, y, steps, seed=None):
+    for t in range(steps):
+        if seed is not None:
+            torch.manual_seed(seed + t)
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        opt.backward(loss)
+        opt.step()
+
+
+def adam_style_by_hand(model, loss_fn, x, y, curvature, steps, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, seed=None):
+    """The shared update written out, with d from ``curvature(model)`` and g from autograd."""
+    params = dict(model.named_parameters())
+    m = {k: torch.zeros_like(p) for k, p in params.items()}
+    v = {k: torch.zeros_like(p) for k, p in params.items()}
+    for t in range(1, steps + 1):
+        if seed is not None:
+            torch.manual_seed(seed + t - 1)
+        d = curvature(model)
+        grads = torch.autograd.grad(loss_fn(model(x), y), list(params.values()))
+        with torch.no_grad():
+            for (k, p), g in zip(params.items(), grads):
+                g = g + weight_decay * p
+                m[k] = betas[0] * m[k] + (1 - betas[0]) * g
+                v[k] = betas[1] * v[k] + (1 - betas[1]) * d[k] ** 2
+                m_hat, v_hat = m[k] / (1 - betas[0] ** t), v[k] / (1 - betas[1] ** t)
+                p -= lr * m_hat / (v_hat.sqrt() + eps)
+    return model
+
+
+@pytest.mark.parametrize("name", list(CURVATURE))
+@pytest.mark.parametrize("conv", [False, True])
+def test_two_steps_match_the_update_by_hand(name, conv):
+    model, loss_fn, x, y = small_problem(conv=conv)
+    expected = adam_style_by_hand(
+        copy.deepcopy(model), loss_fn, x, y,
+        lambda mdl: diagonal(CURVATURE[name], mdl, loss_fn, x, y), steps=2, lr=0.05, weight_decay=0.01, seed=7,
+    )
+    opt = make(name, model.parameters(), lr=0.05, weight_decay=0.01)
+    train_steps(opt, model, loss_fn, x, y, 2, seed=7)
+    for (k, p), q in zip(model.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=k)
+
+
+def test_adahessian_two_steps_by_hand():
+    model, loss_fn, x, y = small_problem(conv=True)
+
+    def hutchinson_abs(mdl):  # Yao et al.: |Hz| for one Rademacher z, averaged over conv kernel positions
+        params = list(mdl.parameters())
+        grads = torch.autograd.grad(loss_fn(mdl(x), y), params, create_graph=True)
+        probes = [torch.randint_like(p, 2) * 2 - 1 for p in params]
+        hz = torch.autograd.grad(grads, params, probes)
+        d = [h.abs().mean((2, 3), keepdim=True).expand_as(h) if h.dim() == 4 else h.abs() for h in hz]
+        return dict(zip([k for k, _ in mdl.named_parameters()], d))
+
+    expected = adam_style_by_hand(copy.deepcopy(model), loss_fn, x, y, hutchinson_abs, 2, lr=0.15, eps=1e-4, seed=3)
+    opt = make("adahessian", model.parameters())
+    train_steps(opt, model, loss_fn, x, y, 2, seed=3)
+    for p, q in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_adam_and_sgd_are_torch_optimizers_with_plain_backward():
+    model, loss_fn, x, y = small_problem()
+    reference = copy.deepcopy(model)
+    opt, ref_opt = make("adam", model.parameters(), lr=0.01), torch.optim.Adam(reference.parameters(), lr=0.01)
+    for _ in range(3):
+        train_steps(opt, model, loss_fn, x, y, 1)
+        ref_opt.zero_grad()
+        loss_fn(reference(x), y).backward()
+        ref_opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+    assert isinstance(make("sgd", model.parameters(), lr=0.1), torch.optim.SGD)
+
+
+def test_separable_quadratic_curvature_and_newton_like_step():
+    """L = Σ_n Σ_i (s_n W_in − t_ni)² with one-hot inputs s_n e_n: separable, ∂²L/∂W_in² = 2 s_n²."""
+    torch.manual_seed(0)
+    scales = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    x, t = torch.diag(scales), torch.randn(3, 2, dtype=torch.float64)
+    model = extend(nn.Sequential(nn.Linear(3, 2, bias=False)).double())
+    loss_fn = extend(nn.MSELoss(reduction="sum"))
+    curvature = (2 * scales**2).expand(2, 3)
+    assert torch.equal(diagonal("hesscale", model, loss_fn, x, t)["0.weight"], curvature)
+    opt = make("adahesscale", model.parameters(), lr=1.0, eps=0.0)
+    train_steps(opt, model, loss_fn, x, t, 1)
+    # first step: m̂ = g, v̂ = d², so W − g/|d| = W − (W − t/s) = t/s: the Newton step to the minimum
+    torch.testing.assert_close(model[0].weight, (t / scales[:, None]).T, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["scaled-adahesscale", "scaled-adam"])
+def test_step_size_scaling(name):
+    model, loss_fn, x, y = small_problem()
+    d = diagonal("hesscale", model, loss_fn, x, y)
+    g = dict(zip(d, torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()))))
+    lr, eps = 0.1, 1e-8
+    # first step: m̂ = g, v̂ = d² (AdaHesScale) or g² (Adam); h = Σ |d| U²
+    updates = {k: lr * g[k] / ((d[k] if name == "scaled-adahesscale" else g[k]).abs() + eps) for k in d}
+    h = float(sum((d[k].abs() * updates[k] ** 2).sum() for k in d))
+    for radius, expected_scale in ((h / 4, math.sqrt(0.5)), (h / 2 * 1.0001, 1.0), (h, 1.0)):
+        trial = copy.deepcopy(model)
+        opt = make(name, trial.parameters(), lr=lr, eps=eps, trust_region=radius)
+        train_steps(opt, trial, loss_fn, x, y, 1)
+        assert opt.last_scale == pytest.approx(expected_scale, rel=1e-9)
+        assert (opt.last_scale < 1) == (h > 2 * radius)
+        for (k, p), p0 in zip(trial.named_parameters(), model.parameters()):
+            torch.testing.assert_close(p, p0 - expected_scale * updates[k], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_state_dict_round_trip_continues_bit_identically(name):
+    model, loss_fn, x, y = small_problem(conv=True)
+    opt = make(name, model.parameters(), lr=0.01)
+    train_steps(opt, model, loss_fn, x, y, 3, seed=0)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train_steps(opt, model, loss_fn, x, y, 3, seed=100)
+
+    resumed, *_ = small_problem(conv=True, seed=1)  # different initial weights, overwritten below
+    resumed.load_state_dict(saved_model)
+    opt2 = make(name, resumed.parameters(), lr=0.01)
+    opt2.load_state_dict(saved_opt)
+    train_steps(opt2, resumed, loss_fn, x, y, 3, seed=100)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+
+
+HYPER = {
+    "sgd": {"lr": 0.5},
+    "adahessian": {"lr": 0.05},
+    # BL89's output diagonal is zero off the target class, so weights that no target of the batch
+    # touches get d = 0 and a step of lr·m̂/ε: it needs a larger ε to be stable
+    "adabl89": {"lr": 1e-3, "eps": 1e-4},
+    "scaled-adahesscale": {"lr": 0.01, "trust_region": 1e-3},
+    "scaled-adam": {"lr": 0.01, "trust_region": 1e-3},
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_optimizer_lowers_the_loss_on_real_digits(name):
+    images, labels = embedded_mnist()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:1000]
+    x, y = images[order].flatten(1), labels[order]
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(nn.Linear(784, 32), nn.Tanh(), nn.Linear(32, 10)))
+    loss_fn = extend(nn.CrossEntropyLoss())
+    opt = make(name, model.parameters(), **HYPER.get(name, {"lr": 0.01}))
+    with torch.no_grad():
+        before = float(loss_fn(model(x), y))
+    for step in range(60):
+        batch = slice(32 * step % 992, 32 * step % 992 + 32)
+        train_steps(opt, model, loss_fn, x[batch], y[batch], 1)
+    with torch.no_grad():
+        after = float(loss_fn(model(x), y))
+    assert after < 0.7 * before, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------
+# misuse and bad input
+
+
+def test_step_without_backward_is_an_error():
+    model, loss_fn, x, y = small_problem()
+    opt = make("adahesscale", model.parameters())
+    loss_fn(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"call opt.backward\(loss\)"):
+        opt.step()
+
+
+def test_unextended_model_or_modified_loss_is_an_error():
+    model, loss_fn, x, y = small_problem()
+    opt = make("adahesscale-gn", model.parameters())
+    with pytest.raises(RuntimeError, match="extend"):
+        opt.backward(2 * loss_fn(model(x), y))
+    plain = nn.Sequential(nn.Linear(5, 3)).double()
+    opt = make("adahesscale", plain.parameters())
+    with pytest.raises(RuntimeError, match="extend"):
+        opt.backward(loss_fn(plain(x), y))
+
+
+def test_parameters_outside_the_recorded_chain_are_reported():
+    model, loss_fn, x, y = small_problem()
+    opt = make("adahesscale", model.parameters())
+    with pytest.raises(RuntimeError, match="not reached"):
+        opt.backward(loss_fn(model[2](torch.tanh(model[0](x))), y))  # the chain is broken by torch.tanh
+
+
+def test_unsupported_module_is_rejected_at_extend():
+    with pytest.raises(ValueError, match="BatchNorm1d at position '1'"):
+        extend(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+
+
+@pytest.mark.parametrize(
+    "hyper,field",
+    [({"lr": -1.0}, "lr"), ({"betas": (1.0, 0.9)}, r"betas\[0\]"), ({"betas": (0.9, -0.1)}, r"betas\[1\]"),
+     ({"eps": -1e-8}, "eps"), ({"trust_region": 0.0}, "trust_region"), ({"weight_decay": -1}, "weight_decay"),
+     ({"momentum_typo": 0.9}, "momentum_typo")],
+)
+def test_invalid_hyperparameters_name_the_argument(hyper, field):
+    model, *_ = small_problem()
+    name = "scaled-adam" if "trust_region" in hyper else "adahesscale"
+    with pytest.raises(ValueError, match=field):
+        make(name, model.parameters(), **hyper)
+
+
+def test_unknown_optimizer_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="adahesscale-gn.*scaled-adam"):
+        make("adahesscale2", [torch.zeros(1, requires_grad=True)])
