@@ -129,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{header}: {_counts(states.values())}")
     if todo:
         job_id = executors.submit_slurm(todo, store, params, args.checkpoint_every)
-        print(f"submitted SLURM array job {job_id} ({len(todo)} tasks); logs in {store.logs_dir / job_id}")
+        print(f"submitted SLURM array job {job_id} ({len(todo)} tasks); logs in {store.logs_dir}")
     if not args.wait:
         print(f"follow with: hsbench status {args.spec} --scale {args.scale} --results {args.results}")
         return 0

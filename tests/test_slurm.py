@@ -88,7 +88,7 @@ LONG = """
 kind = "quadratic"
 [settings]
 dim = 20
-steps = 30000
+steps = 15000
 noise = 0.1
 optimizer = "adam"
 """
@@ -116,7 +116,7 @@ def test_preempted_job_is_requeued_and_continues_from_its_checkpoint(slurm_clust
 
     hsbench("run", spec, "--results", local)
     assert outcomes(on_slurm, "preempted") == outcomes(local, "preempted")
-    log = next((on_slurm / "preempted" / "logs").glob(f"{task}/*_log.err")).read_text()
+    log = next((on_slurm / "preempted" / "logs").glob(f"{task}/*_log.out")).read_text()
     assert log.count("Starting with JobEnvironment") == 2
     record = json.loads(next((on_slurm / "preempted" / "runs").glob("*.json")).read_text())
     assert record["resumed"] and record["status"] == "ok"

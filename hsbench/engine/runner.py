@@ -45,6 +45,7 @@ class RunContext:
     device: str
     checkpoint_path: Path
     checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
+    resumed: bool = False  # whether load_checkpoint found a checkpoint
     _last_save: float = field(default_factory=time.monotonic)
 
     def checkpoint_due(self) -> bool:
@@ -59,6 +60,7 @@ class RunContext:
     def load_checkpoint(self) -> Any | None:
         if not self.checkpoint_path.exists():
             return None
+        self.resumed = True
         return torch.load(self.checkpoint_path, weights_only=False)
 
 
@@ -112,6 +114,7 @@ def execute(run: Run, results_dir: str | Path, checkpoint_interval_s: float = DE
             "metrics": metrics,
             "error": error,
             "wall_time_s": time.perf_counter() - start,
+            "resumed": ctx.resumed,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(),
             "device": ctx.device,

@@ -5,10 +5,11 @@ Layout of ``<results>/<experiment>/``:
 - ``runs/<run_id>.json``: the record of a finished run: ``id``, ``experiment``, ``kind``,
   ``scale``, ``settings`` (resolved, with seed and scale), ``status`` (ok, failed, diverged),
   ``metrics`` (series as lists), ``error`` (traceback of a failed run, else null),
-  ``wall_time_s``, ``finished_at`` (UTC ISO), ``host``, ``device``, ``versions``, ``git_revision``.
+  ``wall_time_s`` (of the last attempt), ``resumed`` (whether it continued from a checkpoint),
+  ``finished_at`` (UTC ISO), ``host``, ``device``, ``versions``, ``git_revision``.
 - ``checkpoints/<run_id>.pt``: latest checkpoint of a run that has not finished.
 - ``submissions/<job_id>.json``: SLURM array submissions (run id -> array task id).
-- ``logs/<job_id>/``: SLURM job logs written by submitit.
+- ``logs/<task_id>/``: SLURM job logs written by submitit.
 - ``<experiment>-<scale>.parquet`` / ``.csv``: compacted tables (``hsbench export`` / ``plot``).
 
 Every file is written to a temporary file in the same folder and moved into place with
