@@ -1,8 +1,8 @@
 """The ``hsbench`` command: list, run, status, plot and export experiments declared in TOML specs.
 
-Exit codes: 0 success; 1 some runs failed or have no record; 2 invalid spec or arguments
-(nothing is written). Paths (``experiments/``, ``results/``, ``plots/``) are relative to the
-current directory, normally the repository root.
+Exit codes: 0 success; 1 some runs failed or have no record, or nothing is stored to plot
+or export; 2 invalid spec or arguments (nothing is written). Paths (``experiments/``,
+``results/``, ``plots/``) are relative to the current directory, normally the repository root.
 """
 
 from __future__ import annotations
@@ -128,8 +128,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     todo = [run for run in runs if states[run.id] in ("missing", "failed")]
     print(f"{header}: {_counts(states.values())}")
     if todo:
-        job_id = executors.submit_slurm(todo, store, params, args.checkpoint_every)
-        print(f"submitted SLURM array job {job_id} ({len(todo)} tasks); logs in {store.logs_dir}")
+        job_ids = executors.submit_slurm(todo, store, params, args.checkpoint_every)
+        print(f"submitted SLURM array job(s) {' '.join(job_ids)} ({len(todo)} tasks); logs in {store.logs_dir}")
     if not args.wait:
         print(f"follow with: hsbench status {args.spec} --scale {args.scale} --results {args.results}")
         return 0

@@ -10,6 +10,7 @@ import torch
 
 from hsbench import results
 from hsbench.cli import main
+from hsbench.engine.provenance import git_revision
 from hsbench.engine.runner import execute
 from hsbench.engine.spec import load_spec
 from hsbench.engine.store import Store
@@ -102,6 +103,26 @@ def test_status_plot_and_export_use_stored_results_only(sweep, tmp_path, capsys)
     assert len(table) == 8 and json.loads(table.loc[table["status"] == "ok", "loss"].iloc[0])[0] > 0
     parquet = pd.read_parquet(res / "sweep" / "sweep-default.parquet")  # written by plot
     assert sorted(parquet["run_id"]) == sorted(table["run_id"])
+
+
+def test_status_flags_records_of_another_git_revision(sweep, capsys):
+    spec, res = sweep
+    main(["run", str(spec), "--results", str(res)])
+    path = next((res / "sweep" / "runs").glob("*.json"))
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(record | {"git_revision": "0" * 40}))
+    capsys.readouterr()
+    main(["status", str(spec), "--results", str(res)])
+    assert f"1 record(s) from another git revision than {git_revision()}: {record['id']}" in capsys.readouterr().out
+
+
+def test_list_shows_experiments_scales_and_invalid_specs(write_spec, capsys):
+    spec = write_spec(SPEC + '[scales.smoke.settings]\nsteps = 3\n', name="sweep")
+    write_spec('kind = "cubic"\n', name="broken")
+    assert main(["list", "--experiments", str(spec.parent)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("broken") and "INVALID" in out[0] and "kind: unknown value 'cubic'" in out[0]
+    assert out[1].split()[:5] == ["sweep", "quadratic", "scales:", "default,", "smoke"]
 
 
 def test_series_unrolls_a_metric_into_long_form(sweep):

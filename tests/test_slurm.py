@@ -16,6 +16,9 @@ import pytest
 
 from conftest import REPO, hsbench, outcomes
 
+from hsbench.cli import main
+from hsbench.engine import executors
+
 SPEC = """
 kind = "quadratic"
 [settings]
@@ -61,17 +64,20 @@ def slurm_cluster():
         assert stop.returncode == 0, stop.stdout + stop.stderr
 
 
-def test_slurm_sweep_equals_local_run(slurm_cluster, write_spec, tmp_path):
+def test_slurm_sweep_equals_local_run(slurm_cluster, write_spec, tmp_path, monkeypatch, capsys):
     spec = write_spec(SPEC, name="onslurm")
     on_slurm, local = tmp_path / "slurm", tmp_path / "local"
     common = ["--scale", "smoke"]
 
-    submitted = hsbench("run", spec, *common, "--results", on_slurm, "--executor", "slurm")
-    assert "submitted SLURM array job" in submitted.stdout  # returned once submitted, without --wait
+    monkeypatch.setattr(executors, "ARRAY_LIMIT", 3)  # split the 4 runs into two arrays
+    assert main(["run", str(spec), *common, "--results", str(on_slurm), "--executor", "slurm"]) == 0
+    submitted = capsys.readouterr()
+    assert "submitted SLURM array job(s)" in submitted.out  # returned once submitted, without --wait
+    assert len(list((on_slurm / "onslurm" / "submissions").glob("*.json"))) == 2
     waited = hsbench("run", spec, *common, "--results", on_slurm, "--executor", "slurm", "--wait", check_rc=1)
     assert "1 ok, 1 failed, 2 diverged" in waited.stdout
-    for proc in (submitted, waited):
-        assert "sacct" not in proc.stderr  # no accounting on this cluster, and no warnings about it
+    for err in (submitted.err, waited.stderr):
+        assert "sacct" not in err  # no accounting on this cluster, and no warnings about it
 
     status = hsbench("status", spec, *common, "--results", on_slurm).stdout
     assert "ok        1" in status and "failed    1" in status and "missing   0" in status

@@ -26,6 +26,7 @@ from hsbench.engine.spec import Run
 from hsbench.engine.store import STATUSES, Store
 
 POLL_S = 2.0  # seconds between polls of the result store and squeue while waiting
+ARRAY_LIMIT = 1000  # tasks per job array: SLURM's default MaxArraySize (1001) allows indices 0..1000
 
 
 def run_local(runs: list[Run], results_dir: Path, jobs: int, checkpoint_interval_s: float) -> collections.Counter:
@@ -57,8 +58,8 @@ class SlurmRun(submitit.helpers.Checkpointable):
         return execute(run, results_dir, checkpoint_interval_s)
 
 
-def submit_slurm(runs: list[Run], store: Store, params: dict[str, Any], checkpoint_interval_s: float) -> str:
-    """Submit ``runs`` as one job array with SLURM ``params`` (spec.SLURM_FIELDS); return its job id."""
+def submit_slurm(runs: list[Run], store: Store, params: dict[str, Any], checkpoint_interval_s: float) -> list[str]:
+    """Submit ``runs`` as job arrays of at most ARRAY_LIMIT tasks with SLURM ``params``; return their job ids."""
     executor = submitit.AutoExecutor(folder=store.logs_dir / "%j", cluster="slurm")
     executor.update_parameters(
         name=f"hsbench-{store.experiment}",
@@ -69,11 +70,14 @@ def submit_slurm(runs: list[Run], store: Store, params: dict[str, Any], checkpoi
         slurm_array_parallelism=params["array_parallelism"],
         **({"slurm_partition": params["partition"]} if params["partition"] else {}),
     )
-    n = len(runs)
-    jobs = executor.map_array(SlurmRun(), runs, [store.root.parent] * n, [checkpoint_interval_s] * n)
-    job_id = jobs[0].job_id.split("_")[0]
-    store.write_submission(job_id, {run.id: job.job_id for run, job in zip(runs, jobs)})
-    return job_id
+    job_ids = []
+    for first in range(0, len(runs), ARRAY_LIMIT):
+        chunk = runs[first : first + ARRAY_LIMIT]
+        n = len(chunk)
+        jobs = executor.map_array(SlurmRun(), chunk, [store.root.parent] * n, [checkpoint_interval_s] * n)
+        job_ids.append(jobs[0].job_id.split("_")[0])
+        store.write_submission(job_ids[-1], {run.id: job.job_id for run, job in zip(chunk, jobs)})
+    return job_ids
 
 
 def queue_states() -> dict[str, str]:
