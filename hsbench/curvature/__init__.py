@@ -36,7 +36,7 @@ def diagonal(
 
     Args:
         method: one of ``METHODS``.
-        model: an ``nn.Sequential`` (nested allowed) of supported modules; ``hutchinson`` and
+        model: an ``nn.Sequential`` (nesting allowed) of supported modules; ``hutchinson`` and
             ``grad2`` accept any model.
         loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or a loss of ``hsbench.losses``, with
             reduction 'mean' or 'sum' (any differentiable loss for ``hutchinson`` and ``grad2``).
@@ -52,20 +52,48 @@ def diagonal(
         ``{parameter name: Tensor}``, each of the parameter's shape (with a leading batch
         dimension if ``per_sample``), for the parameters with ``requires_grad``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown curvature method {method!r}; valid methods: {', '.join(METHODS)}")
-    if not (isinstance(mc_samples, int) and mc_samples >= 1):
-        raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}")
-    if method == "grad2":
-        return autograd_estimators.squared_gradient(model, loss_fn, inputs, targets, per_sample)
-    if method == "hutchinson":
-        return autograd_estimators.hutchinson(model, loss_fn, inputs, targets, mc_samples, generator, per_sample)
-    tape = record(model, loss_fn, inputs, targets)
-    with torch.no_grad():
-        if method in diagonal_backprop.VARIANTS:
-            found = diagonal_backprop.backpropagate(tape, method, per_sample)[1]
-        elif method in ("exact", "ggn"):
-            found = hessian_backprop.backpropagate(tape, method == "exact", per_sample)
-        else:
-            found = sampled_backprop.backpropagate(tape, method, mc_samples, generator, per_sample)[1]
-    return {name: found[p] for name, p in model.named_parameters() if p.requires_grad}
+    return diagonals({method: (method, mc_samples)}, model, loss_fn, inputs, targets, per_sample=per_sample, generator=generator)[method]
+
+
+def diagonals(
+    requests: dict[str, tuple[str, int]],
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    targets,
+    *,
+    per_sample: bool = False,
+    generator=None,
+) -> dict[str, dict[str, Tensor]]:
+    """Several estimates on one batch, sharing one recorded forward pass.
+
+    ``requests`` maps a label to ``(method, mc_samples)``, e.g. ``{"ggn-mc-50": ("ggn-mc", 50)}``;
+    the result maps each label to what ``diagonal`` returns for it. Draws are made in the order
+    of ``requests``."""
+    for method, mc_samples in requests.values():
+        if method not in METHODS:
+            raise ValueError(f"unknown curvature method {method!r}; valid methods: {', '.join(METHODS)}")
+        if not (isinstance(mc_samples, int) and mc_samples >= 1):
+            raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}")
+    names = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    tape = None
+    results = {}
+    for label, (method, mc_samples) in requests.items():
+        if method == "grad2":
+            results[label] = autograd_estimators.squared_gradient(model, loss_fn, inputs, targets, per_sample)
+            continue
+        if method == "hutchinson":
+            results[label] = autograd_estimators.hutchinson(
+                model, loss_fn, inputs, targets, mc_samples, generator, per_sample
+            )
+            continue
+        tape = tape or record(model, loss_fn, inputs, targets)
+        with torch.no_grad():
+            if method in diagonal_backprop.VARIANTS:
+                found = diagonal_backprop.backpropagate(tape, method, per_sample)[1]
+            elif method in ("exact", "ggn"):
+                found = hessian_backprop.backpropagate(tape, method == "exact", per_sample)
+            else:
+                found = sampled_backprop.backpropagate(tape, method, mc_samples, generator, per_sample)[1]
+        results[label] = {name: found[p] for name, p in names}
+    return results

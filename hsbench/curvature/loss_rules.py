@@ -11,7 +11,8 @@ per sample and unscaled, of shape (N, D) with D the size of one output:
   and of its second derivative (identical to the exact one for elementwise outputs);
 * ``mc_factor`` (M samples): vectors S with E[S Sᵀ] equal to the output Hessian (for the
   Gaussian NLL, the Fisher), from targets sampled from the model's predictive distribution;
-* ``hessian``: the full (N, D, D) output Hessian through torch.func, used by the exact methods.
+* ``hessian``: the full (N, D, D) output Hessian, used by the exact methods (through torch.func
+  unless a rule writes it out).
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ class CrossEntropy(LossRule):
         """p ∘ q ∘ (1 − q): from ∂ℓ/∂q = −p/q and ∂²ℓ/∂q² = p/q² through the softmax's diagonal."""
         q = torch.softmax(z, 1)
         return self._probabilities(z, target) * q * (1 - q)
+
+    def hessian(self, z, target):
+        """P (diag(q) − q qᵀ) with P = Σ_c p_c (1 for class-index targets)."""
+        q = torch.softmax(z, 1)
+        mass = self._probabilities(z, target).sum(1)[:, None, None]
+        return mass * (torch.diag_embed(q) - q.unsqueeze(2) * q.unsqueeze(1))
 
     def mc_factor(self, z, target, samples, generator):
         q = torch.softmax(z, 1)

@@ -1,6 +1,7 @@
 """Registry of experiment kinds by name; a spec's ``kind`` must be one of ``KINDS``."""
 
 from hsbench.engine.kind import ExperimentKind
+from hsbench.experiments.approx_quality import ApproxQuality
 from hsbench.experiments.quadratic import Quadratic
 
-KINDS: dict[str, ExperimentKind] = {kind.name: kind for kind in (Quadratic(),)}
+KINDS: dict[str, ExperimentKind] = {kind.name: kind for kind in (Quadratic(), ApproxQuality())}

@@ -1,0 +1,196 @@
+"""Kind ``approx-quality`` (paper figure 2): how far each Hessian-diagonal estimate is from the exact one.
+
+One run is one initialization. The network is trained by SGD with batch size 1; at each of the
+``examples`` examples it meets, every method estimates the Hessian diagonal of that example's
+loss, and its L1 distance to the exact diagonal is summed over each layer's parameters. Stored
+per run: the mean over examples of the total L1 error per method (``l1/<method>``) and per layer
+(``l1_layers/<method>``), and the mean L1 norm of the exact diagonal (``norm_diag``). The
+figures normalize each method's error by HesScale's error of the same initialization.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from hsbench.curvature import diagonals
+from hsbench.data import mnist_like
+from hsbench.engine.kind import ExperimentKind, Field
+
+ACTIVATIONS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "elu": nn.ELU}
+
+
+def compared_methods(mc_large: int) -> dict[str, tuple[str, int]]:
+    """The paper's methods as labels -> (curvature method, Monte-Carlo samples)."""
+    return {
+        "hesscale": ("hesscale", 1),
+        "hesscale-gn": ("hesscale-gn", 1),
+        "bl89": ("bl89", 1),
+        "ggn": ("ggn", 1),
+        "ggn-mc-1": ("ggn-mc", 1),
+        f"ggn-mc-{mc_large}": ("ggn-mc", mc_large),
+        "hutchinson-1": ("hutchinson", 1),
+        f"hutchinson-{mc_large}": ("hutchinson", mc_large),
+        "grad2": ("grad2", 1),
+        "kfac-1": ("kfac", 1),
+        f"kfac-{mc_large}": ("kfac", mc_large),
+    }
+
+
+def build_model(settings: dict[str, Any], inputs: int, classes: int) -> nn.Sequential:
+    """MLP (``depth`` hidden layers of ``width``) or a small CNN (conv, pool, conv, flatten, linear);
+    weights Kaiming-normal for the activation, biases zero."""
+    act = ACTIVATIONS[settings["activation"]]
+    if settings["model"] == "mlp":
+        widths = [inputs] + [settings["width"]] * settings["depth"]
+        layers = [nn.Flatten()]
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(a, b), act()]
+        model = nn.Sequential(*layers, nn.Linear(widths[-1], classes))
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 5, stride=2), act(), nn.MaxPool2d(2),
+            nn.Conv2d(4, 8, 3), act(), nn.Flatten(), nn.Linear(8 * 4 * 4, classes),
+        )
+    gain = "relu" if settings["activation"] in ("relu", "elu") else settings["activation"]
+    for module in model:
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity=gain)
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def load_examples(settings: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
+    if settings["data"] == "random":  # the workshop paper's random-data setting
+        count = max(settings["examples"], 1)
+        x = torch.randn(count, settings["inputs"], generator=generator)
+        y = torch.randint(0, settings["classes"], (count,), generator=generator)
+        return x, y, f"random data ({settings['inputs']} Gaussian inputs, {settings['classes']} classes)"
+    return mnist_like("mnist", settings["data_dir"] or None)
+
+
+class ApproxQuality(ExperimentKind):
+    name = "approx-quality"
+    description = "L1 error of every Hessian-diagonal method against the exact diagonal along an SGD run (figure 2)"
+    fields = {
+        "data": Field(str, "'mnist' (embedded digits unless data_dir is set) or 'random'", default="mnist", choices=("mnist", "random")),
+        "data_dir": Field(str, "torchvision data directory holding MNIST; empty: the embedded digits", default=""),
+        "model": Field(str, "network: 'mlp' or 'cnn'", default="mlp", choices=("mlp", "cnn")),
+        "width": Field(int, "hidden units per layer (mlp)", default=32, low=1),
+        "depth": Field(int, "hidden layers (mlp)", default=3, low=1),
+        "activation": Field(str, "hidden activation", default="tanh", choices=tuple(ACTIVATIONS)),
+        "inputs": Field(int, "input dimension of random data", default=6, low=1),
+        "classes": Field(int, "classes of random data", default=10, low=2),
+        "examples": Field(int, "examples per initialization (SGD steps of batch size 1)", default=1000, low=1),
+        "sgd_lr": Field(float, "SGD step size of the run along which examples are met", default=0.01, low=0.0),
+        "mc_large": Field(int, "Monte-Carlo samples of the many-sample variants", default=50, low=2),
+    }
+
+    def run(self, settings: dict[str, Any], ctx) -> dict[str, Any]:
+        data_gen = torch.Generator().manual_seed(ctx.seed)
+        x_all, y_all, provenance = load_examples(settings, data_gen)
+        classes = settings["classes"] if settings["data"] == "random" else 10
+        torch.manual_seed(ctx.seed)
+        model = build_model(settings, x_all[0].numel(), classes)
+        loss_fn = nn.CrossEntropyLoss()
+        requests = {"exact": ("exact", 1), **compared_methods(settings["mc_large"])}
+        names = {id(p): name for name, p in model.named_parameters()}
+        layers = [m for m in model if list(m.parameters(recurse=False))]
+        layer_of = {names[id(p)]: i for i, m in enumerate(layers) for p in m.parameters(recurse=False)}
+        order = torch.randint(0, len(y_all), (settings["examples"],), generator=data_gen)
+        mc_gen = torch.Generator().manual_seed(ctx.seed + 1)
+
+        sums = torch.zeros(len(requests), len(layers), dtype=torch.float64)  # row 0: |exact|
+        start = 0
+        state = ctx.load_checkpoint()
+        if state is not None:
+            model.load_state_dict(state["model"])
+            mc_gen.set_state(state["mc_generator"])
+            sums, start = state["sums"], state["done"]
+        for i in range(start, settings["examples"]):
+            x, y = x_all[order[i] : order[i] + 1], y_all[order[i] : order[i] + 1]
+            found = diagonals(requests, model, loss_fn, x, y, generator=mc_gen)
+            exact = found["exact"]
+            for row, label in enumerate(requests):
+                for name, value in found[label].items():
+                    error = exact[name] if row == 0 else value - exact[name]
+                    sums[row, layer_of[name]] += float(error.abs().sum())
+            sgd_step(model, loss_fn, x, y, settings["sgd_lr"])
+            if ctx.checkpoint_due():
+                ctx.save_checkpoint({"model": model.state_dict(), "mc_generator": mc_gen.get_state(), "sums": sums, "done": i + 1})
+        means = sums / settings["examples"]
+        metrics: dict[str, Any] = {"data_source": provenance, "norm_diag": float(means[0].sum()), "norm_diag_layers": means[0].tolist()}
+        for row, label in enumerate(requests):
+            if row:
+                metrics[f"l1/{label}"] = float(means[row].sum())
+                metrics[f"l1_layers/{label}"] = means[row].tolist()
+        return metrics
+
+    def plot(self, df: pd.DataFrame, spec, outdir: Path) -> list[Path]:
+        ok = df[df["status"] == "ok"].sort_values("seed")
+        if ok.empty:
+            return []
+        labels = [c[len("l1/"):] for c in ok.columns if c.startswith("l1/")]
+        normalized = pd.DataFrame({label: ok[f"l1/{label}"] / ok["l1/hesscale"] for label in labels})
+        reference = ok["norm_diag"] / ok["l1/hesscale"]
+        caption = f"{len(ok)} initializations x {int(ok['examples'].iloc[0])} examples; data: {ok['data_source'].iloc[0]}"
+        name = spec.name + ("-" if "-" in spec.name else "")
+        return [
+            *_save(_normalized_figure(normalized, reference, caption), outdir, f"{name}a"),
+            *_save(_layer_figure(ok, labels, caption), outdir, f"{name}b"),
+        ]
+
+
+def sgd_step(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+    model.zero_grad()
+    loss_fn(model(x), y).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad
+
+
+def _normalized_figure(normalized: pd.DataFrame, reference: pd.Series, caption: str) -> Figure:
+    fig = Figure(figsize=(9, 4.2), layout="constrained")
+    ax = fig.subplots()
+    colors = [f"C{i % 10}" for i in range(len(normalized))]  # one color per initialization, same across methods
+    jitter = np.linspace(-0.25, 0.25, len(normalized)) if len(normalized) > 1 else np.zeros(1)
+    for i, label in enumerate(normalized.columns):
+        ax.scatter(i + jitter, normalized[label], c=colors, s=14, alpha=0.8)
+    ax.axhline(1.0, color="k", lw=1, label="HesScale")
+    ax.axhline(float(reference.mean()), color="gray", ls="--", lw=1, label="|diag(H)|")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(normalized.columns)), normalized.columns, rotation=35, ha="right")
+    ax.set_ylabel("L1 error / HesScale's L1 error")
+    ax.set_title(f"Normalized L1 error of Hessian-diagonal approximations\n{caption}", fontsize=9)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _layer_figure(ok: pd.DataFrame, labels: list[str], caption: str) -> Figure:
+    per_layer = {label: np.mean(ok[f"l1_layers/{label}"].tolist(), axis=0) for label in labels}
+    layers = len(next(iter(per_layer.values())))
+    fig = Figure(figsize=(9, 4.2), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        ax.bar(np.arange(layers) + (i - len(labels) / 2 + 0.5) * width, per_layer[label], width, label=label)
+    ax.set_yscale("log")
+    ax.set_xticks(range(layers), [f"layer {k + 1}" for k in range(layers)])
+    ax.set_ylabel("mean L1 error")
+    ax.set_title(f"Layer-wise L1 error (exact last layer for HesScale(GN): no bar)\n{caption}", fontsize=9)
+    ax.legend(fontsize=7, ncol=4)
+    return fig
+
+
+def _save(fig: Figure, outdir: Path, stem: str) -> list[Path]:
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths = [outdir / f"{stem}.png", outdir / f"{stem}.pdf"]
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    return paths
