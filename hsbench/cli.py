@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hsbench", description="Run and plot the experiments declared in experiments/*.toml.")
+    parser = argparse.ArgumentParser(
+        prog="hsbench", description="Run and plot the experiments declared in experiments/*.toml."
+    )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     p = sub.add_parser("list", help="list experiments and their scales")
@@ -77,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
         slurm.add_argument(f"--{name.replace('_', '-')}", type=field.type, help=field.doc)
     spec_command("status", "count ok / failed / diverged / pending / running / missing runs", cmd_status)
     p = spec_command("plot", "draw the experiment's figures from stored results into plots/", cmd_plot)
-    p.add_argument("--plots", type=Path, default=PLOTS_DIR, help="figures folder (default: plots/; other scales in a subfolder)")
+    p.add_argument(
+        "--plots", type=Path, default=PLOTS_DIR, help="figures folder (default: plots/; other scales in a subfolder)"
+    )
     p = spec_command("export", "write the stored results as one table", cmd_export)
     p.add_argument("--format", choices=("csv", "parquet"), default="parquet")
     return parser

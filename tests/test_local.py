@@ -117,7 +117,7 @@ def test_status_flags_records_of_another_git_revision(sweep, capsys):
 
 
 def test_list_shows_experiments_scales_and_invalid_specs(write_spec, capsys):
-    spec = write_spec(SPEC + '[scales.smoke.settings]\nsteps = 3\n', name="sweep")
+    spec = write_spec(SPEC + "[scales.smoke.settings]\nsteps = 3\n", name="sweep")
     write_spec('kind = "cubic"\n', name="broken")
     assert main(["list", "--experiments", str(spec.parent)]) == 0
     out = capsys.readouterr().out.splitlines()

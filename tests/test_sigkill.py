@@ -10,18 +10,26 @@ import time
 
 from conftest import HSBENCH, REPO, hsbench, outcomes
 
+from hsbench.engine.runner import execute
+from hsbench.engine.spec import load_spec
+
 # Four runs of about a second each, with gradient noise so that resuming must restore the RNG.
 SPEC = """
 kind = "quadratic"
 [settings]
 dim = 20
-steps = 8000
+steps = 12000
 noise = 0.1
 [grid]
 optimizer = ["sgd", "adam"]
 [seeds]
 count = 2
 """
+
+
+def execute_all(runs, results_dir) -> None:
+    for run in runs:
+        assert execute(run, results_dir) == "ok"
 
 
 def newest_change(folder) -> float:
@@ -46,7 +54,7 @@ def test_sigkill_then_rerun_gives_identical_results(write_spec, tmp_path):
         # kill at a random moment once this attempt has written something (checkpoint or record)
         while proc.poll() is None and newest_change(killed) < started:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.3))
+        time.sleep(rng.uniform(0, 0.25))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
@@ -54,7 +62,7 @@ def test_sigkill_then_rerun_gives_identical_results(write_spec, tmp_path):
     assert kills == 5, "the sweep finished before five kills; make its runs longer"
 
     hsbench(*args, "--results", killed)
-    hsbench("run", spec, "--results", reference)  # uninterrupted, sequential
+    execute_all(load_spec(spec).runs(), reference)  # uninterrupted, sequential, in this process
     resumed = outcomes(killed, "killed")
     assert len(resumed) == 4 and {status for status, _, _ in resumed.values()} == {"ok"}
     assert resumed == outcomes(reference, "killed")

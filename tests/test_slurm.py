@@ -13,7 +13,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import REPO, hsbench, outcomes
 
 from hsbench.cli import main
@@ -44,7 +43,7 @@ def wait_for(condition, what: str, timeout_s: float = 120) -> None:
 
 
 def cluster_running() -> bool:
-    return subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0 if shutil.which("sinfo") else False
+    return shutil.which("sinfo") is not None and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import getpass
 import multiprocessing
+import os
 import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+import torch
 from tqdm import tqdm
 
 from hsbench.engine.runner import execute
@@ -44,7 +46,10 @@ def run_local(runs: list[Run], results_dir: Path, jobs: int, checkpoint_interval
                 done(execute(run, results_dir, checkpoint_interval_s))
         else:
             context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            threads = max(1, (os.cpu_count() or 1) // jobs)  # share the cores instead of oversubscribing them
+            with ProcessPoolExecutor(
+                jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
+            ) as pool:
                 futures = [pool.submit(execute, run, results_dir, checkpoint_interval_s) for run in runs]
                 for future in as_completed(futures):
                     done(future.result())
@@ -76,7 +81,7 @@ def submit_slurm(runs: list[Run], store: Store, params: dict[str, Any], checkpoi
         n = len(chunk)
         jobs = executor.map_array(SlurmRun(), chunk, [store.root.parent] * n, [checkpoint_interval_s] * n)
         job_ids.append(jobs[0].job_id.split("_")[0])
-        store.write_submission(job_ids[-1], {run.id: job.job_id for run, job in zip(chunk, jobs)})
+        store.write_submission(job_ids[-1], {run.id: job.job_id for run, job in zip(chunk, jobs, strict=True)})
     return job_ids
 
 

@@ -124,7 +124,7 @@ class Spec:
         order = list(self.experiment_kind.fields)
         runs = []
         for point in itertools.product(*scaled.grid.values()):
-            values = scaled.settings | dict(zip(scaled.grid, point))
+            values = scaled.settings | dict(zip(scaled.grid, point, strict=True))
             for seed in scaled.seeds:
                 settings = {name: values[name] for name in order} | {"seed": seed, "scale": scale}
                 runs.append(Run(run_id(self.kind, settings), self.name, self.kind, settings))

@@ -38,7 +38,9 @@ class Quadratic(ExperimentKind):
         "lr": Field(float, "learning rate", default=0.01, low=1e-12),
         "steps": Field(int, "optimisation steps", default=200, low=1),
         "noise": Field(float, "standard deviation of the Gaussian gradient noise", default=0.0, low=0.0),
-        "fail_at_step": Field(int, "raise an error at this step to test failure handling; -1: never", default=-1, low=-1),
+        "fail_at_step": Field(
+            int, "raise an error at this step to test failure handling; -1: never", default=-1, low=-1
+        ),
     }
 
     def run(self, settings: dict[str, Any], ctx) -> dict[str, Any]:
@@ -77,7 +79,12 @@ class Quadratic(ExperimentKind):
             optimizer.step()
             if ctx.checkpoint_due():
                 ctx.save_checkpoint(
-                    {"x": x.detach(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(), "losses": losses}
+                    {
+                        "x": x.detach(),
+                        "optimizer": optimizer.state_dict(),
+                        "generator": gen.get_state(),
+                        "losses": losses,
+                    }
                 )
         final = loss_fn().item()
         return {"loss": losses, "final_loss": final}
