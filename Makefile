@@ -15,3 +15,11 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Paper figures: run the spec's missing runs at the default scale (stored results are reused),
+# then draw the figures into plots/ from the stored results.
+HSBENCH := $(VENV)/bin/hsbench
+.PHONY: figure2 figure2-random figure2-cnn
+figure2 figure2-random figure2-cnn: $(STAMP)
+	$(HSBENCH) run $@ --jobs 2
+	$(HSBENCH) plot $@
