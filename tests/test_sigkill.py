@@ -33,7 +33,13 @@ def execute_all(runs, results_dir) -> None:
 
 
 def newest_change(folder) -> float:
-    return max((p.stat().st_mtime for p in folder.rglob("*")), default=0.0)
+    newest = 0.0
+    for path in folder.rglob("*"):
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except FileNotFoundError:  # a temporary file renamed meanwhile
+            continue
+    return newest
 
 
 def test_sigkill_then_rerun_gives_identical_results(write_spec, tmp_path):

@@ -13,6 +13,7 @@ import collections
 import getpass
 import multiprocessing
 import os
+import shutil
 import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -60,6 +61,7 @@ class SlurmRun(submitit.helpers.Checkpointable):
     """The callable a SLURM array task runs; submitit requeues it (same arguments) on preemption or timeout."""
 
     def __call__(self, run: Run, results_dir: Path, checkpoint_interval_s: float) -> str:
+        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))
         return execute(run, results_dir, checkpoint_interval_s)
 
 
@@ -101,9 +103,12 @@ def queue_states() -> dict[str, str]:
 
 
 def run_states(runs: list[Run], store: Store) -> dict[str, str]:
-    """Run id -> ok / failed / diverged from its record, pending / running from squeue, else missing."""
+    """Run id -> ok / failed / diverged from its record, pending / running from squeue, else missing.
+
+    Without ``squeue`` (e.g. results copied off the cluster) nothing counts as queued.
+    """
     submitted = store.submitted_tasks()
-    queued = queue_states() if any(run.id in submitted for run in runs) else {}
+    queued = queue_states() if shutil.which("squeue") and any(run.id in submitted for run in runs) else {}
     states = {}
     for run in runs:
         record = store.read(run.id)

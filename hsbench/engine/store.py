@@ -89,14 +89,15 @@ class Store:
         paths = sorted(self.submissions_dir.glob("[!.]*.json"), key=lambda p: int(p.stem))
         return {run: task for p in paths for run, task in json.loads(p.read_text())["tasks"].items()}
 
-    def frame(self, scale: str | None = None, run_ids: set[str] | None = None) -> pd.DataFrame:
-        """Tidy table, one row per run: ``run_id``, ``status``, settings, metrics and provenance.
+    def frame(self, scale: str, run_ids: set[str] | None = None) -> pd.DataFrame:
+        """Tidy table of the records at ``scale``, one row per run, restricted to ``run_ids`` if given.
 
-        Series metrics stay lists in their cell (see ``hsbench.results.series``).
+        Columns: ``run_id``, ``status``, the settings, the metrics and provenance; series
+        metrics stay lists in their cell (see ``hsbench.results.series``).
         """
         rows = []
         for rec in self.records():
-            if (scale is not None and rec["scale"] != scale) or (run_ids is not None and rec["id"] not in run_ids):
+            if rec["scale"] != scale or (run_ids is not None and rec["id"] not in run_ids):
                 continue
             clash = rec["settings"].keys() & rec["metrics"].keys()
             if clash:
