@@ -23,3 +23,8 @@ HSBENCH := $(VENV)/bin/hsbench
 figure2 figure2-random figure2-cnn: $(STAMP)
 	$(HSBENCH) run $@ --jobs 2
 	$(HSBENCH) plot $@
+
+.PHONY: table1 figure3
+table1 figure3: $(STAMP)
+	$(HSBENCH) run $@ --jobs 2
+	$(HSBENCH) plot $@

@@ -12,10 +12,12 @@ Cost grows with D², so this is meant for the small networks where the exact val
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import Tensor
 
-from hsbench.curvature.tape import Tape, elementwise
+from hsbench.curvature.tape import Step, Tape, elementwise
 
 
 def _sandwich(step, h: Tensor) -> Tensor:
@@ -38,22 +40,30 @@ def _parameter_diagonals(step, h: Tensor, per_sample: bool) -> dict[str, Tensor]
     return out if per_sample else {k: v.sum(0) for k, v in out.items()}
 
 
-def backpropagate(tape: Tape, curvature_of_activations: bool = True, per_sample: bool = False) -> dict[Tensor, Tensor]:
-    """Exact Hessian diagonal (``curvature_of_activations=True``) or exact GGN diagonal, keyed by parameter."""
+def output_hessians(tape: Tape, curvature_of_activations: bool = True) -> Iterator[tuple[Step, Tensor]]:
+    """(step, per-sample Hessian of ℓ_n w.r.t. the step's output, shape (N, D, D)), from the last
+    module backward to the first module with parameters."""
     z, target, loss = tape.output, tape.target, tape.loss
     h = loss.hessian(z, target)
     g = loss.grad(z, target).reshape(z.shape[0], 1, *z.shape[1:])
-    diags = {}
     for step, more in tape.backward_steps():
+        yield step, h
+        if not more:
+            return
         if elementwise(step):
             d1, d2 = (d.reshape(d.shape[0], -1) for d in step.rule.derivatives(step.module, step.ctx))
             h = d1.unsqueeze(2) * h * d1.unsqueeze(1)
             if curvature_of_activations:
                 h = h + torch.diag_embed(d2 * g.reshape(d2.shape))
             g = g * d1.reshape(g.shape[0], 1, *g.shape[2:])
-            continue
+        else:
+            h, g = _sandwich(step, h), step.rule.vjp(step.module, step.ctx, g)
+
+
+def backpropagate(tape: Tape, curvature_of_activations: bool = True, per_sample: bool = False) -> dict[Tensor, Tensor]:
+    """Exact Hessian diagonal (``curvature_of_activations=True``) or exact GGN diagonal, keyed by parameter."""
+    diags = {}
+    for step, h in output_hessians(tape, curvature_of_activations):
         if step.has_parameters:
             step.accumulate(diags, _parameter_diagonals(step, h, per_sample))
-        if more:
-            h, g = _sandwich(step, h), step.rule.vjp(step.module, step.ctx, g)
     return diags if per_sample else {k: v * tape.scale() for k, v in diags.items()}

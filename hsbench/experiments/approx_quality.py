@@ -22,9 +22,8 @@ from torch import nn
 from hsbench.curvature import diagonals
 from hsbench.data import mnist_like
 from hsbench.engine.kind import ExperimentKind, Field
-
-ACTIVATIONS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "elu": nn.ELU}
-
+from hsbench.experiments.networks import ACTIVATIONS, mlp, small_cnn
+from hsbench.experiments.plotting import save_figure
 
 def compared_methods(mc_large: int) -> dict[str, tuple[str, int]]:
     """The paper's methods as labels -> (curvature method, Monte-Carlo samples)."""
@@ -44,26 +43,9 @@ def compared_methods(mc_large: int) -> dict[str, tuple[str, int]]:
 
 
 def build_model(settings: dict[str, Any], inputs: int, classes: int) -> nn.Sequential:
-    """MLP (``depth`` hidden layers of ``width``) or a small CNN (conv, pool, conv, flatten, linear);
-    weights Kaiming-normal for the activation, biases zero."""
-    act = ACTIVATIONS[settings["activation"]]
     if settings["model"] == "mlp":
-        widths = [inputs] + [settings["width"]] * settings["depth"]
-        layers = [nn.Flatten()]
-        for a, b in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(a, b), act()]
-        model = nn.Sequential(*layers, nn.Linear(widths[-1], classes))
-    else:
-        model = nn.Sequential(
-            nn.Conv2d(1, 4, 5, stride=2), act(), nn.MaxPool2d(2),
-            nn.Conv2d(4, 8, 3), act(), nn.Flatten(), nn.Linear(8 * 4 * 4, classes),
-        )
-    gain = "relu" if settings["activation"] in ("relu", "elu") else settings["activation"]
-    for module in model:
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.kaiming_normal_(module.weight, nonlinearity=gain)
-            nn.init.zeros_(module.bias)
-    return model
+        return mlp(inputs, settings["width"], settings["depth"], classes, settings["activation"])
+    return small_cnn(classes, settings["activation"])
 
 
 def load_examples(settings: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -143,8 +125,8 @@ class ApproxQuality(ExperimentKind):
         caption = f"{len(ok)} initializations x {int(ok['examples'].iloc[0])} examples; data: {ok['data_source'].iloc[0]}"
         name = spec.name + ("-" if "-" in spec.name else "")
         return [
-            *_save(_normalized_figure(normalized, reference, caption), outdir, f"{name}a"),
-            *_save(_layer_figure(ok, labels, caption), outdir, f"{name}b"),
+            *save_figure(_normalized_figure(normalized, reference, caption), outdir, f"{name}a"),
+            *save_figure(_layer_figure(ok, labels, caption), outdir, f"{name}b"),
         ]
 
 
@@ -198,11 +180,3 @@ def plt_colors(count: int) -> list:
     from matplotlib import colormaps
 
     return [colormaps["tab20"](i % 20) for i in range(count)]
-
-
-def _save(fig: Figure, outdir: Path, stem: str) -> list[Path]:
-    outdir.mkdir(parents=True, exist_ok=True)
-    paths = [outdir / f"{stem}.png", outdir / f"{stem}.pdf"]
-    for path in paths:
-        fig.savefig(path, dpi=150)
-    return paths

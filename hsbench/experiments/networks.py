@@ -1,0 +1,43 @@
+"""Networks of the approximation-quality and diagonal-dominance studies (nn.Sequential, Kaiming init)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+ACTIVATIONS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "elu": nn.ELU}
+
+
+INITS = ("kaiming", "torch-default")
+
+
+def mlp(inputs: int, width: int, depth: int, classes: int, activation: str, init: str = "kaiming") -> nn.Sequential:
+    """Flatten, then ``depth`` hidden layers of ``width`` units with ``activation``, then a linear output.
+
+    ``init``: "kaiming" (see ``kaiming``) or "torch-default" (PyTorch's Linear initialization,
+    uniform with bound 1/√fan_in)."""
+    widths = [inputs] + [width] * depth
+    layers: list[nn.Module] = [nn.Flatten()]
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
+    model = nn.Sequential(*layers, nn.Linear(widths[-1], classes))
+    return kaiming(model, activation) if init == "kaiming" else model
+
+
+def small_cnn(classes: int, activation: str) -> nn.Sequential:
+    """For 1x28x28 inputs: conv 1→4 5x5 stride 2, pool 2, conv 4→8 3x3, flatten, linear 128 → classes."""
+    act = ACTIVATIONS[activation]
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 5, stride=2), act(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3), act(), nn.Flatten(), nn.Linear(8 * 4 * 4, classes),
+    )
+    return kaiming(model, activation)
+
+
+def kaiming(model: nn.Sequential, activation: str) -> nn.Sequential:
+    """Kaiming-normal weights (fan-in, gain of the activation; ELU uses ReLU's), zero biases."""
+    gain = "relu" if activation in ("relu", "elu") else activation
+    for module in model:
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity=gain)
+            nn.init.zeros_(module.bias)
+    return model
