@@ -2,6 +2,7 @@
 
 from hsbench.engine.kind import ExperimentKind
 from hsbench.experiments.approx_quality import ApproxQuality
+from hsbench.experiments.diag_dominance import DiagDominance
 from hsbench.experiments.quadratic import Quadratic
 
-KINDS: dict[str, ExperimentKind] = {kind.name: kind for kind in (Quadratic(), ApproxQuality())}
+KINDS: dict[str, ExperimentKind] = {kind.name: kind for kind in (Quadratic(), ApproxQuality(), DiagDominance())}
