@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from hsbench.curvature import diagonal_backprop, sampled_backprop
-from hsbench.curvature.extend import tape_of
+from hsbench.curvature.recording import tape_of
 
 
 def check_hyperparameters(hyper: dict) -> None:

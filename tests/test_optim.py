@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hsbench.curvature import diagonal
-from hsbench.curvature.extend import extend
+from hsbench.curvature import extend
 from hsbench.data import embedded_mnist
 from hsbench.optim import OPTIMIZERS, make
 

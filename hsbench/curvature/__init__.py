@@ -11,14 +11,14 @@ import torch
 from torch import Tensor, nn
 
 from hsbench.curvature import autograd_estimators, diagonal_backprop, hessian_backprop, sampled_backprop
+from hsbench.curvature.recording import extend
 from hsbench.curvature.tape import record
 
 METHODS = ("exact", "ggn", "ggn-mc", "hutchinson", "grad2", "kfac", "hesscale", "hesscale-gn", "bl89")
 """Method names: exact Hessian, exact GGN, Monte-Carlo GGN, Hutchinson (AdaHessian), squared
 gradient, KFAC, HesScale, HesScaleGN, Becker & LeCun 1989."""
 
-STOCHASTIC = ("ggn-mc", "hutchinson", "kfac")
-"""Methods that draw ``mc_samples`` random vectors (using ``generator``)."""
+__all__ = ["METHODS", "diagonal", "diagonals", "extend"]
 
 
 def diagonal(

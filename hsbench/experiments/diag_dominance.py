@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from hsbench.curvature.extend import extend
+from hsbench.curvature import extend
 from hsbench.curvature.hessian_backprop import output_hessians
 from hsbench.curvature.tape import record
 from hsbench.data import mnist_like
