@@ -60,7 +60,7 @@ def test_sigkill_then_rerun_gives_identical_results(write_spec, tmp_path):
         # kill at a random moment once this attempt has written something (checkpoint or record)
         while proc.poll() is None and newest_change(killed) < started:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.25))
+        time.sleep(rng.uniform(0, 0.2))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
