@@ -13,7 +13,7 @@ from conftest import HSBENCH, REPO, hsbench, outcomes
 from hsbench.engine.runner import execute
 from hsbench.engine.spec import load_spec
 
-# Four runs of about a second each, with gradient noise so that resuming must restore the RNG.
+# Four runs of one or two seconds each, with gradient noise so that resuming must restore the RNG.
 SPEC = """
 kind = "quadratic"
 [settings]
