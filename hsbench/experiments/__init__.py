@@ -3,6 +3,7 @@
 from hsbench.engine.kind import ExperimentKind
 from hsbench.experiments.approx_quality import ApproxQuality
 from hsbench.experiments.diag_dominance import DiagDominance
+from hsbench.experiments.optimizer_benchmark import OptimizerBenchmark
 from hsbench.experiments.quadratic import Quadratic
 
-KINDS: dict[str, ExperimentKind] = {kind.name: kind for kind in (Quadratic(), ApproxQuality(), DiagDominance())}
+KINDS: dict[str, ExperimentKind] = {kind.name: kind for kind in (Quadratic(), ApproxQuality(), DiagDominance(), OptimizerBenchmark())}

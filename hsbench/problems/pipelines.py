@@ -20,7 +20,7 @@ evaluation uses every image (DeepOBS drops the last incomplete batch).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +57,8 @@ class Data:
     description: str
 
     def to(self, device: str | torch.device) -> Data:
-        move = lambda split: (split[0].to(device), split[1].to(device))  # noqa: E731
-        return Data(
-            move(self.train), move(self.train_eval), move(self.valid), move(self.test),
-            self.normalization, self.augment, self.description,
-        )  # fmt: skip
+        moved = {s: tuple(t.to(device) for t in getattr(self, s)) for s in ("train", "train_eval", "valid", "test")}
+        return replace(self, **moved)
 
     def normalize(self, x: Tensor) -> Tensor:
         if self.normalization is None:
