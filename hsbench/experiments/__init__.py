@@ -5,5 +5,6 @@ from hsbench.experiments.approx_quality import ApproxQuality
 from hsbench.experiments.diag_dominance import DiagDominance
 from hsbench.experiments.optimizer_benchmark import OptimizerBenchmark
 from hsbench.experiments.quadratic import Quadratic
+from hsbench.experiments.update_time import UpdateTime
 
-KINDS: dict[str, ExperimentKind] = {kind.name: kind for kind in (Quadratic(), ApproxQuality(), DiagDominance(), OptimizerBenchmark())}
+KINDS: dict[str, ExperimentKind] = {kind.name: kind for kind in (Quadratic(), ApproxQuality(), DiagDominance(), OptimizerBenchmark(), UpdateTime())}

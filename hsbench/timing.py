@@ -1,0 +1,55 @@
+"""Interleaved timing: several computations timed round-robin, so that machine drift hits all alike.
+
+A task is a pair ``(prepare, timed)`` of zero-argument callables; ``prepare`` runs untimed right
+before each call of ``timed``. Every round calls each task once, in a fresh random order; the
+first ``warmup`` rounds are not recorded. Times are seconds on one of the ``CLOCKS``:
+
+* ``wall``: ``time.perf_counter``, after ``torch.cuda.synchronize()`` on a CUDA device;
+* ``cpu``: the CPU time of this process (``time.process_time``), CPU devices only. With one
+  torch thread it is the wall time the computation would take on an idle core; other jobs on a
+  shared machine do not inflate it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+Task = tuple[Callable[[], object], Callable[[], object]]
+
+
+def interleaved(
+    tasks: dict[str, Task], rounds: int, warmup: int, generator: torch.Generator, device: torch.device, clock: str = "wall"
+) -> dict[str, list[float]]:
+    """``rounds`` recorded times (seconds) of each task's ``timed`` call, keyed like ``tasks``."""
+    if clock not in CLOCKS:
+        raise ValueError(f"unknown clock {clock!r}; choose from {', '.join(CLOCKS)}")
+    if clock == "cpu" and device.type != "cpu":
+        raise ValueError(f"the cpu clock measures CPU devices only; got device {device}")
+    read = CLOCKS[clock]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    names = list(tasks)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + rounds):
+        for i in torch.randperm(len(names), generator=generator).tolist():
+            prepare, timed = tasks[names[i]]
+            prepare()
+            sync()
+            start = read()
+            timed()
+            sync()
+            elapsed = read() - start
+            if round_ >= warmup:
+                times[names[i]].append(elapsed)
+    return times
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    """Median and quartiles (``median``, ``q25``, ``q75``) of a list of at least two times."""
+    q25, median, q75 = statistics.quantiles(times, n=4, method="inclusive")
+    return {"median": median, "q25": q25, "q75": q75}
