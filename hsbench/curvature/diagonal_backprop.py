@@ -26,9 +26,10 @@ def backpropagate(tape: Tape, variant: str, per_sample: bool = False) -> tuple[d
     Batch results (per_sample=False) are those of the batch loss; per-sample results have a
     leading batch dimension and belong to each sample's own loss ℓ_n (unscaled)."""
     z, target, loss = tape.output, tape.target, tape.loss
-    g = loss.grad(z, target).reshape(z.shape[0], 1, *z.shape[1:])
+    scale = 1.0 if per_sample else tape.scale()  # everything below is linear in (g, ŝ) at the output
+    g = (scale * loss.grad(z, target)).reshape(z.shape[0], 1, *z.shape[1:])
     start = loss.bl89_diagonal if variant == "bl89" else loss.hessian_diagonal
-    s = start(z, target).reshape(g.shape)
+    s = (scale * start(z, target)).reshape(g.shape)
     grads, diags = {}, {}
     for step, more in tape.backward_steps():
         module, rule, ctx = step.module, step.rule, step.ctx
@@ -42,8 +43,4 @@ def backpropagate(tape: Tape, variant: str, per_sample: bool = False) -> tuple[d
             step.accumulate(diags, rule.param_sums(module, ctx.x.square(), s[:, 0], per_sample))
         if more:
             g, s = rule.vjp(module, ctx, g), rule.vjp_squared(module, ctx, s)
-    if not per_sample:
-        scale = tape.scale()
-        grads = {k: v * scale for k, v in grads.items()}
-        diags = {k: v * scale for k, v in diags.items()}
     return grads, diags

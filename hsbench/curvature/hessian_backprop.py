@@ -40,12 +40,14 @@ def _parameter_diagonals(step, h: Tensor, per_sample: bool) -> dict[str, Tensor]
     return out if per_sample else {k: v.sum(0) for k, v in out.items()}
 
 
-def output_hessians(tape: Tape, curvature_of_activations: bool = True) -> Iterator[tuple[Step, Tensor]]:
-    """(step, per-sample Hessian of ℓ_n w.r.t. the step's output, shape (N, D, D)), from the last
-    module backward to the first module with parameters."""
+def output_hessians(
+    tape: Tape, curvature_of_activations: bool = True, scale: float = 1.0
+) -> Iterator[tuple[Step, Tensor]]:
+    """(step, per-sample Hessian of scale·ℓ_n w.r.t. the step's output, shape (N, D, D)), from the
+    last module backward to the first module with parameters."""
     z, target, loss = tape.output, tape.target, tape.loss
-    h = loss.hessian(z, target)
-    g = loss.grad(z, target).reshape(z.shape[0], 1, *z.shape[1:])
+    h = scale * loss.hessian(z, target)  # everything below is linear in (H, g) at the output
+    g = (scale * loss.grad(z, target)).reshape(z.shape[0], 1, *z.shape[1:])
     for step, more in tape.backward_steps():
         yield step, h
         if not more:
@@ -63,7 +65,7 @@ def output_hessians(tape: Tape, curvature_of_activations: bool = True) -> Iterat
 def backpropagate(tape: Tape, curvature_of_activations: bool = True, per_sample: bool = False) -> dict[Tensor, Tensor]:
     """Exact Hessian diagonal (``curvature_of_activations=True``) or exact GGN diagonal, keyed by parameter."""
     diags = {}
-    for step, h in output_hessians(tape, curvature_of_activations):
+    for step, h in output_hessians(tape, curvature_of_activations, 1.0 if per_sample else tape.scale()):
         if step.has_parameters:
             step.accumulate(diags, _parameter_diagonals(step, h, per_sample))
-    return diags if per_sample else {k: v * tape.scale() for k, v in diags.items()}
+    return diags

@@ -40,8 +40,10 @@ def backpropagate(
     """Gradient and ``ggn-mc`` or ``kfac`` diagonal (``samples`` Monte-Carlo vectors per example),
     keyed by parameter. The gradient travels as one more vector beside the sampled ones."""
     z, target, loss = tape.output, tape.target, tape.loss
-    grad = loss.grad(z, target).unsqueeze(1)
-    v = torch.cat([grad, loss.mc_factor(z, target, samples, generator)], 1).reshape(z.shape[0], samples + 1, *z.shape[1:])
+    scale = 1.0 if per_sample else tape.scale()  # gradients are linear in g, diagonals quadratic in S
+    grad = scale * loss.grad(z, target).unsqueeze(1)
+    factors = scale**0.5 * loss.mc_factor(z, target, samples, generator)
+    v = torch.cat([grad, factors], 1).reshape(z.shape[0], samples + 1, *z.shape[1:])
     grads, diags = {}, {}
     for step, more in tape.backward_steps():
         if elementwise(step):
@@ -55,6 +57,4 @@ def backpropagate(
                 step.accumulate(diags, step.rule.squared_param_sums(step.module, step.ctx.x, v[:, 1:], per_sample))
         if more:
             v = step.rule.vjp(step.module, step.ctx, v)
-    if per_sample:
-        return grads, diags
-    return {k: t * tape.scale() for k, t in grads.items()}, {k: t * tape.scale() for k, t in diags.items()}
+    return grads, diags
