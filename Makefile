@@ -35,3 +35,15 @@ table1 figure3: $(STAMP)
 figure4: $(STAMP)
 	$(HSBENCH) run figure4 --scale embedded --jobs 2 --device cpu
 	$(HSBENCH) plot figure4 --scale embedded
+
+# Figure 8 (appendix D): update time of every optimizer on this machine's CPU, both panels at
+# batch size 1, one run at a time (--jobs 1: parallel runs would share the cores), then
+# figure8a/b and the table of ratios to Adam (plots/figure8.md).
+.PHONY: figure8 bench
+figure8: $(STAMP)
+	$(HSBENCH) run $@ --jobs 1 --device cpu
+	$(HSBENCH) plot $@
+
+# One table: every curvature backward pass vs the gradient's, every optimizer's update vs Adam's.
+bench: $(STAMP)
+	$(PY) -m hsbench.bench

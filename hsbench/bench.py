@@ -1,0 +1,156 @@
+"""``make bench`` (``python -m hsbench.bench``): the cost of every curvature backward pass and of
+every optimizer's update, side by side in one process, as one table.
+
+* ``backward``: on the MLP 64-512-512-100 (tanh, cross-entropy) at batch size 1, forward pass
+  plus backward pass of each method, divided by forward plus autograd's gradient-only backward
+  (``loss.backward()``). HesScale, HesScaleGN and BL89 run as the optimizers run them
+  (``tape.record`` then ``diagonal_backprop.backpropagate``, which also yields the gradient);
+  the others through ``hsbench.curvature.diagonal`` (one sample for the Monte-Carlo ones).
+* ``update``: one whole update (zero_grad, forward, backward, step) of every optimizer on
+  networks of figure 8 (a) and (b) at batch size 1 and on DeepOBS's cifar100_3c3d network (ELU)
+  at ``--batch-3c3d``, divided by ``torch.optim.Adam``'s (defaults, plain ``loss.backward()``);
+  measured as in the ``timing`` kind (``hsbench.experiments.update_time``).
+
+Within each network all methods are interleaved round-robin in random order (``hsbench.timing``);
+the table gives the median and the interquartile range over ``--rounds`` calls after ``--warmup``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+from collections.abc import Callable
+
+import pandas as pd
+import torch
+from torch import nn
+
+from hsbench.curvature import diagonal
+from hsbench.curvature.diagonal_backprop import VARIANTS, backpropagate
+from hsbench.curvature.tape import record
+from hsbench.engine.provenance import git_revision, versions
+from hsbench.experiments.update_time import INPUTS, OUTPUTS_B, panel_network, twin_models, update_tasks
+from hsbench.optim import OPTIMIZERS
+from hsbench.problems import get as get_problem
+from hsbench.timing import CLOCKS, Task, interleaved, summary
+
+AUTOGRAD_METHODS = ("exact", "ggn", "ggn-mc", "hutchinson", "kfac")  # through hsbench.curvature.diagonal
+GRADIENT = "gradient (autograd)"
+
+
+def backward_tasks(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Task]:
+    """Forward + backward of the gradient (autograd) and of each curvature method on ``model``."""
+    loss_fn = nn.CrossEntropyLoss()
+
+    def gradient() -> None:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+
+    def ours(variant: str) -> Callable[[], object]:
+        return lambda: backpropagate(record(model, loss_fn, x, y), variant)
+
+    def estimator(method: str) -> Callable[[], object]:
+        return lambda: diagonal(method, model, loss_fn, x, y)
+
+    nothing = lambda: None  # noqa: E731
+    tasks = {GRADIENT: (nothing, gradient)}
+    tasks |= {variant: (nothing, torch.no_grad()(ours(variant))) for variant in VARIANTS}
+    tasks |= {method: (nothing, estimator(method)) for method in AUTOGRAD_METHODS}
+    return tasks
+
+
+def update_networks(tiny: bool, batch_3c3d: int) -> list[tuple[str, Callable[[], nn.Module], Callable[[torch.Generator], tuple]]]:
+    """(label, network builder, batch maker) of the update benchmark."""
+
+    def mlp_batch(classes: int) -> Callable[[torch.Generator], tuple]:
+        return lambda gen: (torch.randn(1, INPUTS, generator=gen), torch.randint(classes, (1,), generator=gen))
+
+    def cifar_batch(gen: torch.Generator) -> tuple:
+        return torch.randn(batch_3c3d, 3, 32, 32, generator=gen), torch.randint(100, (batch_3c3d,), generator=gen)
+
+    outputs, depths = ((16,), (1,)) if tiny else ((16, 512), (8, 32))
+    found = [(f"fig. 8(a), {o} outputs, batch 1", lambda o=o: panel_network("a", o), mlp_batch(o)) for o in outputs]
+    found += [(f"fig. 8(b), depth {d}, batch 1", lambda d=d: panel_network("b", d), mlp_batch(OUTPUTS_B)) for d in depths]
+    problem = get_problem("cifar100_3c3d")
+    found.append((f"cifar100_3c3d (ELU), batch {batch_3c3d}", lambda: problem.model("elu"), cifar_batch))
+    return found
+
+
+def rows_of(part: str, network: str, params: int, times: dict[str, list[float]], baseline: str) -> list[dict]:
+    stats = {name: summary(values) for name, values in times.items()}
+    return [
+        {
+            "part": part,
+            "network": network,
+            "params": params,
+            "method": name,
+            "median ms": round(1e3 * s["median"], 3),
+            "IQR ms": round(1e3 * (s["q75"] - s["q25"]), 3),
+            "ratio": round(s["median"] / stats[baseline]["median"], 2),
+        }
+        for name, s in sorted(stats.items(), key=lambda item: item[0] != baseline)  # baseline first
+    ]
+
+
+def measure(args: argparse.Namespace) -> pd.DataFrame:
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    run = lambda tasks: interleaved(tasks, args.rounds, args.warmup, gen, device, args.clock)  # noqa: E731
+    rows = []
+    torch.manual_seed(0)
+    model = panel_network("b", 2).to(device)
+    x, y = torch.randn(1, INPUTS, generator=gen).to(device), torch.randint(OUTPUTS_B, (1,), generator=gen).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    rows += rows_of("backward", "MLP 64-512-512-100 tanh, batch 1", params, run(backward_tasks(model, x, y)), GRADIENT)
+    for label, build, batch in update_networks(args.tiny, args.batch_3c3d):
+        x, y = (t.to(device) for t in batch(gen))
+        plain, extended = twin_models(build, 0, device)
+        params = sum(p.numel() for p in plain.parameters())
+        rows += rows_of("update", label, params, run(update_tasks(plain, extended, x, y, list(OPTIMIZERS))), "adam")
+        del plain, extended  # free the optimizer states before the next network
+    return pd.DataFrame(rows)
+
+
+def header(args: argparse.Namespace) -> str:
+    lib = ", ".join(f"{k} {v}" for k, v in versions().items())
+    return "\n".join(
+        [
+            f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            f"device: {args.device}; torch threads: {torch.get_num_threads()}; clock: {args.clock}; "
+            f"{args.rounds} timed rounds after {args.warmup} warm-up rounds",
+            f"versions: {lib}; git {git_revision()}",
+            "ratio: median / median of the gradient-only backward (part backward) or of Adam's update (part update)",
+        ]
+    )
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hsbench.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=30, help="timed calls of every method (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls of every method first (default 5)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a shared machine)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall", help="wall (perf_counter) or cpu (process CPU time)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--batch-3c3d", type=int, default=32, help="batch size of the cifar100_3c3d update (default 32)")
+    p.add_argument("--tiny", action="store_true", help="smallest networks only (a quick check that everything runs)")
+    args = p.parse_args(argv)
+    for name in ("rounds", "threads", "batch_3c3d"):
+        if getattr(args, name) < (2 if name == "rounds" else 1):
+            p.error(f"--{name.replace('_', '-')} must be at least {2 if name == 'rounds' else 1}")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    table = measure(args)
+    print(header(args))
+    print()
+    print(table.to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()
