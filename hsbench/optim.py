@@ -80,44 +80,59 @@ class DiagonalAdam(torch.optim.Optimizer):
             raise RuntimeError(
                 f"{type(self).__name__}.step() without curvature: call opt.backward(loss) (not loss.backward()) first"
             )
-        updates, h = [], 0.0
-        for group in self.param_groups:
+        scaled = self.trust_region is not None
+        h, moves = 0.0, []
+        for group in self.param_groups:  # foreach ops: one call per quantity for all tensors of a group
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad if group["weight_decay"] == 0 else p.grad.add(p, alpha=group["weight_decay"])
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)  # second moment of d
-                    if self.precondition == "gradient":
-                        state["exp_avg_grad_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                d = self._diagonal[p]
-                state["exp_avg"].lerp_(grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(d, d, value=1 - beta2)
-                correction2 = math.sqrt(1 - beta2**t)
-                if self.precondition == "gradient":
-                    state["exp_avg_grad_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    second = state["exp_avg_grad_sq"]
-                else:
-                    second = state["exp_avg_sq"]
-                denom = (second.sqrt() / correction2).add_(group["eps"])
-                step_size = group["lr"] / (1 - beta1**t)
-                if self.trust_region is None:
-                    p.addcdiv_(state["exp_avg"], denom, value=-step_size)
-                    continue
-                update = state["exp_avg"] / denom * step_size
-                h += float((state["exp_avg_sq"].sqrt() / correction2 * update.square()).sum())
-                updates.append((p, update))
-        if self.trust_region is not None:
+            states = [self._state(p) for p in params]
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            diagonals = [self._diagonal[p] for p in params]
+            steps = [state["step"] for state in states]
+            exp_avg, exp_avg_sq = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
+            torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sq, beta2)
+            torch._foreach_addcmul_(exp_avg_sq, diagonals, diagonals, value=1 - beta2)
+            second = exp_avg_sq
+            if self.precondition == "gradient":
+                second = [state["exp_avg_grad_sq"] for state in states]
+                torch._foreach_mul_(second, beta2)
+                torch._foreach_addcmul_(second, grads, grads, value=1 - beta2)
+            corrections2 = [math.sqrt(1 - beta2**t) for t in steps]
+            denom = torch._foreach_sqrt(second)
+            torch._foreach_div_(denom, corrections2)
+            torch._foreach_add_(denom, group["eps"])
+            step_sizes = [-group["lr"] / (1 - beta1**t) for t in steps]
+            if not scaled:
+                torch._foreach_addcdiv_(params, exp_avg, denom, step_sizes)
+                continue
+            move = torch._foreach_div(exp_avg, denom)  # −U
+            torch._foreach_mul_(move, step_sizes)
+            curvature = torch._foreach_sqrt(exp_avg_sq)  # √v̂ of the HesScale diagonal
+            torch._foreach_div_(curvature, corrections2)
+            h += sum(float((c * u.square()).sum()) for c, u in zip(curvature, move))
+            moves.append((params, move))
+        if scaled:
             self.last_scale = min(1.0, math.sqrt(2 * self.trust_region / h)) if h > 0 else 1.0
-            for p, update in updates:
-                p.sub_(update, alpha=self.last_scale)
+            for params, move in moves:
+                torch._foreach_add_(params, move, alpha=self.last_scale)
         self._diagonal = None
+
+    def _state(self, p: Tensor) -> dict:
+        """The state of ``p`` with its step counter advanced (created at the first step)."""
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)  # second moment of d
+            if self.precondition == "gradient":
+                state["exp_avg_grad_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        return state
 
 
 class _HesScaleFamily(DiagonalAdam):
