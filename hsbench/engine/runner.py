@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import platform
 import random
 import time
@@ -28,11 +29,13 @@ from hsbench.engine.spec import Run
 from hsbench.engine.store import FINAL, Store, atomic_write
 
 DEFAULT_CHECKPOINT_INTERVAL_S = 60.0
+DEVICE_ENV = "HSBENCH_DEVICE"  # set by `hsbench run --device`, read in every run (local, pool, SLURM)
+DATA_DIR_ENV = "HSBENCH_DATA_DIR"  # set by `hsbench run --data-dir`
 
 
 @dataclass
 class RunContext:
-    """What a kind's ``run`` gets besides its settings: ids, device and a checkpoint API.
+    """What a kind's ``run`` gets besides its settings: ids, device, data directory and a checkpoint API.
 
     Call ``checkpoint_due()`` at convenient points (e.g. every step) and, when it returns
     True, ``save_checkpoint(state)``; at the start, ``load_checkpoint()`` returns the last
@@ -45,6 +48,7 @@ class RunContext:
     device: str
     checkpoint_path: Path
     checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
+    data_dir: Path = Path("data")  # torchvision data sets: `hsbench run --data-dir` (HSBENCH_DATA_DIR)
     resumed: bool = False  # whether load_checkpoint found a checkpoint
     _last_save: float = field(default_factory=time.monotonic)
 
@@ -90,7 +94,8 @@ def execute(run: Run, results_dir: str | Path, checkpoint_interval_s: float = DE
     ctx = RunContext(
         run_id=run.id,
         seed=seed,
-        device="cuda" if torch.cuda.is_available() else "cpu",
+        device=os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu"),
+        data_dir=Path(os.environ.get(DATA_DIR_ENV) or "data"),
         checkpoint_path=store.checkpoint_path(run.id),
         checkpoint_interval_s=checkpoint_interval_s,
     )

@@ -48,21 +48,23 @@ def build_model(settings: dict[str, Any], inputs: int, classes: int) -> nn.Seque
     return small_cnn(classes, settings["activation"])
 
 
-def load_examples(settings: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
+def load_examples(settings: dict[str, Any], data_dir, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
     if settings["data"] == "random":  # the workshop paper's random-data setting
         count = max(settings["examples"], 1)
         x = torch.randn(count, settings["inputs"], generator=generator)
         y = torch.randint(0, settings["classes"], (count,), generator=generator)
         return x, y, f"random data ({settings['inputs']} Gaussian inputs, {settings['classes']} classes)"
-    return mnist_like("mnist", settings["data_dir"] or None)
+    return mnist_like(settings["data"], data_dir)
 
 
 class ApproxQuality(ExperimentKind):
     name = "approx-quality"
     description = "L1 error of every Hessian-diagonal method against the exact diagonal along an SGD run (figure 2)"
     fields = {
-        "data": Field(str, "'mnist' (embedded digits unless data_dir is set) or 'random'", default="mnist", choices=("mnist", "random")),
-        "data_dir": Field(str, "torchvision data directory holding MNIST; empty: the embedded digits", default=""),
+        "data": Field(
+            str, "'mnist-embedded' (no download), 'mnist' (torchvision, from --data-dir) or 'random'",
+            default="mnist-embedded", choices=("mnist-embedded", "mnist", "random"),
+        ),
         "model": Field(str, "network: 'mlp' or 'cnn'", default="mlp", choices=("mlp", "cnn")),
         "width": Field(int, "hidden units per layer (mlp)", default=32, low=1),
         "depth": Field(int, "hidden layers (mlp)", default=3, low=1),
@@ -76,7 +78,7 @@ class ApproxQuality(ExperimentKind):
 
     def run(self, settings: dict[str, Any], ctx) -> dict[str, Any]:
         data_gen = torch.Generator().manual_seed(ctx.seed)
-        x_all, y_all, provenance = load_examples(settings, data_gen)
+        x_all, y_all, provenance = load_examples(settings, ctx.data_dir, data_gen)
         classes = settings["classes"] if settings["data"] == "random" else 10
         x_all = x_all.double()  # float64: errors measured without float32 rounding
         torch.manual_seed(ctx.seed)

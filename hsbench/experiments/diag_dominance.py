@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from hsbench.curvature import extend
 from hsbench.curvature.hessian_backprop import output_hessians
 from hsbench.curvature.tape import record
-from hsbench.data import mnist_like
+from hsbench.data import MNIST_LIKE, mnist_like
 from hsbench.engine.kind import Diverged, ExperimentKind, Field
 from hsbench.experiments.networks import ACTIVATIONS, INITS, mlp
 from hsbench.experiments.plotting import save_figure
@@ -45,8 +45,10 @@ class DiagDominance(ExperimentKind):
     name = "diag-dominance"
     description = "diagonal dominance of the Hessians w.r.t. hidden pre-activations before/after training (table 1, figure 3)"
     fields = {
-        "data": Field(str, "'mnist' or 'emnist' (EMNIST needs data_dir)", default="mnist", choices=("mnist", "emnist")),
-        "data_dir": Field(str, "torchvision data directory; empty: the embedded MNIST digits", default=""),
+        "data": Field(
+            str, "'mnist-embedded' (no download), or torchvision's 'mnist' / 'emnist' (from --data-dir)",
+            default="mnist-embedded", choices=MNIST_LIKE,
+        ),
         "width": Field(int, "units per hidden layer", default=128, low=1),
         "depth": Field(int, "hidden layers", default=4, low=1),
         "activation": Field(str, "hidden activation", default="tanh", choices=tuple(ACTIVATIONS)),
@@ -60,7 +62,7 @@ class DiagDominance(ExperimentKind):
     }
 
     def run(self, settings: dict[str, Any], ctx) -> dict[str, Any]:
-        x_all, y_all, provenance = mnist_like(settings["data"], settings["data_dir"] or None)
+        x_all, y_all, provenance = mnist_like(settings["data"], ctx.data_dir)
         gen = torch.Generator().manual_seed(ctx.seed)
         torch.manual_seed(ctx.seed)
         classes = int(y_all.max()) + 1
