@@ -45,6 +45,7 @@ PAPER_RATIOS = {"adahessian": 3.0, "adahesscale": 2.0, "adahesscale-gn": 1.25}  
 
 
 def powers_of_two(low: int, high: int) -> list[int]:
+    """The powers of two from ``low`` to ``high`` (both powers of two), inclusive."""
     return [2**k for k in range(low.bit_length() - 1, high.bit_length())]
 
 
@@ -181,7 +182,7 @@ def ratio_table(panel: str, ok: pd.DataFrame) -> pd.DataFrame:
     for batch, runs in ok.groupby("batch_size"):
         med = medians(runs)
         for i, (size, params) in enumerate(zip(runs["sizes"].iloc[0], runs["params"].iloc[0])):
-            row = {"batch": batch, "outputs" if panel == "a" else "depth": size, "params": params}
+            row = {"batch": batch, "outputs" if panel == "a" else "depth": size, "params": f"{params:,}"}
             row["adam ms"] = round(1e3 * med["adam"][i], 3)
             row |= {name: round(med[name][i] / med["adam"][i], 2) for name in OPTIMIZERS if name != "adam"}
             rows.append(row)
