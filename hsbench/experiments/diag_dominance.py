@@ -37,7 +37,8 @@ def rho(a: Tensor) -> Tensor:
 
 def pre_activation_hessians(model: nn.Sequential, loss_fn: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
     """Per-example Hessians (N, n, n) of the loss w.r.t. each hidden Linear layer's output, first to last."""
-    found = [h for step, h in output_hessians(record(model, loss_fn, x, y)) if step.has_parameters]
+    with torch.no_grad():
+        found = [h for step, h in output_hessians(record(model, loss_fn, x, y)) if step.has_parameters]
     return found[::-1][:-1]  # forward order, without the output layer
 
 
