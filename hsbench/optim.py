@@ -22,6 +22,7 @@ h = Σ √v̂_hs ∘ U², v̂_hs the second moment of the HesScale diagonal; ``l
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -40,6 +41,25 @@ def check_hyperparameters(hyper: dict) -> None:
             raise ValueError(f"betas[{i}] must be in [0, 1); got {beta}")
     if hyper.get("trust_region") is not None and not hyper["trust_region"] > 0:
         raise ValueError(f"trust_region must be > 0; got {hyper['trust_region']}")
+
+
+def _flushing_denormals() -> bool:
+    """Whether the CPU treats subnormal floats as zero now (torch has no getter: probed)."""
+    return float(torch.tensor([1e-39]) * 1.0) == 0.0
+
+
+@contextmanager
+def flush_denormals():
+    """Treat subnormal floats (below 1.2e-38) as zero inside the curvature optimizers' backward and
+    step, restoring the caller's mode after. Squared curvatures of deep or saturated networks
+    underflow into that range, where CPUs compute many times slower; at that size they cannot
+    change an update, whose denominator is √v̂ + ε with ε ≥ 0 and √v̂ < 1.1e-19."""
+    previous = _flushing_denormals()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(previous)
 
 
 class DiagonalAdam(torch.optim.Optimizer):
@@ -66,7 +86,8 @@ class DiagonalAdam(torch.optim.Optimizer):
 
     def backward(self, loss: Tensor) -> None:
         """Backpropagate ``loss``: gradients into ``p.grad`` (accumulating) and the diagonal for ``step``."""
-        self._diagonal = self.curvature_backward(loss)
+        with flush_denormals():
+            self._diagonal = self.curvature_backward(loss)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -80,46 +101,36 @@ class DiagonalAdam(torch.optim.Optimizer):
             raise RuntimeError(
                 f"{type(self).__name__}.step() without curvature: call opt.backward(loss) (not loss.backward()) first"
             )
-        scaled = self.trust_region is not None
-        h, moves = 0.0, []
-        for group in self.param_groups:  # foreach ops: one call per quantity for all tensors of a group
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            states = [self._state(p) for p in params]
-            grads = [p.grad for p in params]
-            if group["weight_decay"]:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            diagonals = [self._diagonal[p] for p in params]
-            steps = [state["step"] for state in states]
-            exp_avg, exp_avg_sq = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
-            torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sq, beta2)
-            torch._foreach_addcmul_(exp_avg_sq, diagonals, diagonals, value=1 - beta2)
-            second = exp_avg_sq
-            if self.precondition == "gradient":
-                second = [state["exp_avg_grad_sq"] for state in states]
-                torch._foreach_mul_(second, beta2)
-                torch._foreach_addcmul_(second, grads, grads, value=1 - beta2)
-            corrections2 = [math.sqrt(1 - beta2**t) for t in steps]
-            denom = torch._foreach_sqrt(second)
-            torch._foreach_div_(denom, corrections2)
-            torch._foreach_add_(denom, group["eps"])
-            step_sizes = [-group["lr"] / (1 - beta1**t) for t in steps]
-            if not scaled:
-                torch._foreach_addcdiv_(params, exp_avg, denom, step_sizes)
-                continue
-            move = torch._foreach_div(exp_avg, denom)  # −U
-            torch._foreach_mul_(move, step_sizes)
-            curvature = torch._foreach_sqrt(exp_avg_sq)  # √v̂ of the HesScale diagonal
-            torch._foreach_div_(curvature, corrections2)
-            h += sum(float((c * u.square()).sum()) for c, u in zip(curvature, move))
-            moves.append((params, move))
-        if scaled:
-            self.last_scale = min(1.0, math.sqrt(2 * self.trust_region / h)) if h > 0 else 1.0
-            for params, move in moves:
-                torch._foreach_add_(params, move, alpha=self.last_scale)
+        with flush_denormals():
+            moves, h = [], 0.0
+            for group in self.param_groups:
+                beta1, beta2 = group["betas"]
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    state = self._state(p)
+                    t = state["step"]
+                    grad = p.grad if group["weight_decay"] == 0 else p.grad.add(p, alpha=group["weight_decay"])
+                    d = self._diagonal[p]
+                    state["exp_avg"].lerp_(grad, 1 - beta1)
+                    state["exp_avg_sq"].mul_(beta2).addcmul_(d, d, value=1 - beta2)
+                    second = state["exp_avg_sq"]
+                    if self.precondition == "gradient":
+                        second = state["exp_avg_grad_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    correction2 = math.sqrt(1 - beta2**t)
+                    denom = (second.sqrt() / correction2).add_(group["eps"])
+                    step_size = group["lr"] / (1 - beta1**t)
+                    if self.trust_region is None:
+                        p.addcdiv_(state["exp_avg"], denom, value=-step_size)
+                        continue
+                    move = state["exp_avg"].div(denom).mul_(-step_size)  # −U
+                    curvature = state["exp_avg_sq"].sqrt().div_(correction2)  # √v̂ of the HesScale diagonal
+                    h += float(curvature.mul_(move.square()).sum())
+                    moves.append((p, move))
+            if self.trust_region is not None:
+                self.last_scale = min(1.0, math.sqrt(2 * self.trust_region / h)) if h > 0 else 1.0
+                for p, move in moves:
+                    p.add_(move, alpha=self.last_scale)
         self._diagonal = None
 
     def _state(self, p: Tensor) -> dict:
