@@ -20,7 +20,7 @@ from hsbench.data import TORCHVISION, torchvision_dataset
 from hsbench.engine import executors
 from hsbench.engine.kind import Field
 from hsbench.engine.provenance import git_revision
-from hsbench.engine.runner import DEFAULT_CHECKPOINT_INTERVAL_S
+from hsbench.engine.runner import DATA_DIR_ENV, DEFAULT_CHECKPOINT_INTERVAL_S, DEVICE_ENV
 from hsbench.engine.spec import DEFAULT_SCALE, SLURM_FIELDS, Spec, SpecError, find_spec, load_spec
 from hsbench.engine.store import DEFAULT_RESULTS, FINAL, Store
 
@@ -78,8 +78,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"seconds between checkpoints of a long run (default: {DEFAULT_CHECKPOINT_INTERVAL_S:g})",
     )
-    p.add_argument("--data-dir", type=Path, help="folder of the torchvision data sets (passed to runs as HSBENCH_DATA_DIR)")
-    p.add_argument("--device", help="torch device of the runs, e.g. cpu or cuda:1 (passed as HSBENCH_DEVICE; default: cuda if available)")
+    p.add_argument("--data-dir", type=Path, help="folder of the torchvision data sets (default: data/)")
+    p.add_argument("--device", help="torch device of the runs, e.g. cpu or cuda:1 (default: cuda if available)")
     slurm = p.add_argument_group("SLURM parameters (override the spec's [slurm] table)")
     for name, field in SLURM_FIELDS.items():
         slurm.add_argument(f"--{name.replace('_', '-')}", type=field.type, help=field.doc)
@@ -157,13 +157,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _export_run_environment(args: argparse.Namespace) -> None:
     """Pass --data-dir and --device to the runs (in-process, pool workers and SLURM jobs) as environment variables."""
     if args.data_dir is not None:
-        os.environ["HSBENCH_DATA_DIR"] = str(args.data_dir.resolve())
+        os.environ[DATA_DIR_ENV] = str(args.data_dir.resolve())
     if args.device is not None:
         try:
             torch.device(args.device)
         except RuntimeError as e:
             raise UsageError(f"--device: {e}") from None
-        os.environ["HSBENCH_DEVICE"] = args.device
+        os.environ[DEVICE_ENV] = args.device
 
 
 def _slurm_params(args: argparse.Namespace, spec: Spec) -> dict:

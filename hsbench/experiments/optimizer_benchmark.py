@@ -13,9 +13,9 @@ The network's initial weights depend on the run's seed only, so every optimizer 
 the same weights under the same seed. A non-finite training loss stops the run as
 ``diverged``. Checkpoints (model, optimizer, RNG states, metrics) are taken at epoch ends.
 
-Environment: ``HSBENCH_DATA_DIR`` is the torchvision data directory (``hsbench run
---data-dir``; default ``data``); ``HSBENCH_DEVICE`` the torch device (``--device``; default:
-CUDA when available). The device used is stored in the run's record.
+Data are read from the run context's data directory (``hsbench run --data-dir``; default
+``data``) and trained on its device (``--device``; default: CUDA when available), which the
+run's record stores.
 
 Plots (stored results only): for each optimizer the configuration (step size, betas) whose
 validation losses are best by ``selection`` — ``final-valid-loss`` or ``valid-loss-auc`` (the
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -45,9 +44,6 @@ from hsbench.curvature import extend
 from hsbench.engine.kind import Diverged, ExperimentKind, Field
 from hsbench.problems.networks import ACTIVATIONS
 
-DATA_DIR_ENV = "HSBENCH_DATA_DIR"
-DEVICE_ENV = "HSBENCH_DEVICE"
-DEFAULT_DATA_DIR = "data"
 EVAL_BATCH = 1000  # evaluation batch size (does not change the numbers, only memory and speed)
 SPLITS = ("train_eval", "valid", "test")
 SERIES = ("train_loss", "train_acc", "valid_loss", "valid_acc", "test_loss", "test_acc", "time_s")
@@ -74,9 +70,8 @@ class OptimizerBenchmark(ExperimentKind):
     def run(self, settings: dict[str, Any], ctx) -> dict[str, Any]:
         problem = problems.get(settings["problem"])
         epochs, batch_size = resolved(settings)
-        ctx.device = os.environ.get(DEVICE_ENV) or ctx.device  # the record stores ctx.device
         device = torch.device(ctx.device)
-        data = problem.data(ctx.seed, os.environ.get(DATA_DIR_ENV, DEFAULT_DATA_DIR)).to(device)
+        data = problem.data(ctx.seed, ctx.data_dir).to(device)
         torch.manual_seed(ctx.seed)  # initial weights from the seed alone: the same for every optimizer
         model = problem.model(settings["activation"]).to(device)
         loss_fn = problem.loss_fn()
