@@ -22,3 +22,16 @@ def test_smoke_scale_runs_and_plots(spec, tmp_path):
     for suffix in ("a.png", "a.pdf", "b.png", "b.pdf"):
         assert (tmp_path / "plots" / "smoke" / f"{stem}{suffix}").stat().st_size > 1000
 
+
+
+def test_torchvision_mnist_from_a_data_directory_and_a_clear_error_without(tmp_path):
+    from fake_data import N_TRAIN, write_mnist
+
+    from hsbench.data import mnist_like
+
+    write_mnist(tmp_path)
+    x, y, source = mnist_like("mnist", tmp_path)
+    assert x.shape == (N_TRAIN, 1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 1 and y.shape == (N_TRAIN,)
+    assert str(tmp_path) in source
+    with pytest.raises(FileNotFoundError, match=r"emnist not found in .*hsbench download emnist --data-dir"):
+        mnist_like("emnist", tmp_path / "missing")

@@ -4,7 +4,6 @@ on-disk formats, the augmentation."""
 from __future__ import annotations
 
 import os
-import pickle
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch
 import torchvision
 import torchvision.transforms.functional as TF
 from deepobs_reference import module
+from fake_data import N_TEST, N_TRAIN, write_cifar, write_mnist
 from torch import nn
 
 from hsbench import problems
@@ -103,51 +103,7 @@ def test_pipeline_constants_match_deepobs():
 
 # -- data on disk ------------------------------------------------------------------------------
 
-N_TRAIN, N_TEST, EVAL = 40, 10, 8
-
-
-def _images(n: int, shape: tuple[int, ...], offset: int) -> np.ndarray:
-    """uint8 images whose first two pixels encode their index (offset + i) for identification."""
-    rng = np.random.default_rng(offset)
-    x = rng.integers(0, 256, size=(n, int(np.prod(shape))), dtype=np.uint8)
-    index = np.arange(offset, offset + n)
-    x[:, 0], x[:, 1] = index % 256, index // 256
-    return x
-
-
-def _write_cifar(root, classes: int) -> dict[str, np.ndarray]:
-    """CIFAR-10 or -100 python pickles as torchvision reads them; returns the flat test images."""
-    def dump(path, obj):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(pickle.dumps(obj))
-
-    labels = lambda n, seed: np.random.default_rng(seed).integers(0, classes, n).tolist()  # noqa: E731
-    train, test = _images(N_TRAIN, (3, 32, 32), 0), _images(N_TEST, (3, 32, 32), N_TRAIN)
-    if classes == 10:
-        folder = root / "cifar-10-batches-py"
-        for i, chunk in enumerate(np.split(train, 5), start=1):
-            dump(folder / f"data_batch_{i}", {"data": chunk, "labels": labels(len(chunk), i)})
-        dump(folder / "test_batch", {"data": test, "labels": labels(N_TEST, 9)})
-        dump(folder / "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
-    else:
-        folder = root / "cifar-100-python"
-        for split, x, seed in (("train", train, 1), ("test", test, 9)):
-            dump(folder / split, {"data": x, "fine_labels": labels(len(x), seed), "coarse_labels": labels(len(x), seed)})
-        dump(folder / "meta", {"fine_label_names": [f"c{i}" for i in range(100)]})
-    return test
-
-
-def _write_mnist(root) -> np.ndarray:
-    """MNIST idx files under MNIST/raw/ as torchvision reads them; returns the flat test images."""
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for prefix, x in (("train", _images(N_TRAIN, (28, 28), 0)), ("t10k", _images(N_TEST, (28, 28), N_TRAIN))):
-        header = np.array([2051, len(x), 28, 28], dtype=">i4").tobytes()
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + x.tobytes())
-        labels = np.random.default_rng(len(x)).integers(0, 10, len(x)).astype(np.uint8)
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([2049, len(x)], dtype=">i4").tobytes() + labels.tobytes())
-        test = x
-    return test
+EVAL = 8
 
 
 @pytest.fixture
@@ -160,7 +116,7 @@ def small_eval(monkeypatch):
 @pytest.mark.parametrize("name", list(DEEPOBS))
 def test_loaders_read_real_formats(name, tmp_path, small_eval):
     problem = problems.get(name)
-    written = _write_mnist(tmp_path) if problem.dataset == "mnist" else _write_cifar(tmp_path, problem.classes)
+    written = write_mnist(tmp_path) if problem.dataset == "mnist" else write_cifar(tmp_path, problem.classes)
     data = problem.data(seed=3, data_dir=tmp_path)
     shape = (1, 28, 28) if problem.dataset == "mnist" else (3, 32, 32)
     sizes = {s: tuple(getattr(data, s)[0].shape) for s in ("train", "train_eval", "valid", "test")}
@@ -177,7 +133,7 @@ def test_loaders_read_real_formats(name, tmp_path, small_eval):
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
 def test_normalisation_equals_deepobs_transform(dataset, tmp_path, small_eval):
     """Our normalised test images equal those of DeepOBS's torchvision transform on the same files."""
-    _write_cifar(tmp_path, 10 if dataset == "cifar10" else 100)
+    write_cifar(tmp_path, 10 if dataset == "cifar10" else 100)
     problem = problems.get(f"{dataset}_3c3d")
     data = problem.data(seed=0, data_dir=tmp_path)
     ours = torch.cat([x for x, _ in data.eval_batches("test", 4)])
