@@ -18,7 +18,7 @@ CURVATURE = {"adahesscale": "hesscale", "adahesscale-gn": "hesscale-gn", "adabl8
 def small_problem(seed=0, conv=False):
     torch.manual_seed(seed)
     if conv:
-        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ELU(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ELU(), nn.MaxPool2d(2, stride=1), nn.Flatten(), nn.Linear(2 * 2 * 2, 3))
         x = torch.randn(4, 1, 5, 5, dtype=torch.float64)
     else:
         model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
@@ -209,6 +209,17 @@ def test_parameters_outside_the_recorded_chain_are_reported():
     opt = make("adahesscale", model.parameters())
     with pytest.raises(RuntimeError, match="not reached"):
         opt.backward(loss_fn(model[2](torch.tanh(model[0](x))), y))  # the chain is broken by torch.tanh
+
+
+def test_extended_max_pooling_still_returns_a_tensor():
+    """extend() makes max pooling hand its indices to the recording hook, which passes on the output."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ELU(), nn.MaxPool2d(2, stride=1), nn.Flatten(), nn.Linear(8, 3))
+    extended = extend(copy.deepcopy(plain))
+    x = torch.randn(4, 1, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(extended(x), plain(x))
+    assert torch.equal(extended(x), plain(x))
 
 
 def test_unsupported_module_is_rejected_at_extend():

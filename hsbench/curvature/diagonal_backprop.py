@@ -35,12 +35,17 @@ def backpropagate(tape: Tape, variant: str, per_sample: bool = False) -> tuple[d
         module, rule, ctx = step.module, step.rule, step.ctx
         if elementwise(step):
             d1, d2 = (d.unsqueeze(1) for d in rule.derivatives(module, ctx))
-            s = s * d1.square() if variant == "hesscale-gn" else s * d1.square() + d2 * g
-            g = g * d1
+            s.mul_(d1).mul_(d1)  # in place: g and ŝ are this pass's own tensors
+            if variant != "hesscale-gn":
+                s.addcmul_(d2, g)
+            g.mul_(d1)
             continue
-        if step.has_parameters:
-            step.accumulate(grads, rule.param_sums(module, ctx.x, g[:, 0], per_sample))
-            step.accumulate(diags, rule.param_sums(module, ctx.x.square(), s[:, 0], per_sample))
-        if more:
+        if step.has_parameters:  # the input and parameter parts of each pass in one call
+            g_in, sums = rule.pullback(module, ctx, g, ctx.x, module.weight, more, per_sample)
+            step.accumulate(grads, sums)
+            s_in, sums = rule.pullback(module, ctx, s, ctx.x.square(), module.weight.square(), more, per_sample)
+            step.accumulate(diags, sums)
+            g, s = g_in, s_in
+        elif more:
             g, s = rule.vjp(module, ctx, g), rule.vjp_squared(module, ctx, s)
     return grads, diags

@@ -58,8 +58,15 @@ class Rule:
     def extra(self, module: nn.Module, x: Tensor, y: Tensor):
         return None
 
-    def context(self, module: nn.Module, x: Tensor, y: Tensor) -> Context:
-        return Context(x, y, self.extra(module, x, y))
+    def prepare(self, module: nn.Module) -> None:
+        """Configure ``module`` to hand extras to its forward hook (``hsbench.curvature.extend``)."""
+
+    def split(self, module: nn.Module, output) -> tuple[Tensor, object]:
+        """(output tensor, extra recorded by the forward or None) from what the module returned."""
+        return output, None
+
+    def context(self, module: nn.Module, x: Tensor, y: Tensor, recorded=None) -> Context:
+        return Context(x, y, self.extra(module, x, y) if recorded is None else recorded)
 
 
 class LinearMap(Rule):
@@ -116,6 +123,12 @@ class MaxPool(LinearMap):
 
     _pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
+    def prepare(self, module):
+        module.return_indices = True  # the forward hook records the indices and passes on the output
+
+    def split(self, module, output):
+        return output if isinstance(output, tuple) else (output, None)
+
     def extra(self, module, x, y):
         """Flat index of each output's maximum in its input plane (pooling again, with indices)."""
         return self._pool[x.dim() - 2](
@@ -166,6 +179,11 @@ class Linear(LinearMap):
         if module.bias is not None:
             out["bias"] = v if per_sample else v.sum(0)
         return out
+
+    def pullback(self, module, ctx, v, x, weight, need_input, per_sample):
+        """(v pulled back to the input through ``weight`` if ``need_input`` else None, ``param_sums(x, v)``)
+        for v (N, 1, out): the gradient for (∂ℓ/∂y, x, W), HesScale's Eq. 3–4 for (ŝ, x², W²)."""
+        return (v @ weight if need_input else None), self.param_sums(module, x, v[:, 0], per_sample)
 
     def squared_param_sums(self, module, x, v, per_sample):
         """Σ_n mean_k (gradient of vector v_nk)² for v (N, K, out); rank-one gradients square to v² ⊗ x²."""
@@ -234,6 +252,21 @@ class Conv(LinearMap):
             out["bias"] = v.flatten(2).sum(2) if per_sample else v.flatten(2).sum((0, 2))
         return out
 
+    def pullback(self, module, ctx, v, x, weight, need_input, per_sample):
+        """As ``Linear.pullback``: Eq. 10–11 for (ŝ, x², W²). One ``convolution_backward`` call
+        yields both parts for a batch; per sample, the weight part is a grouped convolution."""
+        if per_sample:
+            pulled = self._grad_input(module, weight, v, ctx.x.shape) if need_input else None
+            return pulled, self.param_sums(module, x, v[:, 0], per_sample)
+        stride, padding, dilation, groups = self._args(module)
+        has_bias = module.bias is not None
+        pulled, weight_part, bias_part = torch.ops.aten.convolution_backward(
+            v[:, 0], x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation,
+            False, [0] * len(stride), groups, [need_input, True, has_bias],
+        )
+        sums = {"weight": weight_part, **({"bias": bias_part} if has_bias else {})}
+        return (pulled.unsqueeze(1) if need_input else None), sums
+
     def squared_param_sums(self, module, x, v, per_sample):
         """Σ_n mean_k (gradient of vector v_nk)² for v (N, K, C_out, *spatial), through per-vector gradients."""
         n, k = v.shape[:2]
@@ -269,6 +302,10 @@ class Elementwise(Rule):
         return self.derivatives_fn(module, ctx.x, ctx.y)
 
 
+# Derivatives are written with arithmetic on masks, not torch.where, which is many times slower
+# on large CPU tensors.
+
+
 def _relu(m, x, y):  # in-place capable: uses y (y > 0 exactly where x > 0)
     d1 = (y > 0).to(y.dtype)
     return d1, torch.zeros_like(d1)
@@ -277,7 +314,7 @@ def _relu(m, x, y):  # in-place capable: uses y (y > 0 exactly where x > 0)
 def _leaky_relu(m, x, y):  # in-place capable: uses y
     if m.negative_slope <= 0:
         raise ValueError("LeakyReLU needs a positive negative_slope")
-    d1 = torch.where(y > 0, torch.ones_like(y), torch.full_like(y, m.negative_slope))
+    d1 = (y > 0).to(y.dtype).mul_(1 - m.negative_slope).add_(m.negative_slope)
     return d1, torch.zeros_like(d1)
 
 
@@ -293,9 +330,9 @@ def _sigmoid(m, x, y):
 
 def _elu(m, x, y, scale=1.0, alpha=None):  # in-place capable: for x ≤ 0, σ' = σ'' = scale·α·eˣ = y + scale·α
     alpha = m.alpha if alpha is None else alpha
-    positive = y > 0
-    negative = y + scale * alpha
-    return torch.where(positive, torch.full_like(y, scale), negative), torch.where(positive, torch.zeros_like(y), negative)
+    positive = (y > 0).to(y.dtype)
+    d2 = y.clamp(max=0).add_(scale * alpha).sub_(positive, alpha=scale * alpha)  # 0 where y > 0
+    return torch.add(d2, positive, alpha=scale), d2
 
 
 def _selu(m, x, y):
@@ -305,8 +342,9 @@ def _selu(m, x, y):
 def _softplus(m, x, y):
     z = m.beta * x
     sig = torch.sigmoid(z)
-    linear = z > m.threshold
-    return torch.where(linear, 1.0, sig).to(x.dtype), torch.where(linear, 0.0, m.beta * sig * (1 - sig)).to(x.dtype)
+    smooth = (z <= m.threshold).to(x.dtype)  # above the threshold softplus is the identity
+    d1 = (sig - 1).mul_(smooth).add_(1)
+    return d1, (m.beta * sig * (1 - sig)).mul_(smooth)
 
 
 RULES: dict[type, Rule] = {

@@ -30,6 +30,7 @@ def extend(module: nn.Module) -> nn.Module:
         module.register_forward_hook(_record_loss)
     else:
         for position, leaf, rule in layers(module):
+            rule.prepare(leaf)
             leaf.register_forward_hook(_recorder(position, rule))
     module._hsbench_extended = True
     return module
@@ -37,12 +38,12 @@ def extend(module: nn.Module) -> nn.Module:
 
 def _recorder(position, rule):
     def record(module, args, output):
-        if not torch.is_grad_enabled():
-            return
-        x = args[0]
-        steps = x.__dict__.pop(_STEPS, ())  # taken, not shared: no reference cycles stay behind
-        step = Step(position, module, rule, rule.context(module, x, output))
-        setattr(output, _STEPS, (*steps, step))
+        y, recorded = rule.split(module, output)
+        if torch.is_grad_enabled():
+            x = args[0]
+            steps = x.__dict__.pop(_STEPS, ())  # taken, not shared: no reference cycles stay behind
+            setattr(y, _STEPS, (*steps, Step(position, module, rule, rule.context(module, x, y, recorded))))
+        return y
 
     return record
 

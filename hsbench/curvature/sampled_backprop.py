@@ -47,7 +47,7 @@ def backpropagate(
     grads, diags = {}, {}
     for step, more in tape.backward_steps():
         if elementwise(step):
-            v = v * step.rule.derivatives(step.module, step.ctx)[0].unsqueeze(1)
+            v.mul_(step.rule.derivatives(step.module, step.ctx)[0].unsqueeze(1))  # v is this pass's own
             continue
         if step.has_parameters:
             step.accumulate(grads, step.rule.param_sums(step.module, step.ctx.x, v[:, 0], per_sample))
