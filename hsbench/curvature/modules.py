@@ -14,7 +14,10 @@ Kinds of rules:
   ``vjp_squared(s) = Σ_o J_oi² s_o``, the diagonal of Jᵀ diag(s) J.
 * ``Elementwise`` rules (activations): y = σ(x) elementwise; they provide σ'(x) and σ''(x).
 
-Rules of modules with parameters also map output quantities to parameter quantities.
+Rules of modules with parameters (Linear, Conv) also map output quantities to parameter
+quantities: ``param_sums`` (Σ over samples and positions of v ⊗ input), ``pullback`` (that and
+the input part in one call), ``squared_param_sums`` (GGN-MC), ``patches`` and ``output_blocks``
+(exact diagonals from full output Hessians).
 """
 
 from __future__ import annotations
