@@ -143,7 +143,9 @@ def sgd_step(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Ten
 def _normalized_figure(normalized: pd.DataFrame, reference: pd.Series, caption: str) -> Figure:
     fig = Figure(figsize=(9, 4.2), layout="constrained")
     ax = fig.subplots()
-    colors = [f"C{i % 10}" for i in range(len(normalized))]  # one color per initialization, same across methods
+    from matplotlib import colormaps
+
+    colors = colormaps["turbo"](np.linspace(0.05, 0.95, len(normalized)))  # one per initialization, same across methods
     jitter = np.linspace(-0.25, 0.25, len(normalized)) if len(normalized) > 1 else np.zeros(1)
     for i, label in enumerate(normalized.columns):
         ax.scatter(i + jitter, normalized[label], c=colors, s=14, alpha=0.8)
