@@ -39,13 +39,13 @@ def squared_gradient(model, loss_fn, inputs, targets, per_sample: bool = False) 
 
 def rademacher(params: dict[str, Tensor], samples: int, generator=None) -> dict[str, Tensor]:
     """``samples`` Rademacher vectors (±1 entries) per parameter, shape (samples, *parameter);
-    each entry is one bit of a random 32-bit integer (twice as fast as one integer per entry)."""
+    each entry is one bit of a random byte (several times faster than one integer per entry)."""
     probes = {}
     for k, p in params.items():
         n = samples * p.numel()
-        words = torch.empty((n + 31) // 32, dtype=torch.int64, device=p.device).random_(0, 2**32, generator=generator)
-        bits = (words.unsqueeze(1) >> torch.arange(32, device=p.device)) & 1
-        probes[k] = bits.flatten()[:n].reshape(samples, *p.shape).to(p.dtype).mul_(2).sub_(1)
+        random_bytes = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8, generator=generator, device=p.device)
+        bits = (random_bytes.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=p.device)) & 1
+        probes[k] = bits.view(torch.int8).flatten()[:n].mul(2).sub_(1).to(p.dtype).reshape(samples, *p.shape)
     return probes
 
 
