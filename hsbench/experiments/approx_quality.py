@@ -85,9 +85,11 @@ class ApproxQuality(ExperimentKind):
         model = build_model(settings, x_all[0].numel(), classes).double()
         loss_fn = nn.CrossEntropyLoss()
         requests = {"exact": ("exact", 1), **compared_methods(settings["mc_large"])}
-        names = {id(p): name for name, p in model.named_parameters()}
         layers = [m for m in model if list(m.parameters(recurse=False))]
-        layer_of = {names[id(p)]: i for i, m in enumerate(layers) for p in m.parameters(recurse=False)}
+        layer_of = {id(p): i for i, m in enumerate(layers) for p in m.parameters(recurse=False)}
+        names = [name for name, _ in model.named_parameters()]
+        # the layer of every entry of the flattened parameters, to sum errors per layer in one call
+        layer_index = torch.cat([torch.full((p.numel(),), layer_of[id(p)]) for p in model.parameters()])
         order = torch.randint(0, len(y_all), (settings["examples"],), generator=data_gen)
         mc_gen = torch.Generator().manual_seed(ctx.seed + 1)
 
@@ -101,11 +103,10 @@ class ApproxQuality(ExperimentKind):
         for i in range(start, settings["examples"]):
             x, y = x_all[order[i] : order[i] + 1], y_all[order[i] : order[i] + 1]
             found = diagonals(requests, model, loss_fn, x, y, generator=mc_gen)
-            exact = found["exact"]
+            flat = {label: torch.cat([found[label][name].reshape(-1) for name in names]) for label in requests}
             for row, label in enumerate(requests):
-                for name, value in found[label].items():
-                    error = exact[name] if row == 0 else value - exact[name]
-                    sums[row, layer_of[name]] += float(error.abs().sum())
+                error = flat["exact"] if row == 0 else flat[label] - flat["exact"]
+                sums[row].index_add_(0, layer_index, error.abs())
             sgd_step(model, loss_fn, x, y, settings["sgd_lr"])
             if ctx.checkpoint_due():
                 ctx.save_checkpoint({"model": model.state_dict(), "mc_generator": mc_gen.get_state(), "sums": sums, "done": i + 1})
