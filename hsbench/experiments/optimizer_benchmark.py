@@ -42,6 +42,7 @@ from matplotlib.figure import Figure
 from hsbench import optim, problems
 from hsbench.curvature import extend
 from hsbench.engine.kind import Diverged, ExperimentKind, Field
+from hsbench.experiments.plotting import save_figure
 from hsbench.problems.networks import ACTIVATIONS
 
 EVAL_BATCH = 1000  # evaluation batch size (does not change the numbers, only memory and speed)
@@ -124,8 +125,8 @@ class OptimizerBenchmark(ExperimentKind):
         table = outdir / f"{spec.name}-best.csv"
         best.to_csv(table, index=False)
         return [
-            *_save(_curves_figure(chosen, caption, selection), outdir, spec.name),
-            *_save(_step_size_figure(runs, selection, caption), outdir, f"{spec.name}-step-sizes"),
+            *save_figure(_curves_figure(chosen, caption, selection), outdir, spec.name),
+            *save_figure(_step_size_figure(runs, selection, caption), outdir, f"{spec.name}-step-sizes"),
             table,
         ]
 
@@ -297,13 +298,6 @@ def _step_size_figure(runs: pd.DataFrame, selection: str, caption: str) -> Figur
     fig.suptitle(f"{caption}\nbest betas per step size by {selection}; x on the top edge: diverged", fontsize="small")
     fig.tight_layout()
     return fig
-
-
-def _save(fig: Figure, outdir: Path, stem: str) -> list[Path]:
-    paths = [outdir / f"{stem}.png", outdir / f"{stem}.pdf"]
-    for path in paths:
-        fig.savefig(path, dpi=150)
-    return paths
 
 
 # -- DeepOBS export ----------------------------------------------------------------------------

@@ -11,6 +11,6 @@ def save_figure(fig: Figure, outdir: Path, stem: str) -> list[Path]:
     """Write ``fig`` to ``outdir/stem.png`` and ``outdir/stem.pdf``; returns both paths."""
     outdir.mkdir(parents=True, exist_ok=True)
     paths = [outdir / f"{stem}.png", outdir / f"{stem}.pdf"]
-    for path in paths:
-        fig.savefig(path, dpi=150)
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1], metadata={"CreationDate": None})  # no timestamp: same figure, same file
     return paths
