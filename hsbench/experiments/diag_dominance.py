@@ -26,7 +26,7 @@ from hsbench.curvature.tape import record
 from hsbench.data import MNIST_LIKE, mnist_like
 from hsbench.engine.kind import Diverged, ExperimentKind, Field
 from hsbench.experiments.networks import ACTIVATIONS, INITS, mlp
-from hsbench.experiments.plotting import save_figure
+from hsbench.experiments.plotting import save_figure, save_markdown
 from hsbench.optim import OPTIMIZERS, make
 
 
@@ -110,17 +110,14 @@ class DiagDominance(ExperimentKind):
         ok = df[df["status"] == "ok"]
         if ok.empty:
             return []
-        outdir.mkdir(parents=True, exist_ok=True)
         table = rho_table(ok)
-        paths = [outdir / f"{spec.name}.md", outdir / f"{spec.name}.csv"]
         caption = (
             f"Diagonal dominance ρ, mean ± standard error over {len(ok)} runs; data: {ok['data_source'].iloc[0]}; "
             f"random Gaussian {int(ok['width'].iloc[0])}×{int(ok['width'].iloc[0])} matrix: ρ = {ok['rho_random'].mean():.3f}"
         )
-        markdown = caption + "\n\n" + table.to_markdown(index=False) + "\n"
-        paths[0].write_text(markdown)
-        table.to_csv(paths[1], index=False)
-        print(markdown)
+        paths = [save_markdown(caption + "\n\n" + table.to_markdown(index=False) + "\n", outdir, spec.name)]
+        paths.append(outdir / f"{spec.name}.csv")
+        table.to_csv(paths[-1], index=False)
         if "matrices_before" in ok.columns and ok["matrices_before"].notna().any():
             paths += save_figure(heat_maps(ok[ok["matrices_before"].notna()].iloc[0], caption), outdir, spec.name)
         return paths

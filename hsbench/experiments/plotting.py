@@ -1,4 +1,4 @@
-"""Saving figures: every figure goes to ``outdir`` as PNG and PDF."""
+"""Saving figures (PNG and PDF) and markdown tables of the experiment kinds into ``outdir``."""
 
 from __future__ import annotations
 
@@ -14,3 +14,12 @@ def save_figure(fig: Figure, outdir: Path, stem: str) -> list[Path]:
     fig.savefig(paths[0], dpi=150)
     fig.savefig(paths[1], metadata={"CreationDate": None})  # no timestamp: same figure, same file
     return paths
+
+
+def save_markdown(text: str, outdir: Path, stem: str) -> Path:
+    """Write ``text`` to ``outdir/stem.md`` and print it, so a table is seen where it is made."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    path = outdir / f"{stem}.md"
+    path.write_text(text)
+    print(text)
+    return path

@@ -35,7 +35,7 @@ from torch import nn
 from hsbench.curvature import extend
 from hsbench.engine.kind import ExperimentKind, Field
 from hsbench.experiments.networks import mlp
-from hsbench.experiments.plotting import save_figure
+from hsbench.experiments.plotting import save_figure, save_markdown
 from hsbench.optim import OPTIMIZERS, make
 from hsbench.timing import CLOCKS, Task, interleaved, summary
 
@@ -154,7 +154,6 @@ class UpdateTime(ExperimentKind):
         ok = df[df["status"] == "ok"]
         if ok.empty:
             return []
-        outdir.mkdir(parents=True, exist_ok=True)
         paths = []
         for panel, rows in ok.groupby("panel"):
             paths += save_figure(panel_figure(panel, rows), outdir, f"{spec.name}{panel}")
@@ -163,10 +162,7 @@ class UpdateTime(ExperimentKind):
             f"{ok['device'].iloc[0]}, {int(ok['torch_threads'].iloc[0])} torch thread(s), clock {ok['clock'].iloc[0]})"
         )
         tables = [ratio_table(panel, rows).to_markdown(index=False) for panel, rows in ok.groupby("panel")]
-        markdown = caption + "\n\n" + "\n\n".join(tables) + "\n"
-        paths.append(outdir / f"{spec.name}.md")
-        paths[-1].write_text(markdown)
-        print(markdown)
+        paths.append(save_markdown(caption + "\n\n" + "\n\n".join(tables) + "\n", outdir, spec.name))
         return paths
 
 
