@@ -58,8 +58,7 @@ def test_cnn_with_the_other_losses():
 
 
 def test_ppo_cases_include_clipped_and_unclipped_samples():
-    _, loss_fn, x, t = problem("mlp-tanh", "ppo-cat")
-    model, *_ = problem("mlp-tanh", "ppo-cat")
+    model, loss_fn, x, t = problem("mlp-tanh", "ppo-cat")
     z = model(x).detach()
     g = loss_rule(loss_fn).grad(z, t)
     assert (g.abs().sum(1) == 0).any() and (g.abs().sum(1) > 0).any()
