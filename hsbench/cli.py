@@ -20,7 +20,7 @@ from hsbench.data import TORCHVISION, torchvision_dataset
 from hsbench.engine import executors
 from hsbench.engine.kind import Field
 from hsbench.engine.provenance import git_revision
-from hsbench.engine.runner import DATA_DIR_ENV, DEFAULT_CHECKPOINT_INTERVAL_S, DEVICE_ENV
+from hsbench.engine.runner import DATA_DIR_ENV, DEFAULT_CHECKPOINT_INTERVAL_S, DEFAULT_DATA_DIR, DEVICE_ENV
 from hsbench.engine.spec import DEFAULT_SCALE, SLURM_FIELDS, Spec, SpecError, find_spec, load_spec
 from hsbench.engine.store import DEFAULT_RESULTS, FINAL, Store
 
@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser("download", help="download a torchvision data set (both splits) into a data directory; needs internet")
     p.add_argument("name", choices=TORCHVISION, help="data set")
-    p.add_argument("--data-dir", type=Path, default=Path("data"), help="data directory (default: data/)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="data directory (default: data/)")
     p.set_defaults(command=cmd_download)
 
     p = spec_command("export", "write the stored results as one table", cmd_export)

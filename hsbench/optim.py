@@ -62,6 +62,13 @@ def flush_denormals():
         torch.set_flush_denormal(previous)
 
 
+def needs_extend(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` backpropagates curvature from the recorded forward pass (then the
+    model and loss must be registered with ``hsbench.curvature.extend``; the others run faster
+    without the recording hooks)."""
+    return isinstance(optimizer, (_HesScaleFamily, AdaGGNMC))
+
+
 class DiagonalAdam(torch.optim.Optimizer):
     """The shared update. Subclasses implement ``curvature_backward(loss)``: set ``p.grad`` and
     return the diagonal d per parameter (a dict keyed by the parameter tensors).

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from hsbench.engine.spec import DEFAULT_SCALE
-from hsbench.engine.store import DEFAULT_RESULTS, Store
+from hsbench.engine.store import DEFAULT_RESULTS, Store, is_series
 
 
 def load(experiment: str, results_dir: str | Path | None = None, scale: str = DEFAULT_SCALE) -> pd.DataFrame:
@@ -23,12 +23,9 @@ def load(experiment: str, results_dir: str | Path | None = None, scale: str = DE
 
 def series(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Long form of list-valued column ``metric``: its other columns repeated, plus ``step`` (0-based)."""
-    rows = df.dropna(subset=[metric]).drop(columns=[c for c in df.columns if c != metric and _is_series(df[c])])
+    rows = df.dropna(subset=[metric]).drop(columns=[c for c in df.columns if c != metric and is_series(df[c])])
     long = rows.explode(metric, ignore_index=False)
     long["step"] = long.groupby(level=0).cumcount()
     long[metric] = long[metric].astype(float)
     return long.reset_index(drop=True)
 
-
-def _is_series(column: pd.Series) -> bool:
-    return bool(column.map(lambda v: isinstance(v, list)).any())

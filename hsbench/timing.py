@@ -32,7 +32,7 @@ def interleaved(
     if clock == "cpu" and device.type != "cpu":
         raise ValueError(f"the cpu clock measures CPU devices only; got device {device}")
     read = CLOCKS[clock]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = lambda: synchronize(device)  # noqa: E731
     names = list(tasks)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(warmup + rounds):
@@ -53,3 +53,9 @@ def summary(times: list[float]) -> dict[str, float]:
     """Median and quartiles (``median``, ``q25``, ``q75``) of a list of at least two times."""
     q25, median, q75 = statistics.quantiles(times, n=4, method="inclusive")
     return {"median": median, "q25": q25, "q75": q75}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA) before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

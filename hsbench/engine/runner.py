@@ -9,6 +9,7 @@ checkpoint when executed again.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import platform
@@ -31,6 +32,7 @@ from hsbench.engine.store import FINAL, Store, atomic_write
 DEFAULT_CHECKPOINT_INTERVAL_S = 60.0
 DEVICE_ENV = "HSBENCH_DEVICE"  # set by `hsbench run --device`, read in every run (local, pool, SLURM)
 DATA_DIR_ENV = "HSBENCH_DATA_DIR"  # set by `hsbench run --data-dir`
+DEFAULT_DATA_DIR = Path("data")
 
 
 @dataclass
@@ -48,7 +50,7 @@ class RunContext:
     device: str
     checkpoint_path: Path
     checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
-    data_dir: Path = Path("data")  # torchvision data sets: `hsbench run --data-dir` (HSBENCH_DATA_DIR)
+    data_dir: Path = DEFAULT_DATA_DIR  # torchvision data sets: `hsbench run --data-dir` (HSBENCH_DATA_DIR)
     resumed: bool = False  # whether load_checkpoint found a checkpoint
     _last_save: float = field(default_factory=time.monotonic)
 
@@ -95,7 +97,7 @@ def execute(run: Run, results_dir: str | Path, checkpoint_interval_s: float = DE
         run_id=run.id,
         seed=seed,
         device=os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu"),
-        data_dir=Path(os.environ.get(DATA_DIR_ENV) or "data"),
+        data_dir=Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR),
         checkpoint_path=store.checkpoint_path(run.id),
         checkpoint_interval_s=checkpoint_interval_s,
     )
@@ -103,6 +105,7 @@ def execute(run: Run, results_dir: str | Path, checkpoint_interval_s: float = DE
     error = None
     try:
         metrics = KINDS[run.kind].run(dict(run.settings), ctx)
+        json.dumps(metrics)  # a metric JSON cannot store fails the run here, not the record's write
         status = "ok" if finite(metrics) else "diverged"
     except Diverged as e:
         metrics, status = e.metrics, "diverged"

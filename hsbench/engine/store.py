@@ -116,7 +116,12 @@ class Store:
         if fmt == "parquet":
             data = df.to_parquet(index=False)
         else:
-            lists = [c for c in df.columns if df[c].map(lambda v: isinstance(v, list)).any()]
+            lists = [c for c in df.columns if is_series(df[c])]
             data = df.assign(**{c: df[c].map(json.dumps) for c in lists}).to_csv(index=False).encode()
         atomic_write(path, data)
         return path
+
+
+def is_series(column) -> bool:
+    """Whether a results column holds series (lists, one per run)."""
+    return bool(column.map(lambda v: isinstance(v, list)).any())

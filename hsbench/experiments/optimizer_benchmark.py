@@ -28,6 +28,7 @@ final test loss against the step size, best betas per step size (figure 9).
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from hsbench import optim, problems
 from hsbench.curvature import extend
 from hsbench.engine.kind import Diverged, ExperimentKind, Field
 from hsbench.experiments.plotting import save_figure
+from hsbench.timing import synchronize
 from hsbench.problems.networks import ACTIVATIONS
 
 EVAL_BATCH = 1000  # evaluation batch size (does not change the numbers, only memory and speed)
@@ -50,7 +52,6 @@ SPLITS = ("train_eval", "valid", "test")
 SERIES = ("train_loss", "train_acc", "valid_loss", "valid_acc", "test_loss", "test_acc", "time_s")
 HYPER = ("lr", "beta1", "beta2")  # searched hyperparameters; the other settings identify the curve
 SELECTIONS = ("final-valid-loss", "valid-loss-auc")
-NO_CURVATURE_HOOKS = (optim.Adam, optim.SGD, optim.AdaHessian)  # need no ``extend`` (it would slow them)
 
 
 class OptimizerBenchmark(ExperimentKind):
@@ -80,7 +81,7 @@ class OptimizerBenchmark(ExperimentKind):
         if settings["optimizer"] != "sgd":
             hyper["betas"] = (settings["beta1"], settings["beta2"])
         opt = optim.make(settings["optimizer"], problem.param_groups(model), **hyper)
-        if not isinstance(opt, NO_CURVATURE_HOOKS):
+        if optim.needs_extend(opt):
             extend(model)
             extend(loss_fn)
         generator = torch.Generator().manual_seed(ctx.seed)  # shuffling and augmentation
@@ -116,7 +117,7 @@ class OptimizerBenchmark(ExperimentKind):
     def plot(self, df: pd.DataFrame, spec, outdir: Path) -> list[Path]:
         runs = df[df["status"] != "failed"]
         if runs.empty:
-            raise ValueError(f"{spec.name}: no ok or diverged runs to plot")
+            return []
         selection = runs["selection"].iloc[0]
         best = best_configs(runs, selection)
         chosen = runs.merge(best[self.curve_keys() + list(HYPER)], on=self.curve_keys() + list(HYPER))
@@ -134,6 +135,7 @@ class OptimizerBenchmark(ExperimentKind):
         """Write runs in DeepOBS's layout under ``outdir`` (``fmt`` must be 'deepobs'); return ``outdir``."""
         if fmt != "deepobs":
             raise ValueError(f"{self.name} exports the formats csv, parquet and deepobs; got {fmt!r}")
+        shutil.rmtree(outdir, ignore_errors=True)  # an earlier export's time-stamped files would count twice
         write_deepobs(df[df["status"] != "failed"], outdir)
         return outdir
 
@@ -153,7 +155,7 @@ def train_epoch(model, loss_fn, opt, data, batch_size, generator, metrics, epoch
     model.train()
     seconds = 0.0
     for x, y in data.train_batches(batch_size, generator):
-        _synchronize(x.device)
+        synchronize(x.device)
         start = time.perf_counter()
         opt.zero_grad()
         loss = loss_fn(model(x), y)
@@ -161,14 +163,9 @@ def train_epoch(model, loss_fn, opt, data, batch_size, generator, metrics, epoch
             raise Diverged(f"training loss {loss.item()} in epoch {epoch}", metrics)
         opt.backward(loss)
         opt.step()
-        _synchronize(x.device)
+        synchronize(x.device)
         seconds += time.perf_counter() - start
     return seconds
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()

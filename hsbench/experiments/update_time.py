@@ -36,11 +36,10 @@ from hsbench.curvature import extend
 from hsbench.engine.kind import ExperimentKind, Field
 from hsbench.experiments.networks import mlp
 from hsbench.experiments.plotting import save_figure, save_markdown
-from hsbench.optim import OPTIMIZERS, make
+from hsbench.optim import OPTIMIZERS, make, needs_extend
 from hsbench.timing import CLOCKS, Task, interleaved, summary
 
 INPUTS, WIDTH, OUTPUTS_B, FIRST_OUTPUTS = 64, 512, 100, 16
-FIRST_ORDER = ("adam", "sgd")  # optimizers with a plain loss.backward(): they get the model without hooks
 PAPER_RATIOS = {"adahessian": 3.0, "adahesscale": 2.0, "adahesscale-gn": 1.25}  # appendix D, "on average"
 
 
@@ -61,8 +60,8 @@ def panel_network(panel: str, size: int) -> nn.Sequential:
 
 
 def twin_models(build: Callable[[], nn.Module], seed: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """Two copies of ``build()`` with the same initialization (seeded by ``seed``): a plain one for
-    the ``FIRST_ORDER`` optimizers and one extended with the curvature recording hooks."""
+    """Two copies of ``build()`` with the same initialization (seeded by ``seed``): a plain one, and
+    one extended with the curvature recording hooks for the optimizers that need them."""
     models = []
     for _ in range(2):
         torch.manual_seed(seed)
@@ -73,15 +72,17 @@ def twin_models(build: Callable[[], nn.Module], seed: int, device: torch.device)
 def update_tasks(
     plain: nn.Module, extended: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]
 ) -> dict[str, Task]:
-    """For each optimizer in ``names``: (restore the initial weights, one update), on ``plain`` for
-    the ``FIRST_ORDER`` optimizers and on ``extended`` for the others (``twin_models``)."""
+    """For each optimizer in ``names``: (restore the initial weights, one update), on ``extended``
+    for the optimizers that need the recording hooks (``optim.needs_extend``), else on ``plain``."""
     initial = [p.detach().clone() for p in plain.parameters()]
     losses = {False: nn.CrossEntropyLoss(), True: extend(nn.CrossEntropyLoss())}
     tasks = {}
     for name in names:
-        curvature = name not in FIRST_ORDER
+        opt = make(name, plain.parameters())
+        curvature = needs_extend(opt)
+        if curvature:  # the same optimizer on the twin that records its forward passes
+            opt = make(name, extended.parameters())
         model = extended if curvature else plain
-        opt = make(name, model.parameters())
         tasks[name] = (_restorer(model, initial), _updater(model, losses[curvature], opt, x, y))
     return tasks
 

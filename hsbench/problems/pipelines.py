@@ -70,9 +70,9 @@ class Data:
         """One epoch of shuffled, augmented (if ``augment``) and normalised training batches;
         the last incomplete batch is dropped. Randomness comes from ``generator`` (CPU) only."""
         x, y = self.train
-        order = torch.randperm(len(y), generator=generator)
+        order = torch.randperm(len(y), generator=generator).to(y.device)  # drawn on the CPU generator
         for start in range(0, len(y) - batch_size + 1, batch_size):
-            index = order[start : start + batch_size].to(y.device)
+            index = order[start : start + batch_size]
             batch = x[index]
             if self.augment:
                 batch = augment(batch, generator)
