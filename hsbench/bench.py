@@ -9,7 +9,7 @@ every optimizer's update, side by side in one process, as one table.
 * ``update``: one whole update (zero_grad, forward, backward, step) of every optimizer on
   networks of figure 8 (a) and (b) at batch size 1 and on DeepOBS's cifar100_3c3d network (ELU)
   at ``--batch-3c3d``, divided by ``torch.optim.Adam``'s (defaults, plain ``loss.backward()``);
-  measured as in the ``timing`` kind (``hsbench.experiments.update_time``).
+  measured as in the ``update-time`` kind (``hsbench.experiments.update_time``).
 
 Within each network all methods are interleaved round-robin in random order (``hsbench.timing``);
 the table gives the median and the interquartile range over ``--rounds`` calls after ``--warmup``.

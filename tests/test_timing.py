@@ -1,4 +1,4 @@
-"""Figure 8 (kind ``timing``) at smoke scale through the CLI, the interleaved timer, and the bench's table.
+"""Figure 8 (kind ``update-time``) at smoke scale through the CLI, the interleaved timer, and the bench's table.
 No timing assertions: only what was measured, on which networks, and that everything runs."""
 
 import pytest

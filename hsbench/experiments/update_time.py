@@ -1,4 +1,4 @@
-"""Kind ``timing`` (paper appendix D, figure 8): how each optimizer's update time grows with the network.
+"""Kind ``update-time`` (paper appendix D, figure 8): how each optimizer's update time grows with the network.
 
 An update is the whole training step, the same for every optimizer::
 
@@ -107,7 +107,7 @@ def _updater(model: nn.Module, loss_fn: nn.Module, opt: torch.optim.Optimizer, x
 
 
 class UpdateTime(ExperimentKind):
-    name = "timing"
+    name = "update-time"
     description = "update time of every optimizer vs the number of parameters (figure 8)"
     fields = {
         "panel": Field(str, "'a': outputs 2^4 … max_outputs, one hidden layer; 'b': 1 … max_depth hidden layers, 100 outputs", default="a", choices=("a", "b")),
