@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Lint, format check and type check (configured in pyproject.toml); changes no file.
+.PHONY: lint
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hsbench tests
+	$(VENV)/bin/ruff format --check hsbench tests
+	$(VENV)/bin/mypy hsbench
+
 # Paper figures: run the spec's missing runs at the default scale (stored results are reused),
 # then draw the figures into plots/ from the stored results.
 HSBENCH := $(VENV)/bin/hsbench
