@@ -3,13 +3,15 @@
 Exit codes: 0 success; 1 some runs failed or have no record, or nothing is stored to plot
 or export; 2 invalid spec or arguments (nothing is written). Paths (``experiments/``,
 ``results/``, ``plots/``) are relative to the current directory, normally the repository root.
+
+This module wires the engine (``hsbench.engine``) to the registry of experiment kinds
+(``hsbench.experiments.KINDS``); the engine itself imports no kind.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -20,13 +22,15 @@ from hsbench.data import TORCHVISION, torchvision_dataset
 from hsbench.engine import executors
 from hsbench.engine.kind import Field
 from hsbench.engine.provenance import git_revision
-from hsbench.engine.runner import DATA_DIR_ENV, DEFAULT_CHECKPOINT_INTERVAL_S, DEFAULT_DATA_DIR, DEVICE_ENV
+from hsbench.engine.runner import DEFAULT_CHECKPOINT_INTERVAL_S, DEFAULT_DATA_DIR, RunOptions
 from hsbench.engine.spec import DEFAULT_SCALE, SLURM_FIELDS, Spec, SpecError, find_spec, load_spec
 from hsbench.engine.store import DEFAULT_RESULTS, FINAL, Store
+from hsbench.experiments import KINDS
 
 EXPERIMENTS_DIR = Path("experiments")
 PLOTS_DIR = Path("plots")
 STATE_ORDER = ("ok", "failed", "diverged", "pending", "running", "missing")
+TABLE_FORMATS = ("csv", "parquet")  # every kind exports these; a kind declares others in export_formats
 
 
 class UsageError(Exception):
@@ -78,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"seconds between checkpoints of a long run (default: {DEFAULT_CHECKPOINT_INTERVAL_S:g})",
     )
-    p.add_argument("--data-dir", type=Path, help="folder of the torchvision data sets (default: data/)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder of the torchvision data sets (default: data/)")
     p.add_argument("--device", help="torch device of the runs, e.g. cpu or cuda:1 (default: cuda if available)")
     slurm = p.add_argument_group("SLURM parameters (override the spec's [slurm] table)")
     for name, field in SLURM_FIELDS.items():
@@ -94,12 +98,18 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(command=cmd_download)
 
     p = spec_command("export", "write the stored results as one table", cmd_export)
-    p.add_argument("--format", choices=("csv", "parquet", "deepobs"), default="parquet", help="deepobs: DeepOBS's per-seed JSON layout (optimizer-benchmark)")
+    kind_formats = {fmt: name for name, kind in KINDS.items() for fmt in kind.export_formats}
+    p.add_argument(
+        "--format",
+        choices=TABLE_FORMATS + tuple(kind_formats),
+        default="parquet",
+        help="csv or parquet: one table; " + "; ".join(f"{fmt}: kind {name} only" for fmt, name in kind_formats.items()),
+    )
     return parser
 
 
 def _spec(args: argparse.Namespace) -> Spec:
-    spec = load_spec(find_spec(args.spec, EXPERIMENTS_DIR))
+    spec = load_spec(find_spec(args.spec, EXPERIMENTS_DIR), KINDS)
     spec.resolve(args.scale)  # rejects an unknown scale
     return spec
 
@@ -112,11 +122,11 @@ def _counts(states) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     for path in sorted(args.experiments.glob("*.toml")):
         try:
-            spec = load_spec(path)
+            spec = load_spec(path, KINDS)
         except SpecError as e:
             print(f"{path.stem:20} INVALID: {e}")
             continue
-        print(f"{spec.name:20} {spec.kind:20} scales: {', '.join(spec.scale_names()):28} {spec.description}")
+        print(f"{spec.name:20} {spec.kind.name:20} scales: {', '.join(spec.scale_names()):28} {spec.description}")
     return 0
 
 
@@ -127,13 +137,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--jobs: expected at least 1, got {args.jobs}")
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every: expected seconds >= 0, got {args.checkpoint_every}")
-    _export_run_environment(args)
     store = Store(args.results, spec.name)
+    options = RunOptions(
+        results_dir=store.root.parent,
+        checkpoint_interval_s=args.checkpoint_every,
+        device=_device(args.device),
+        data_dir=args.data_dir.resolve(),
+    )
     header = f"{spec.name} (scale {args.scale}): {len(runs)} runs"
     if args.executor == "local":
-        todo = [run for run in runs if (store.read(run.id) or {}).get("status") not in FINAL]
+        todo = [run for run in runs if (store.read_run(run) or {}).get("status") not in FINAL]
         print(f"{header}, {len(runs) - len(todo)} already done; running {len(todo)} with {args.jobs} process(es)")
-        counts = executors.run_local(todo, store.root.parent, args.jobs, args.checkpoint_every)
+        counts = executors.run_local(todo, options, args.jobs)
         print(f"{spec.name}: {_counts(counts.elements())} (results in {store.root})")
         return 1 if counts["failed"] else 0
 
@@ -144,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     todo = [run for run in runs if states[run.id] in ("missing", "failed")]
     print(f"{header}: {_counts(states.values())}")
     if todo:
-        job_ids = executors.submit_slurm(todo, store, params, args.checkpoint_every)
+        job_ids = executors.submit_slurm(todo, store, params, options)
         print(f"submitted SLURM array job(s) {' '.join(job_ids)} ({len(todo)} tasks); logs in {store.logs_dir}")
     if not args.wait:
         print(f"follow with: hsbench status {args.spec} --scale {args.scale} --results {args.results}")
@@ -154,16 +169,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if {"failed", "missing"} & set(states.values()) else 0
 
 
-def _export_run_environment(args: argparse.Namespace) -> None:
-    """Pass --data-dir and --device to the runs (in-process, pool workers and SLURM jobs) as environment variables."""
-    if args.data_dir is not None:
-        os.environ[DATA_DIR_ENV] = str(args.data_dir.resolve())
-    if args.device is not None:
+def _device(device: str | None) -> str | None:
+    """``--device`` checked as a torch device; None leaves the choice to each run (cuda if available)."""
+    if device is not None:
         try:
-            torch.device(args.device)
+            torch.device(device)
         except RuntimeError as e:
             raise UsageError(f"--device: {e}") from None
-        os.environ[DEVICE_ENV] = args.device
+    return device
 
 
 def _slurm_params(args: argparse.Namespace, spec: Spec) -> dict:
@@ -192,7 +205,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for state in STATE_ORDER:
         print(f"  {state:9} {counts[state]}")
     revision = git_revision()
-    records = {run.id: store.read(run.id) for run in runs}
+    records = {run.id: store.read_run(run) for run in runs}
     stale = [i for i, rec in records.items() if rec is not None and rec["git_revision"] != revision]
     if stale:
         print(f"  {len(stale)} record(s) from another git revision than {revision}: {' '.join(stale)}")
@@ -205,7 +218,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _frame(args: argparse.Namespace, spec: Spec):
     store = Store(args.results, spec.name)
-    df = store.frame(args.scale, {run.id for run in spec.runs(args.scale)})
+    df = store.frame(args.scale, {run.id for run in spec.runs(args.scale) if store.read_run(run) is not None})
     if df.empty:
         raise NoResults(f"{spec.name}: no stored results at scale {args.scale} in {store.root}; run it first")
     return store, df
@@ -216,21 +229,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
     store, df = _frame(args, spec)
     store.compact(df, args.scale, "parquet")
     outdir = args.plots if args.scale == DEFAULT_SCALE else args.plots / args.scale
-    for path in spec.experiment_kind.plot(df, spec, outdir):
+    for path in spec.kind.plot(df, spec, outdir):
         print(path)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     spec = _spec(args)
+    if args.format not in TABLE_FORMATS + spec.kind.export_formats:
+        formats = ", ".join(TABLE_FORMATS + spec.kind.export_formats)
+        raise UsageError(f"--format {args.format}: kind {spec.kind.name} exports only {formats}")
     store, df = _frame(args, spec)
-    if args.format in ("csv", "parquet"):
+    if args.format in TABLE_FORMATS:
         print(store.compact(df, args.scale, args.format))
         return 0
-    kind = spec.experiment_kind
-    if not hasattr(kind, "export"):
-        raise UsageError(f"--format {args.format}: kind {kind.name} exports only csv and parquet")
-    print(kind.export(df, spec, args.format, store.root / f"{spec.name}-{args.scale}-{args.format}"))
+    print(spec.kind.export(df, spec, args.format, store.root / f"{spec.name}-{args.scale}-{args.format}"))
     return 0
 
 

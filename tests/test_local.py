@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -10,10 +11,13 @@ import torch
 
 from hsbench import results
 from hsbench.cli import main
+from hsbench.engine.kind import Field
 from hsbench.engine.provenance import git_revision
-from hsbench.engine.runner import execute
+from hsbench.engine.runner import RunOptions, execute
 from hsbench.engine.spec import load_spec
 from hsbench.engine.store import Store
+from hsbench.experiments import KINDS
+from hsbench.experiments.quadratic import Quadratic
 
 SPEC = """
 kind = "quadratic"
@@ -58,7 +62,7 @@ def test_local_run_records_ok_failed_and_diverged(sweep, capsys):
     assert len(ok["loss"]) == 40 and ok["final_loss"] < ok["loss"][0]
     record = json.loads((res / "sweep" / "runs" / f"{ok['run_id']}.json").read_text())
     assert record["versions"]["torch"] and record["git_revision"] and record["wall_time_s"] > 0
-    assert record["settings"] == load_spec(spec).runs()[0].settings
+    assert record["settings"] == load_spec(spec, KINDS).runs()[0].settings
     assert not list((res / "sweep" / "checkpoints").glob("*"))
 
 
@@ -105,6 +109,67 @@ def test_status_plot_and_export_use_stored_results_only(sweep, tmp_path, capsys)
     assert sorted(parquet["run_id"]) == sorted(table["run_id"])
 
 
+class WithMomentum(Quadratic):
+    """The quadratic kind after a setting was added to it, with a default."""
+
+    fields = {**Quadratic.fields, "momentum": Field(float, "a setting added later", default=0.0)}
+
+
+class NoisierByDefault(Quadratic):
+    """The quadratic kind after the default of its setting ``noise`` (0.0) was changed."""
+
+    fields = Quadratic.fields | {"noise": dataclasses.replace(Quadratic.fields["noise"], default=0.25)}
+
+
+def status_counts(spec, res, capsys) -> dict[str, int]:
+    capsys.readouterr()
+    assert main(["status", str(spec), "--results", str(res)]) == 0
+    return {line.split()[0]: int(line.split()[1]) for line in capsys.readouterr().out.splitlines()[1:7]}
+
+
+def test_adding_a_field_with_a_default_keeps_the_stored_runs(sweep, monkeypatch, capsys):
+    spec, res = sweep
+    main(["run", str(spec), "--results", str(res)])
+    before = status_counts(spec, res, capsys)
+    assert before["missing"] == 0
+    monkeypatch.setitem(KINDS, "quadratic", WithMomentum())
+    assert status_counts(spec, res, capsys) == before
+    assert main(["run", str(spec), "--results", str(res)]) == 1
+    assert "5 already done; running 3" in capsys.readouterr().out  # only the failed runs again
+    assert len(results.load("sweep", res)) == 8
+
+
+def test_changing_a_default_leaves_the_runs_that_used_it_missing(sweep, monkeypatch, capsys, tmp_path):
+    spec, res = sweep
+    main(["run", str(spec), "--results", str(res)])
+    monkeypatch.setitem(KINDS, "quadratic", NoisierByDefault())
+    assert status_counts(spec, res, capsys)["missing"] == 8
+    assert main(["plot", str(spec), "--results", str(res), "--plots", str(tmp_path / "plots")]) == 1
+    assert "no stored results" in capsys.readouterr().err
+
+
+class Where(Quadratic):
+    """The quadratic kind reporting the device and data directory its run was given."""
+
+    def run(self, settings, ctx):
+        return {"data_dir": str(ctx.data_dir), "ctx_device": ctx.device}
+
+
+def test_device_and_data_dir_reach_pool_workers_and_nothing_leaks(write_spec, tmp_path, monkeypatch):
+    spec = write_spec('kind = "quadratic"\n[seeds]\ncount = 2\n', name="where")
+    monkeypatch.setitem(KINDS, "quadratic", Where())  # found by import path in the pool workers too
+    data = tmp_path / "elsewhere"
+    args = ["run", str(spec), "--jobs", "2", "--device", "cpu:0", "--data-dir", str(data)]
+    assert main([*args, "--results", str(tmp_path / "given")]) == 0
+    given = results.load("where", tmp_path / "given")
+    assert given["ctx_device"].tolist() == ["cpu:0"] * 2 and given["data_dir"].tolist() == [str(data)] * 2
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(spec), "--results", str(tmp_path / "later")]) == 0  # same process, no options
+    later = results.load("where", tmp_path / "later")
+    assert later["ctx_device"].tolist() == ["cuda" if torch.cuda.is_available() else "cpu"] * 2
+    assert later["data_dir"].tolist() == [str(tmp_path / "data")] * 2
+
+
 def test_status_flags_records_of_another_git_revision(sweep, capsys):
     spec, res = sweep
     main(["run", str(spec), "--results", str(res)])
@@ -137,20 +202,20 @@ def test_series_unrolls_a_metric_into_long_form(sweep):
 
 
 def test_run_resumes_from_its_checkpoint(write_spec, tmp_path):
-    spec = load_spec(write_spec('kind = "quadratic"\n[settings]\nsteps = 300\nnoise = 0.5\noptimizer = "adam"\n'))
+    spec = load_spec(write_spec('kind = "quadratic"\n[settings]\nsteps = 300\nnoise = 0.5\noptimizer = "adam"\n'), KINDS)
     run = spec.runs()[0]
     whole = tmp_path / "whole"
-    assert execute(run, whole) == "ok"
+    assert execute(run, RunOptions(whole)) == "ok"
 
     # interrupted after step 120: a checkpoint exists but no record
     parts = tmp_path / "parts"
     interrupted = type(run)(run.id, run.experiment, run.kind, run.settings | {"fail_at_step": 120})
-    assert execute(interrupted, parts, checkpoint_interval_s=0) == "failed"
+    assert execute(interrupted, RunOptions(parts, checkpoint_interval_s=0)) == "failed"
     store = Store(parts, run.experiment)
     store.runs_dir.joinpath(f"{run.id}.json").unlink()
     assert store.checkpoint_path(run.id).exists()
     assert len(torch.load(store.checkpoint_path(run.id), weights_only=False)["losses"]) == 120
-    assert execute(run, parts) == "ok"
+    assert execute(run, RunOptions(parts)) == "ok"
     assert store.read(run.id)["resumed"] and not Store(whole, run.experiment).read(run.id)["resumed"]
     assert store.read(run.id)["metrics"] == Store(whole, run.experiment).read(run.id)["metrics"]
     assert not store.checkpoint_path(run.id).exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -27,7 +26,6 @@ def smoke(tmp_path_factory):
     results, plots = root / "results", root / "plots"
     assert cli.main(["run", str(SPEC), "--scale", "smoke", "--results", str(results), "--device", "cpu"]) == 0
     assert cli.main(["plot", str(SPEC), "--scale", "smoke", "--results", str(results), "--plots", str(plots)]) == 0
-    os.environ.pop("HSBENCH_DEVICE")  # set by --device for the runs of this process
     records = [json.loads(p.read_text()) for p in sorted((results / "figure4" / "runs").glob("*.json"))]
     return root, records
 

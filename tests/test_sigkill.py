@@ -10,8 +10,9 @@ import time
 
 from conftest import HSBENCH, REPO, hsbench, outcomes
 
-from hsbench.engine.runner import execute
+from hsbench.engine.runner import RunOptions, execute
 from hsbench.engine.spec import load_spec
+from hsbench.experiments import KINDS
 
 # Four runs of one or two seconds each, with gradient noise so that resuming must restore the RNG.
 SPEC = """
@@ -29,7 +30,7 @@ count = 2
 
 def execute_all(runs, results_dir) -> None:
     for run in runs:
-        assert execute(run, results_dir) == "ok"
+        assert execute(run, RunOptions(results_dir)) == "ok"
 
 
 def newest_change(folder) -> float:
@@ -68,7 +69,7 @@ def test_sigkill_then_rerun_gives_identical_results(write_spec, tmp_path):
     assert kills == 5, "the sweep finished before five kills; make its runs longer"
 
     hsbench(*args, "--results", killed)
-    execute_all(load_spec(spec).runs(), reference)  # uninterrupted, sequential, in this process
+    execute_all(load_spec(spec, KINDS).runs(), reference)  # uninterrupted, sequential, in this process
     resumed = outcomes(killed, "killed")
     assert len(resumed) == 4 and {status for status, _, _ in resumed.values()} == {"ok"}
     assert resumed == outcomes(reference, "killed")

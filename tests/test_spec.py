@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from hsbench.cli import main
 from hsbench.engine.kind import Field
-from hsbench.engine.spec import load_spec
+from hsbench.engine.spec import load_spec, run_id
+from hsbench.experiments import KINDS
 
 VALID = """
 kind = "quadratic"
@@ -74,7 +77,7 @@ def test_unknown_scale_and_bad_flag_rejected(write_spec, tmp_path, capsys):
 
 
 def test_grid_expands_to_product_times_seeds_with_defaults_filled(write_spec):
-    runs = load_spec(write_spec(VALID)).runs()
+    runs = load_spec(write_spec(VALID), KINDS).runs()
     assert len(runs) == 2 * 2 * 2
     assert len({r.id for r in runs}) == 8
     assert [(r.settings["optimizer"], r.settings["lr"], r.settings["seed"]) for r in runs[:3]] == [
@@ -89,16 +92,16 @@ def test_grid_expands_to_product_times_seeds_with_defaults_filled(write_spec):
 
 
 def test_ids_stable_so_adding_seeds_or_points_adds_only_new_runs(write_spec):
-    before = {r.id for r in load_spec(write_spec(VALID)).runs()}
+    before = {r.id for r in load_spec(write_spec(VALID), KINDS).runs()}
     more = VALID.replace("count = 2", "count = 3").replace("[0.1, 0.01]", "[0.1, 0.01, 1]")
-    after = {r.id for r in load_spec(write_spec(more)).runs()}
+    after = {r.id for r in load_spec(write_spec(more), KINDS).runs()}
     assert before < after and len(after) == 2 * 3 * 3
     # an int where a float is expected, and key order, do not change ids
     reordered = VALID.replace("[0.1, 0.01]", "[0.1, 0.01]\n").replace("dim = 4", "dim = 4\nlr = 1")
     reordered = reordered.replace('optimizer = ["sgd", "adam"]\nlr = [0.1, 0.01]\n', 'optimizer = ["sgd", "adam"]\n')
-    one = load_spec(write_spec(reordered)).runs()
+    one = load_spec(write_spec(reordered), KINDS).runs()
     assert one[0].settings["lr"] == 1.0 and isinstance(one[0].settings["lr"], float)
-    assert one[0].id == load_spec(write_spec(reordered.replace("lr = 1", "lr = 1.0"))).runs()[0].id
+    assert one[0].id == load_spec(write_spec(reordered.replace("lr = 1", "lr = 1.0")), KINDS).runs()[0].id
 
 
 def test_scales_override_settings_grid_seeds_and_slurm(write_spec):
@@ -118,7 +121,8 @@ list = [7]
 [scales.smoke.slurm]
 time_min = 5
 """
-        )
+        ),
+        KINDS,
     )
     assert spec.scale_names() == ["default", "smoke"]
     smoke = spec.runs("smoke")
@@ -144,5 +148,18 @@ def test_checked_in_specs_are_valid():
     specs = sorted((Path(__file__).parents[1] / "experiments").glob("*.toml"))
     assert specs
     for path in specs:
-        for scale in load_spec(path).scale_names():
-            assert load_spec(path).runs(scale)
+        for scale in load_spec(path, KINDS).scale_names():
+            assert load_spec(path, KINDS).runs(scale)
+
+
+def test_engine_imports_no_experiment_kind():
+    engine = "hsbench.engine.spec, hsbench.engine.runner, hsbench.engine.executors, hsbench.engine.store"
+    code = f"import sys, {engine}; print(sorted(m for m in sys.modules if m.startswith('hsbench.experiments')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_run_ids_hash_only_settings_that_differ_from_the_defaults(write_spec):
+    run = load_spec(write_spec('kind = "quadratic"\n[settings]\noptimizer = "adam"\nsteps = 200\n'), KINDS).runs()[0]
+    assert run.settings["steps"] == 200 and run.settings["noise"] == 0.0  # both the defaults
+    assert run.id == run_id("quadratic", {}, {"optimizer": "adam", "seed": 0, "scale": "default"})

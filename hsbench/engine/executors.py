@@ -24,7 +24,7 @@ import submitit
 import torch
 from tqdm import tqdm
 
-from hsbench.engine.runner import execute
+from hsbench.engine.runner import RunOptions, execute
 from hsbench.engine.spec import Run
 from hsbench.engine.store import STATUSES, Store
 
@@ -32,7 +32,7 @@ POLL_S = 2.0  # seconds between polls of the result store and squeue while waiti
 ARRAY_LIMIT = 1000  # tasks per job array: SLURM's default MaxArraySize (1001) allows indices 0..1000
 
 
-def run_local(runs: list[Run], results_dir: Path, jobs: int, checkpoint_interval_s: float) -> collections.Counter:
+def run_local(runs: list[Run], options: RunOptions, jobs: int) -> collections.Counter:
     """Execute ``runs`` in this process (``jobs`` = 1) or in a pool of ``jobs`` processes; count statuses."""
     counts: collections.Counter = collections.Counter()
     with tqdm(total=len(runs), unit="run", desc="runs") as bar:
@@ -44,14 +44,14 @@ def run_local(runs: list[Run], results_dir: Path, jobs: int, checkpoint_interval
 
         if jobs == 1:
             for run in runs:
-                done(execute(run, results_dir, checkpoint_interval_s))
+                done(execute(run, options))
         else:
             context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
             threads = max(1, (os.cpu_count() or 1) // jobs)  # share the cores instead of oversubscribing them
             with ProcessPoolExecutor(
                 jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
             ) as pool:
-                futures = [pool.submit(execute, run, results_dir, checkpoint_interval_s) for run in runs]
+                futures = [pool.submit(execute, run, options) for run in runs]
                 for future in as_completed(futures):
                     done(future.result())
     return counts
@@ -60,12 +60,12 @@ def run_local(runs: list[Run], results_dir: Path, jobs: int, checkpoint_interval
 class SlurmRun(submitit.helpers.Checkpointable):
     """The callable a SLURM array task runs; submitit requeues it (same arguments) on preemption or timeout."""
 
-    def __call__(self, run: Run, results_dir: Path, checkpoint_interval_s: float) -> str:
+    def __call__(self, run: Run, options: RunOptions) -> str:
         torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))
-        return execute(run, results_dir, checkpoint_interval_s)
+        return execute(run, options)
 
 
-def submit_slurm(runs: list[Run], store: Store, params: dict[str, Any], checkpoint_interval_s: float) -> list[str]:
+def submit_slurm(runs: list[Run], store: Store, params: dict[str, Any], options: RunOptions) -> list[str]:
     """Submit ``runs`` as job arrays of at most ARRAY_LIMIT tasks with SLURM ``params``; return their job ids."""
     executor = submitit.AutoExecutor(folder=store.logs_dir / "%j", cluster="slurm")
     executor.update_parameters(
@@ -81,7 +81,7 @@ def submit_slurm(runs: list[Run], store: Store, params: dict[str, Any], checkpoi
     for first in range(0, len(runs), ARRAY_LIMIT):
         chunk = runs[first : first + ARRAY_LIMIT]
         n = len(chunk)
-        jobs = executor.map_array(SlurmRun(), chunk, [store.root.parent] * n, [checkpoint_interval_s] * n)
+        jobs = executor.map_array(SlurmRun(), chunk, [options] * n)
         job_ids.append(jobs[0].job_id.split("_")[0])
         store.write_submission(job_ids[-1], {run.id: job.job_id for run, job in zip(chunk, jobs, strict=True)})
     return job_ids
@@ -111,7 +111,7 @@ def run_states(runs: list[Run], store: Store) -> dict[str, str]:
     queued = queue_states() if shutil.which("squeue") and any(run.id in submitted for run in runs) else {}
     states = {}
     for run in runs:
-        record = store.read(run.id)
+        record = store.read_run(run)
         if record is not None and (record["status"] != "failed" or submitted.get(run.id) not in queued):
             states[run.id] = record["status"]
         else:

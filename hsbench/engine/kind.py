@@ -2,13 +2,20 @@
 
 A kind declares its settings schema (a mapping name -> :class:`Field`), runs one point of a
 sweep (``run(settings, ctx) -> metrics``) and draws its figures from stored results
-(``plot(df, spec, outdir) -> list of paths``). Metrics are JSON-serialisable: numbers,
-strings, and lists for per-step or per-epoch series. A run whose metrics hold NaN or inf, or
-that raises :class:`Diverged`, is recorded as ``diverged``; any other exception as ``failed``.
+(``plot(df, spec, outdir) -> list of paths``); it may also export stored results in formats of
+its own (``export_formats``, ``export``). Metrics are JSON-serialisable: numbers, strings, and
+lists for per-step or per-epoch series. A run whose metrics hold NaN or inf, or that raises
+:class:`Diverged`, is recorded as ``diverged``; any other exception as ``failed``.
+
+The engine never imports a kind: the command line hands it the registry
+(``hsbench.experiments.KINDS``), and a run names its kind by import path (:func:`import_path`),
+which :func:`load_kind` resolves in whichever process executes the run (a pool worker, a SLURM job).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
@@ -80,11 +87,18 @@ class Field:
 
 
 class ExperimentKind(ABC):
-    """Base class of experiment kinds; subclasses set ``name``, ``description``, ``fields``."""
+    """Base class of experiment kinds; subclasses set ``name``, ``description``, ``fields``.
+
+    A subclass must be constructible without arguments (:func:`load_kind` does so). Changing a
+    field's default changes what the stored runs that used it mean: they no longer match and run
+    again (see ``hsbench.engine.spec.run_id``); adding a field with a default leaves them valid.
+    """
 
     name: str
     description: str
     fields: Mapping[str, Field]
+    export_formats: tuple[str, ...] = ()
+    """Formats besides csv and parquet that :meth:`export` writes (``hsbench export --format``)."""
 
     @abstractmethod
     def run(self, settings: Mapping[str, Any], ctx: RunContext) -> dict[str, Any]:
@@ -93,3 +107,20 @@ class ExperimentKind(ABC):
     @abstractmethod
     def plot(self, df: pd.DataFrame, spec: Spec, outdir: Path) -> list[Path]:
         """Draw the experiment's figures from ``hsbench.results.load`` rows into ``outdir``."""
+
+    def export(self, df: pd.DataFrame, spec: Spec, fmt: str, outdir: Path) -> Path:
+        """Write the stored results ``df`` in ``fmt``, one of ``export_formats``, to ``outdir``; return the path."""
+        raise ValueError(f"kind {self.name} exports no format {fmt!r}; only csv and parquet")
+
+
+def import_path(kind: ExperimentKind) -> str:
+    """``'module:Class'`` of ``kind``, from which :func:`load_kind` builds it again in another process."""
+    cls = type(kind)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+@functools.cache
+def load_kind(path: str) -> ExperimentKind:
+    """The kind whose class is at import path ``'module:Class'`` (one instance per process)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)()

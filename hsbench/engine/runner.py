@@ -1,9 +1,11 @@
 """Execution of one run: seeding, the run context, status classification and the record.
 
-``execute`` is what every executor calls, in-process, in a pool worker or in a SLURM job. It
-is idempotent: a run already recorded ``ok`` or ``diverged`` is not run again, and a run
-interrupted at any point (SIGKILL, preemption) has no record and continues from its last
-checkpoint when executed again.
+``execute(run, options)`` is what every executor calls, in-process, in a pool worker or in a
+SLURM job; both arguments are pickled there, so everything a run depends on (its kind's import
+path, device, data directory) travels in them, never in the environment. It is idempotent: a
+run already recorded ``ok`` or ``diverged`` is not run again, and a run interrupted at any
+point (SIGKILL, preemption) has no record and continues from its last checkpoint when
+executed again.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import platform
 import random
 import time
@@ -24,15 +25,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from hsbench.engine.kind import Diverged
+from hsbench.engine.kind import Diverged, load_kind
 from hsbench.engine.provenance import git_revision, versions
 from hsbench.engine.spec import Run
 from hsbench.engine.store import FINAL, Store, atomic_write
 
 DEFAULT_CHECKPOINT_INTERVAL_S = 60.0
-DEVICE_ENV = "HSBENCH_DEVICE"  # set by `hsbench run --device`, read in every run (local, pool, SLURM)
-DATA_DIR_ENV = "HSBENCH_DATA_DIR"  # set by `hsbench run --data-dir`
 DEFAULT_DATA_DIR = Path("data")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How one ``hsbench run`` executes its runs, the same for all of them.
+
+    ``results_dir`` holds the records (one folder per experiment); ``device`` is a torch device
+    (None: ``cuda`` if available, else ``cpu``); ``data_dir`` holds the torchvision data sets.
+    """
+
+    results_dir: Path
+    checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
+    device: str | None = None
+    data_dir: Path = DEFAULT_DATA_DIR
 
 
 @dataclass
@@ -50,7 +63,7 @@ class RunContext:
     device: str
     checkpoint_path: Path
     checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
-    data_dir: Path = DEFAULT_DATA_DIR  # torchvision data sets: `hsbench run --data-dir` (HSBENCH_DATA_DIR)
+    data_dir: Path = DEFAULT_DATA_DIR  # torchvision data sets: `hsbench run --data-dir`
     resumed: bool = False  # whether load_checkpoint found a checkpoint
     _last_save: float = field(default_factory=time.monotonic)
 
@@ -81,14 +94,13 @@ def finite(value: Any) -> bool:
     return True
 
 
-def execute(run: Run, results_dir: str | Path, checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S) -> str:
+def execute(run: Run, options: RunOptions) -> str:
     """Run ``run`` unless already recorded ok/diverged, write its record, return its status."""
-    from hsbench.experiments import KINDS
-
-    store = Store(results_dir, run.experiment)
-    done = store.read(run.id)
+    store = Store(options.results_dir, run.experiment)
+    done = store.read_run(run)
     if done is not None and done["status"] in FINAL:
         return done["status"]
+    kind = load_kind(run.kind)
     seed = run.settings["seed"]
     random.seed(seed)
     np.random.seed(seed)
@@ -96,15 +108,15 @@ def execute(run: Run, results_dir: str | Path, checkpoint_interval_s: float = DE
     ctx = RunContext(
         run_id=run.id,
         seed=seed,
-        device=os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu"),
-        data_dir=Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR),
+        device=options.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        data_dir=options.data_dir,
         checkpoint_path=store.checkpoint_path(run.id),
-        checkpoint_interval_s=checkpoint_interval_s,
+        checkpoint_interval_s=options.checkpoint_interval_s,
     )
     start = time.perf_counter()
     error = None
     try:
-        metrics = KINDS[run.kind].run(dict(run.settings), ctx)
+        metrics = kind.run(dict(run.settings), ctx)
         json.dumps(metrics)  # a metric JSON cannot store fails the run here, not the record's write
         status = "ok" if finite(metrics) else "diverged"
     except Diverged as e:
@@ -115,7 +127,7 @@ def execute(run: Run, results_dir: str | Path, checkpoint_interval_s: float = DE
         {
             "id": run.id,
             "experiment": run.experiment,
-            "kind": run.kind,
+            "kind": kind.name,
             "scale": run.settings["scale"],
             "settings": run.settings,
             "status": status,

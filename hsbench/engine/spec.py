@@ -14,9 +14,13 @@ Format (user documentation in docs/experiments.md)::
     [scales.NAME.slurm]
 
 The scale ``default`` exists even when not declared. The experiment name is the file stem.
-A run's resolved settings hold every field of the kind (defaults filled in), its ``seed`` and
-its ``scale``; its id is a hash of them, so adding a seed or a grid point adds only new ids.
-Every error is a :class:`SpecError` whose message names the file and the field.
+``kind`` names one of the kinds the caller passes to :func:`load_spec` (the command line
+passes ``hsbench.experiments.KINDS``; this module imports no kind). A run's resolved settings
+hold every field of the kind (defaults filled in), its ``seed`` and its ``scale``; its id
+(:func:`run_id`) hashes the kind's name and those settings that differ from the kind's
+defaults, so adding a seed, a grid point or a field with a default adds no new id to the
+runs already declared. Every error is a :class:`SpecError` whose message names the file and
+the field.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 if sys.version_info >= (3, 11):
@@ -35,8 +40,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-from hsbench.engine.kind import ExperimentKind, Field
-from hsbench.experiments import KINDS
+from hsbench.engine.kind import ExperimentKind, Field, import_path
 
 TOP_KEYS = ("kind", "description", "settings", "grid", "seeds", "slurm", "scales")
 SCALE_KEYS = ("settings", "grid", "seeds", "slurm")
@@ -60,12 +64,25 @@ class SpecError(Exception):
 
 @dataclass(frozen=True)
 class Run:
-    """One independent run: an experiment, its kind and its resolved settings."""
+    """One independent run: an experiment, its kind and its resolved settings.
+
+    ``kind`` is the kind's import path ``'module:Class'`` (``hsbench.engine.kind.load_kind``),
+    so that a run pickled to a pool worker or a SLURM job finds its kind there.
+    """
 
     id: str
     experiment: str
     kind: str
     settings: dict[str, Any]
+
+    def matches(self, record: Mapping[str, Any]) -> bool:
+        """Whether a stored ``record`` of this id ran these settings: none it stores differs.
+
+        A setting the record lacks is a field added since, at its default; one that differs is
+        a default changed since, and the record no longer stands for this run.
+        """
+        stored = record["settings"]
+        return all(stored.get(name, value) == value for name, value in self.settings.items())
 
 
 @dataclass(frozen=True)
@@ -84,17 +101,13 @@ class Spec:
 
     name: str
     path: Path
-    kind: str
+    kind: ExperimentKind
     description: str
     settings: dict[str, Any]
     grid: dict[str, list[Any]]
     seeds: list[int]
     slurm: dict[str, Any]
     scales: dict[str, dict[str, Any]]  # scale name -> validated overrides (SCALE_KEYS)
-
-    @property
-    def experiment_kind(self) -> ExperimentKind:
-        return KINDS[self.kind]
 
     def scale_names(self) -> list[str]:
         return [DEFAULT_SCALE] + [s for s in self.scales if s != DEFAULT_SCALE]
@@ -110,7 +123,7 @@ class Spec:
         for name, values in over.get("grid", {}).items():
             grid[name] = values
             settings.pop(name, None)
-        for name, field in self.experiment_kind.fields.items():
+        for name, field in self.kind.fields.items():
             if name not in settings and name not in grid:
                 if field.required:
                     raise SpecError(f"{self.path}: settings.{name}: missing required setting ({field.doc})")
@@ -121,19 +134,27 @@ class Spec:
     def runs(self, scale: str = DEFAULT_SCALE) -> list[Run]:
         """Expand into runs: the grid's Cartesian product (in declared order) times the seeds."""
         scaled = self.resolve(scale)
-        order = list(self.experiment_kind.fields)
+        fields = self.kind.fields
+        path = import_path(self.kind)
         runs = []
         for point in itertools.product(*scaled.grid.values()):
             values = scaled.settings | dict(zip(scaled.grid, point, strict=True))
             for seed in scaled.seeds:
-                settings = {name: values[name] for name in order} | {"seed": seed, "scale": scale}
-                runs.append(Run(run_id(self.kind, settings), self.name, self.kind, settings))
+                settings = {name: values[name] for name in fields} | {"seed": seed, "scale": scale}
+                runs.append(Run(run_id(self.kind.name, fields, settings), self.name, path, settings))
         return runs
 
 
-def run_id(kind: str, settings: dict[str, Any]) -> str:
-    """Stable id of a run: 16 hex digits of the SHA-256 of its kind and resolved settings."""
-    canonical = json.dumps({"kind": kind, "settings": settings}, sort_keys=True, separators=(",", ":"))
+def run_id(kind: str, fields: Mapping[str, Field], settings: Mapping[str, Any]) -> str:
+    """Stable id of a run: 16 hex digits of the SHA-256 of what identifies it.
+
+    That is the kind's name and the resolved ``settings`` except those at their field's
+    default, so that a field added with a default leaves every stored id unchanged; ``seed``,
+    ``scale`` and required settings always count. (A default changed later leaves ids unchanged
+    too; ``Run.matches`` then tells the stored records from the runs now declared.)
+    """
+    identity = {k: v for k, v in settings.items() if k not in fields or v != fields[k].default}
+    canonical = json.dumps({"kind": kind, "settings": identity}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -145,8 +166,11 @@ def find_spec(name: str | Path, experiments_dir: Path) -> Path:
     return experiments_dir / f"{name}.toml"
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Read and validate a spec, resolving every scale; raise SpecError on the first problem."""
+def load_spec(path: str | Path, kinds: Mapping[str, ExperimentKind]) -> Spec:
+    """Read and validate a spec whose ``kind`` is one of ``kinds`` (by name), resolving every scale.
+
+    Raise SpecError on the first problem.
+    """
     path = Path(path)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", path.stem):
         raise SpecError(f"{path}: file name: experiment names use letters, digits, '_', '-', '.'")
@@ -159,9 +183,9 @@ def load_spec(path: str | Path) -> Spec:
     v = _Validator(path)
     v.keys(raw, TOP_KEYS, "")
     if "kind" not in raw:
-        raise SpecError(f"{path}: kind: missing; choose from {', '.join(KINDS)}")
-    kind = v.value(Field(str, "experiment kind", choices=KINDS), raw["kind"], "kind")
-    fields = KINDS[kind].fields
+        raise SpecError(f"{path}: kind: missing; choose from {', '.join(kinds)}")
+    kind = kinds[v.value(Field(str, "experiment kind", choices=kinds), raw["kind"], "kind")]
+    fields = kind.fields
     spec = Spec(
         name=path.stem,
         path=path,

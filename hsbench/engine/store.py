@@ -23,9 +23,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from hsbench.engine.spec import Run
 
 DEFAULT_RESULTS = Path("results")
 FINAL = ("ok", "diverged")  # statuses that a rerun skips; a failed run runs again
@@ -67,6 +70,11 @@ class Store:
             return json.loads((self.runs_dir / f"{run_id}.json").read_text())
         except FileNotFoundError:
             return None
+
+    def read_run(self, run: Run) -> dict[str, Any] | None:
+        """The record of ``run``, or None if none is stored or it ran other settings (``Run.matches``)."""
+        record = self.read(run.id)
+        return record if record is not None and run.matches(record) else None
 
     def records(self) -> list[dict[str, Any]]:
         """All records, sorted by run id."""

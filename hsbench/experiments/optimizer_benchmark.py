@@ -57,6 +57,7 @@ SELECTIONS = ("final-valid-loss", "valid-loss-auc")
 class OptimizerBenchmark(ExperimentKind):
     name = "optimizer-benchmark"
     description = "train a DeepOBS problem with one optimizer and step size; learning curves, best step size"
+    export_formats = ("deepobs",)  # hsbench export --format deepobs: DeepOBS's per-seed JSON layout
     fields = {
         "problem": Field(str, "test problem (hsbench.problems)", choices=lambda: list(problems.PROBLEMS)),
         "activation": Field(str, "activation of every hidden layer", default="relu", choices=lambda: list(ACTIVATIONS)),
