@@ -10,7 +10,7 @@ from hsbench import losses
 OUT = 4  # every test network ends in 4 outputs: 4 classes / actions, or [μ, ν] of a 2-d Gaussian
 BATCH = 3
 
-ACTIVATIONS = {
+ACTIVATION_CASES = {
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
     "relu": nn.ReLU,
@@ -25,7 +25,7 @@ ACTIVATIONS = {
 def mlp(activation="tanh", widths=(5, 4, 3)):
     layers = []
     for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
+        layers += [nn.Linear(a, b), ACTIVATION_CASES[activation]()]
     return nn.Sequential(*layers, nn.Linear(widths[-1], OUT))
 
 
@@ -35,7 +35,7 @@ def _inputs(shape, seed):
 
 MODELS = {
     # name: (builder, input shape per sample)
-    **{f"mlp-{a}": (lambda a=a: mlp(a), (5,)) for a in ACTIVATIONS},
+    **{f"mlp-{a}": (lambda a=a: mlp(a), (5,)) for a in ACTIVATION_CASES},
     "mlp-nobias-nested": (
         lambda: nn.Sequential(nn.Sequential(nn.Linear(5, 4, bias=False), nn.Tanh()), nn.Linear(4, OUT, bias=False)),
         (5,),

@@ -8,7 +8,9 @@ import reference
 from cases import LOSSES, MODELS, OUT, problem
 from hsbench import losses
 from hsbench.curvature import METHODS, diagonal
+from hsbench.curvature.contracts import Elementwise, ParametrizedRule
 from hsbench.curvature.loss_rules import loss_rule
+from hsbench.curvature.modules import RULES, Selection
 
 CNNS = [m for m in MODELS if m.startswith("conv")]
 
@@ -208,12 +210,23 @@ def test_kfac_equals_ggn_mc_for_one_sample_of_an_mlp():
         assert_close(kfac, ggnmc)
 
 
+def test_kfac_per_sample_equals_ggn_mc_per_sample_for_an_mlp():
+    """One sample's own KFAC factors of a Linear layer multiply to its GGN-MC diagonal (same draws)."""
+    model, loss_fn, x, t = problem("mlp-tanh", "ce")
+    for samples in (1, 5):
+        seed = lambda: torch.Generator().manual_seed(8)  # noqa: E731
+        kfac = diagonal("kfac", model, loss_fn, x, t, per_sample=True, mc_samples=samples, generator=seed())
+        ggnmc = diagonal("ggn-mc", model, loss_fn, x, t, per_sample=True, mc_samples=samples, generator=seed())
+        assert_close(kfac, ggnmc)
+
+
 def test_kfac_converges_to_the_kronecker_product_of_exact_factors():
-    """With many samples, B → mean_n mean_t diag(GGN w.r.t. the layer output); checked on a CNN."""
+    """With many samples, B_n → mean_t diag(GGN_n w.r.t. the layer output) for each sample n, with
+    A_n = Σ_t u uᵀ from its input patches; per sample the result is diag(B_n) ⊗ diag(A_n), for the
+    batch (mean reduction) mean_n B_n ⊗ mean_n A_n. Checked on a CNN, factors from autograd."""
     model, loss_fn, x, t = problem("conv1d", "ce")
     conv = model[0]
     n = x.shape[0]
-    # exact per-sample GGN diagonal w.r.t. the first conv's output, via autograd
     rest = model[1:]
     y = conv(x).detach()
     b = []
@@ -221,16 +234,22 @@ def test_kfac_converges_to_the_kronecker_product_of_exact_factors():
         j = torch.func.jacrev(lambda u: rest(u.unsqueeze(0))[0])(y[i]).reshape(OUT, -1)
         h = torch.func.hessian(lambda z: loss_fn(z.unsqueeze(0), t[i : i + 1]))(model(x[i : i + 1])[0].detach())
         b.append(torch.diagonal(j.T @ h @ j).reshape(y.shape[1], -1).mean(1))
-    b = torch.stack(b).mean(0)  # (C_out,)
+    b = torch.stack(b)  # (N, C_out)
     patches = torch.nn.functional.unfold(
         torch.nn.functional.pad(x, (1, 1)).unsqueeze(2), (1, 3), stride=(1, 2)
     )  # (N, C_in * 3, T)
-    a = patches.square().sum(-1).mean(0).reshape(2, 3)  # (C_in, k); conv has 2 groups of one input channel
+    a = patches.square().sum(-1).reshape(n, 2, 3)  # (N, C_in, k); conv has 2 groups of one input channel
     groups = torch.arange(4) // 2
-    expected_weight = b[:, None, None] * a[groups].reshape(4, 1, 3)  # mean reduction: scale·N = 1
-    found = diagonal("kfac", model, loss_fn, x, t, mc_samples=40000, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(found["0.weight"], expected_weight, rtol=0.05, atol=1e-6)
-    torch.testing.assert_close(found["0.bias"], b * patches.shape[-1], rtol=0.05, atol=1e-6)
+    positions = patches.shape[-1]
+    expected_weight = b[:, :, None, None] * a[:, groups].reshape(n, 4, 1, 3)
+    seed = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    per_sample = diagonal("kfac", model, loss_fn, x, t, per_sample=True, mc_samples=40000, generator=seed())
+    torch.testing.assert_close(per_sample["0.weight"], expected_weight, rtol=0.05, atol=1e-6)
+    torch.testing.assert_close(per_sample["0.bias"], b * positions, rtol=0.05, atol=1e-6)
+    batch = diagonal("kfac", model, loss_fn, x, t, mc_samples=40000, generator=seed())
+    expected_batch = b.mean(0)[:, None, None] * a.mean(0)[groups].reshape(4, 1, 3)  # mean reduction: scale·N = 1
+    torch.testing.assert_close(batch["0.weight"], expected_batch, rtol=0.05, atol=1e-6)
+    torch.testing.assert_close(batch["0.bias"], b.mean(0) * positions, rtol=0.05, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +299,38 @@ def test_unsupported_module_is_named_with_its_position():
             diagonal(method, model, nn.CrossEntropyLoss(), x, y)
     model.eval()  # autograd-only methods take any model
     assert diagonal("grad2", model, nn.CrossEntropyLoss(), x, y)["1.1.weight"].shape == (4,)
+
+
+def test_a_rule_missing_a_method_of_its_contract_fails_when_registered():
+    written = ("vjp", "vjp_squared", "pullback", "squared_pullback", "gradient", "squared_gradients")
+    # a parametrized layer rule that forgets kfac and hessian_diagonals
+    Incomplete = type("Incomplete", (ParametrizedRule,), {name: lambda self, *args: None for name in written})
+    with pytest.raises(TypeError, match=r"Incomplete cannot be registered.*hessian_diagonals \(required by ParametrizedRule\), kfac"):
+        {nn.Linear: Incomplete()}
+
+    class NoDerivatives(Elementwise):
+        pass
+
+    with pytest.raises(TypeError, match=r"derivatives \(required by Elementwise\)"):
+        NoDerivatives()
+
+
+def test_a_module_with_parameters_needs_a_parametrized_rule():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.weight
+
+    RULES[Scale] = Selection()  # a parameter-free rule for a module that has parameters
+    try:
+        model = nn.Sequential(nn.Linear(5, 4), Scale())
+        with pytest.raises(ValueError, match=r"Scale at position '1' has parameters.*ParametrizedRule"):
+            diagonal("hesscale", model, nn.MSELoss(), torch.randn(3, 5), torch.randn(3, 4))
+    finally:
+        del RULES[Scale]
 
 
 def test_unsupported_loss_and_policy_losses_without_sampling():

@@ -15,7 +15,7 @@ from torch import nn
 
 from hsbench import problems
 from hsbench.problems import pipelines
-from hsbench.problems.networks import ACTIVATIONS
+from hsbench.activations import ACTIVATIONS
 
 DEEPOBS = {  # our problem -> (DeepOBS network constructor, DeepOBS test problem, input shape)
     "cifar100_3c3d": (lambda m: m.net_cifar10_3c3d(num_outputs=100), "cifar100_3c3d", (3, 32, 32)),

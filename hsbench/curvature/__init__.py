@@ -7,16 +7,14 @@ Every method returns, for each trainable parameter of the model (keyed as in
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from hsbench.curvature import autograd_estimators, diagonal_backprop, hessian_backprop, sampled_backprop
+from hsbench.curvature.estimators import ESTIMATORS, Batch
 from hsbench.curvature.recording import extend
-from hsbench.curvature.tape import record
 
-METHODS = ("exact", "ggn", "ggn-mc", "hutchinson", "grad2", "kfac", "hesscale", "hesscale-gn", "bl89")
+METHODS = tuple(ESTIMATORS)
 """Method names: exact Hessian, exact GGN, Monte-Carlo GGN, Hutchinson (AdaHessian), squared
-gradient, KFAC, HesScale, HesScaleGN, Becker & LeCun 1989."""
+gradient, KFAC, HesScale, HesScaleGN, Becker & LeCun 1989 (``estimators.ESTIMATORS``)."""
 
 __all__ = ["METHODS", "diagonal", "diagonals", "extend"]
 
@@ -75,25 +73,8 @@ def diagonals(
             raise ValueError(f"unknown curvature method {method!r}; valid methods: {', '.join(METHODS)}")
         if not (isinstance(mc_samples, int) and mc_samples >= 1):
             raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}")
-    names = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    tape = None
-    results = {}
-    for label, (method, mc_samples) in requests.items():
-        if method == "grad2":
-            results[label] = autograd_estimators.squared_gradient(model, loss_fn, inputs, targets, per_sample)
-            continue
-        if method == "hutchinson":
-            results[label] = autograd_estimators.hutchinson(
-                model, loss_fn, inputs, targets, mc_samples, generator, per_sample
-            )
-            continue
-        tape = tape or record(model, loss_fn, inputs, targets)
-        with torch.no_grad():
-            if method in diagonal_backprop.VARIANTS:
-                found = diagonal_backprop.backpropagate(tape, method, per_sample)[1]
-            elif method in ("exact", "ggn"):
-                found = hessian_backprop.backpropagate(tape, method == "exact", per_sample)
-            else:
-                found = sampled_backprop.backpropagate(tape, method, mc_samples, generator, per_sample)[1]
-        results[label] = {name: found[p] for name, p in names}
-    return results
+    batch = Batch(model, loss_fn, inputs, targets)
+    return {
+        label: ESTIMATORS[method](batch, mc_samples, generator, per_sample)
+        for label, (method, mc_samples) in requests.items()
+    }

@@ -13,14 +13,12 @@ from the diagonal w.r.t. the distribution's probabilities (see ``LossRule.bl89_d
 
 from __future__ import annotations
 
-from torch import Tensor
-
-from hsbench.curvature.tape import Tape, elementwise
+from hsbench.curvature.tape import Backward, Tape, elementwise
 
 VARIANTS = ("hesscale", "hesscale-gn", "bl89")
 
 
-def backpropagate(tape: Tape, variant: str, per_sample: bool = False) -> tuple[dict[Tensor, Tensor], dict[Tensor, Tensor]]:
+def backpropagate(tape: Tape, variant: str, per_sample: bool = False) -> Backward:
     """Gradient and diagonal estimate of every trainable parameter, keyed by the parameter.
 
     Batch results (per_sample=False) are those of the batch loss; per-sample results have a
@@ -31,7 +29,7 @@ def backpropagate(tape: Tape, variant: str, per_sample: bool = False) -> tuple[d
     start = loss.bl89_diagonal if variant == "bl89" else loss.hessian_diagonal
     s = (scale * start(z, target)).reshape(g.shape)
     grads, diags = {}, {}
-    for step, more in tape.backward_steps():
+    for step, need_input in tape.backward_steps():
         module, rule, ctx = step.module, step.rule, step.ctx
         if elementwise(step):
             d1, d2 = (d.unsqueeze(1) for d in rule.derivatives(module, ctx))
@@ -41,11 +39,11 @@ def backpropagate(tape: Tape, variant: str, per_sample: bool = False) -> tuple[d
             g.mul_(d1)
             continue
         if step.has_parameters:  # the input and parameter parts of each pass in one call
-            g_in, sums = rule.pullback(module, ctx, g, ctx.x, module.weight, more, per_sample)
+            g_in, sums = rule.pullback(module, ctx, g, need_input, per_sample)
             step.accumulate(grads, sums)
-            s_in, sums = rule.pullback(module, ctx, s, ctx.x.square(), module.weight.square(), more, per_sample)
+            s_in, sums = rule.squared_pullback(module, ctx, s, need_input, per_sample)
             step.accumulate(diags, sums)
             g, s = g_in, s_in
-        elif more:
+        elif need_input:
             g, s = rule.vjp(module, ctx, g), rule.vjp_squared(module, ctx, s)
-    return grads, diags
+    return Backward(grads, diags)

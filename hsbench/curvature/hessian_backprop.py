@@ -4,8 +4,9 @@ Per sample, H_y = ∂²ℓ/∂y² (D × D) passes backward exactly (Dangel et al
 
 * through a linear map y = J x:   H_x = Jᵀ H_y J,
 * through an activation y = σ(x): H_x = diag(σ') H_y diag(σ') + diag(σ'' ∘ g_y)  (GGN: no last term),
-* at a weight entry w of a linear map (y is linear in w with ∂y_t/∂w = u_t, the input patch):
-  ∂²ℓ/∂w² = Σ_{t,t'} u_t H_y[t, t'] u_t', which for a Linear layer is diag(H_y) ⊗ x².
+* at a parameter p of a module (``ParametrizedRule.hessian_diagonals``): diag(J_pᵀ H_y J_p), e.g.
+  for a weight entry w of a linear map (∂y_t/∂w = u_t, the input patch) Σ_{t,t'} u_t H_y[t, t'] u_t',
+  which for a Linear layer is diag(H_y) ⊗ x².
 
 Cost grows with D², so this is meant for the small networks where the exact values are needed.
 """
@@ -29,17 +30,6 @@ def _sandwich(step, h: Tensor) -> Tensor:
     return step.rule.vjp(step.module, step.ctx, hj.transpose(1, 2).reshape(n, d_in, *out_shape)).reshape(n, d_in, d_in)
 
 
-def _parameter_diagonals(step, h: Tensor, per_sample: bool) -> dict[str, Tensor]:
-    module = step.module
-    patches = step.rule.patches(module, step.ctx.x)  # (N, G, K, T)
-    blocks = step.rule.output_blocks(module, h)  # (N, G, C, T, T)
-    weight = torch.einsum("ngkt,ngctu,ngku->ngck", patches, blocks, patches)
-    out = {"weight": weight.reshape(h.shape[0], *module.weight.shape)}
-    if module.bias is not None:
-        out["bias"] = blocks.sum((-1, -2)).reshape(h.shape[0], -1)
-    return out if per_sample else {k: v.sum(0) for k, v in out.items()}
-
-
 def output_hessians(
     tape: Tape, curvature_of_activations: bool = True, scale: float = 1.0
 ) -> Iterator[tuple[Step, Tensor]]:
@@ -48,9 +38,9 @@ def output_hessians(
     z, target, loss = tape.output, tape.target, tape.loss
     h = scale * loss.hessian(z, target)  # everything below is linear in (H, g) at the output
     g = (scale * loss.grad(z, target)).reshape(z.shape[0], 1, *z.shape[1:])
-    for step, more in tape.backward_steps():
+    for step, need_input in tape.backward_steps():
         yield step, h
-        if not more:
+        if not need_input:
             return
         if elementwise(step):
             d1, d2 = (d.reshape(d.shape[0], -1) for d in step.rule.derivatives(step.module, step.ctx))
@@ -67,5 +57,5 @@ def backpropagate(tape: Tape, curvature_of_activations: bool = True, per_sample:
     diags = {}
     for step, h in output_hessians(tape, curvature_of_activations, 1.0 if per_sample else tape.scale()):
         if step.has_parameters:
-            step.accumulate(diags, _parameter_diagonals(step, h, per_sample))
+            step.accumulate(diags, step.rule.hessian_diagonals(step.module, step.ctx, h, per_sample))
     return diags

@@ -1,97 +1,49 @@
-"""Per-module rules: how first- and second-order information passes backward through one module.
+"""Rules of torch's modules and the rule table: how first- and second-order information passes
+backward through one module.
 
 A rule knows one module type (matched by exact class, as in BackPACK: a subclass with its own
-``forward`` is a different module). Shapes: ``x`` is the module input (N, *in), ``y`` its
-output (N, *out). Backpropagated quantities carry an extra vector dimension K after the batch
-dimension, ``v`` of shape (N, K, *out), so one call serves a gradient (K = 1), K Monte-Carlo
-vectors, or the K = D_out rows of a full Hessian.
+``forward`` is a different module) and implements one contract of ``contracts``:
 
-Kinds of rules:
-
-* ``LinearMap`` rules (Linear, Conv, pooling, padding, flatten, dropout, identity): the output
-  is linear in the input, y = J x (+ b), with J possibly depending on the input only through
-  a piecewise-constant selection (max pooling). They provide ``vjp(v) = Jᵀ v`` and
+* ``LinearMap`` (pooling, padding, flatten, dropout, identity): ``vjp(v) = Jᵀ v`` and
   ``vjp_squared(s) = Σ_o J_oi² s_o``, the diagonal of Jᵀ diag(s) J.
-* ``Elementwise`` rules (activations): y = σ(x) elementwise; they provide σ'(x) and σ''(x).
+* ``ParametrizedRule`` (Linear, Conv, ``hsbench.losses.GaussianHead``): also the parameter side
+  of every backward walk.
+* ``Elementwise`` (activations): σ'(x) and σ''(x).
 
-Rules of modules with parameters (Linear, Conv) also map output quantities to parameter
-quantities: ``param_sums`` (Σ over samples and positions of v ⊗ input), ``pullback`` (that and
-the input part in one call), ``squared_param_sums`` (GGN-MC), ``patches`` and ``output_blocks``
-(exact diagonals from full output Hessians).
+A new module type is one new rule (its own file for a module of hsbench's own, e.g.
+``gaussian_head.py``) plus one line in ``RULES``.
 """
 
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-class Context:
-    """What the backward pass needs from one module's forward: input, output and extras.
-
-    Built from the input and output alone, so that a forward hook can record it. After an
-    in-place module the input tensor holds the output; rules of such modules use ``y`` only."""
-
-    __slots__ = ("x", "y", "extra")
-
-    def __init__(self, x: Tensor, y: Tensor, extra=None):
-        self.x, self.y, self.extra = x, y, extra
-
-
-def _fold(v: Tensor) -> Tensor:
-    """(N, K, *shape) -> (N*K, *shape)."""
-    return v.reshape(v.shape[0] * v.shape[1], *v.shape[2:])
-
-
-def _unfold(v: Tensor, n: int) -> Tensor:
-    """(N*K, *shape) -> (N, K, *shape)."""
-    return v.reshape(n, v.shape[0] // n, *v.shape[1:])
-
-
-class Rule:
-    """Base rule: checks a module's configuration and records its context."""
-
-    def check(self, module: nn.Module) -> None:
-        """Raise ``ValueError`` if this configuration of the module is not supported."""
-
-    def extra(self, module: nn.Module, x: Tensor, y: Tensor):
-        return None
-
-    def prepare(self, module: nn.Module) -> None:
-        """Configure ``module`` to hand extras to its forward hook (``hsbench.curvature.extend``)."""
-
-    def split(self, module: nn.Module, output) -> tuple[Tensor, object]:
-        """(output tensor, extra recorded by the forward or None) from what the module returned."""
-        return output, None
-
-    def context(self, module: nn.Module, x: Tensor, y: Tensor, recorded=None) -> Context:
-        return Context(x, y, self.extra(module, x, y) if recorded is None else recorded)
-
-
-class LinearMap(Rule):
-    """y = J x (+ b) with J independent of the input values; sample-wise (no mixing across N)."""
-
-    def vjp(self, module: nn.Module, ctx: Context, v: Tensor) -> Tensor:
-        """Jᵀ v for each sample and vector: (N, K, *out) -> (N, K, *in).
-
-        Generic version through autograd on a zero input (J does not depend on the input)."""
-        n = v.shape[0]
-        with torch.enable_grad():
-            x0 = torch.zeros((_fold(v).shape[0], *ctx.x.shape[1:]), dtype=v.dtype, device=v.device, requires_grad=True)
-            (vjp,) = torch.autograd.grad(module(x0), x0, _fold(v))
-        return _unfold(vjp, n)
-
-    def vjp_squared(self, module: nn.Module, ctx: Context, s: Tensor) -> Tensor:
-        """Σ_o J_oi² s_o, the diagonal of Jᵀ diag(s) J. Default: J has only 0/1 entries."""
-        return self.vjp(module, ctx, s)
+from hsbench.curvature.contracts import (
+    Context,
+    Elementwise,
+    LinearMap,
+    ParametrizedRule,
+    Rule,
+    autograd_vjp,
+    fold,
+    unfold,
+)
 
 
 class Selection(LinearMap):
     """Flatten, zero padding, identity: J selects or reshapes entries (0/1 entries)."""
+
+    def vjp(self, module, ctx, v):
+        return autograd_vjp(module, ctx, v)
+
+    def vjp_squared(self, module, ctx, s):
+        return autograd_vjp(module, ctx, s)
 
 
 class AvgPool(LinearMap):
@@ -116,6 +68,9 @@ class AvgPool(LinearMap):
         )
         counts = counts.squeeze(2) if spatial == 1 else counts
         return module(ones) / counts
+
+    def vjp(self, module, ctx, v):
+        return autograd_vjp(module, ctx, v)
 
     def vjp_squared(self, module, ctx, s):
         return self.vjp(module, ctx, s * self._row_weights(module, ctx).unsqueeze(1))
@@ -145,6 +100,9 @@ class MaxPool(LinearMap):
         out.scatter_add_(3, indices, v.reshape(n, k, c, -1))
         return out.reshape(n, k, *ctx.x.shape[1:])
 
+    def vjp_squared(self, module, ctx, s):
+        return self.vjp(module, ctx, s)  # J has 0/1 entries
+
 
 class Dropout(LinearMap):
     """Dropout: J = diag(mask / (1 - p)) in training mode, identity in evaluation mode."""
@@ -163,7 +121,70 @@ class Dropout(LinearMap):
         return s if ctx.extra is None else s * ctx.extra.square().unsqueeze(1)
 
 
-class Linear(LinearMap):
+class WeightedMap(ParametrizedRule):
+    """Linear and Conv: each output position t is W u_t (+ b), u_t the input patch it sees. The
+    parameter side of every walk is written once here, from four layer-specific pieces."""
+
+    @abstractmethod
+    def param_sums(self, module: nn.Module, x: Tensor, v: Tensor, per_sample: bool) -> dict[str, Tensor]:
+        """Σ_n Σ_t v_{n,t} ⊗ x_{n,t} per weight entry for v (N, *out): the gradient for v = ∂ℓ/∂y,
+        HesScale's Eq. 3 / 11 for v = ŝ and x = x²."""
+
+    @abstractmethod
+    def input_and_param_sums(
+        self, module: nn.Module, ctx: Context, v: Tensor, x: Tensor, weight: Tensor, need_input: bool, per_sample: bool
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """(v (N, 1, *out) pulled back to the input through ``weight`` if ``need_input`` else None,
+        ``param_sums(x, v)``) in one call: the gradient for (g, x, W), Eq. 3–4 / 10–11 for (ŝ, x², W²)."""
+
+    @abstractmethod
+    def patches(self, module: nn.Module, x: Tensor) -> Tensor:
+        """Input patches each output position sees: (N, G, K, T) for G groups, K entries, T positions."""
+
+    @abstractmethod
+    def output_blocks(self, module: nn.Module, h: Tensor) -> Tensor:
+        """Full output Hessians (N, D, D) -> per output channel blocks (N, G, C/G, T, T)."""
+
+    def pullback(self, module, ctx, g, need_input, per_sample):
+        return self.input_and_param_sums(module, ctx, g, ctx.x, module.weight, need_input, per_sample)
+
+    def squared_pullback(self, module, ctx, s, need_input, per_sample):
+        return self.input_and_param_sums(module, ctx, s, ctx.x.square(), module.weight.square(), need_input, per_sample)
+
+    def gradient(self, module, ctx, g, per_sample):
+        return self.param_sums(module, ctx.x, g, per_sample)
+
+    def kfac(self, module, ctx, v, per_sample):
+        """Martens & Grosse 2015 (Grosse & Martens 2016 for convolutions): the GGN block of the weight
+        is approximated by A ⊗ B with A = mean_n Σ_t u uᵀ (input patches u at positions t) and
+        B = mean_n mean_t mean_k v vᵀ (the sampled vectors at the output); its diagonal is
+        diag(B) ⊗ diag(A), times N for reduction='sum' (the batch is a sum of N samples). The bias
+        is the weight of a constant input 1. Per sample, both factors are that sample's own."""
+        n = v.shape[0]
+        patches = self.patches(module, ctx.x)  # (N, G, K, T)
+        groups, positions = patches.shape[1], patches.shape[3]
+        a = patches.square().sum(-1)  # (N, G, K)
+        b = v.square().mean(1).reshape(n, groups, -1, positions).mean(-1)  # (N, G, C)
+        if not per_sample:  # Kronecker factors are averaged over the batch before the product
+            a, b = n * a.mean(0, keepdim=True), b.mean(0, keepdim=True)
+        out = {"weight": (b.unsqueeze(-1) * a.unsqueeze(-2)).reshape(a.shape[0], *module.weight.shape)}
+        if module.bias is not None:
+            out["bias"] = (b * positions * (1 if per_sample else n)).reshape(a.shape[0], -1)
+        return out if per_sample else {k: t[0] for k, t in out.items()}
+
+    def hessian_diagonals(self, module, ctx, h, per_sample):
+        """y_t is linear in w with ∂y_t/∂w = u_t: ∂²ℓ/∂w² = Σ_{t,t'} u_t H[t, t'] u_t'
+        (for a Linear layer diag(H) ⊗ x²)."""
+        patches = self.patches(module, ctx.x)  # (N, G, K, T)
+        blocks = self.output_blocks(module, h)  # (N, G, C, T, T)
+        weight = torch.einsum("ngkt,ngctu,ngku->ngck", patches, blocks, patches)
+        out = {"weight": weight.reshape(h.shape[0], *module.weight.shape)}
+        if module.bias is not None:
+            out["bias"] = blocks.sum((-1, -2)).reshape(h.shape[0], -1)
+        return out if per_sample else {k: v.sum(0) for k, v in out.items()}
+
+
+class Linear(WeightedMap):
     """y = x Wᵀ + b for inputs (N, in)."""
 
     def extra(self, module, x, y):
@@ -176,32 +197,29 @@ class Linear(LinearMap):
     def vjp_squared(self, module, ctx, s):
         return s @ module.weight.square()
 
-    def param_sums(self, module: nn.Module, x: Tensor, v: Tensor, per_sample: bool) -> dict[str, Tensor]:
-        """Σ_n v_n ⊗ x_n for v (N, out): the gradient for v = ∂L/∂y, Eq. 3 for v = ŝ and x = x²."""
+    def param_sums(self, module, x, v, per_sample):
         out = {"weight": v.unsqueeze(2) * x.unsqueeze(1) if per_sample else v.T @ x}
         if module.bias is not None:
             out["bias"] = v if per_sample else v.sum(0)
         return out
 
-    def pullback(self, module, ctx, v, x, weight, need_input, per_sample):
-        """(v pulled back to the input through ``weight`` if ``need_input`` else None, ``param_sums(x, v)``)
-        for v (N, 1, out): the gradient for (∂ℓ/∂y, x, W), HesScale's Eq. 3–4 for (ŝ, x², W²)."""
+    def input_and_param_sums(self, module, ctx, v, x, weight, need_input, per_sample):
         return (v @ weight if need_input else None), self.param_sums(module, x, v[:, 0], per_sample)
 
-    def squared_param_sums(self, module, x, v, per_sample):
-        """Σ_n mean_k (gradient of vector v_nk)² for v (N, K, out); rank-one gradients square to v² ⊗ x²."""
-        return self.param_sums(module, x.square(), v.square().mean(1), per_sample)
+    def squared_gradients(self, module, ctx, v, per_sample):
+        """Rank-one gradients square to v² ⊗ x²."""
+        return self.param_sums(module, ctx.x.square(), v.square().mean(1), per_sample)
 
     def patches(self, module, x):
-        """Inputs each output position sees: (N, G=1, in, T=1)."""
+        """(N, G=1, in, T=1)."""
         return x[:, None, :, None]
 
     def output_blocks(self, module, h):
-        """Full output Hessian (N, D, D) -> per output channel blocks (N, G=1, out, T=1, T=1)."""
+        """(N, D, D) -> (N, G=1, out, T=1, T=1)."""
         return torch.diagonal(h, dim1=1, dim2=2)[:, None, :, None, None]
 
 
-class Conv(LinearMap):
+class Conv(WeightedMap):
     """Convolution in 1, 2 or 3 spatial dimensions with stride, padding, dilation and groups."""
 
     def check(self, module):
@@ -227,8 +245,8 @@ class Conv(LinearMap):
         dims = len(module.kernel_size)
         fn = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}[dims]
         n = v.shape[0]
-        folded = _fold(v)
-        return _unfold(fn((folded.shape[0], *in_shape[1:]), weight, folded, *self._args(module)), n)
+        folded = fold(v)
+        return unfold(fn((folded.shape[0], *in_shape[1:]), weight, folded, *self._args(module)), n)
 
     def vjp(self, module, ctx, v):
         return self._grad_input(module, module.weight, v, ctx.x.shape)
@@ -237,7 +255,6 @@ class Conv(LinearMap):
         return self._grad_input(module, module.weight.square(), s, ctx.x.shape)  # Eq. 10
 
     def param_sums(self, module, x, v, per_sample):
-        """Σ_n Σ_t v_{n,t} x_{n,t} per weight entry (convolution weight gradient); Eq. 11 for v = ŝ, x = x²."""
         dims = len(module.kernel_size)
         fn = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}[dims]
         stride, padding, dilation, groups = self._args(module)
@@ -255,9 +272,9 @@ class Conv(LinearMap):
             out["bias"] = v.flatten(2).sum(2) if per_sample else v.flatten(2).sum((0, 2))
         return out
 
-    def pullback(self, module, ctx, v, x, weight, need_input, per_sample):
-        """As ``Linear.pullback``: Eq. 10–11 for (ŝ, x², W²). One ``convolution_backward`` call
-        yields both parts for a batch; per sample, the weight part is a grouped convolution."""
+    def input_and_param_sums(self, module, ctx, v, x, weight, need_input, per_sample):
+        """One ``convolution_backward`` call yields both parts for a batch; per sample, the weight
+        part is a grouped convolution."""
         if per_sample:
             pulled = self._grad_input(module, weight, v, ctx.x.shape) if need_input else None
             return pulled, self.param_sums(module, x, v[:, 0], per_sample)
@@ -270,15 +287,15 @@ class Conv(LinearMap):
         sums = {"weight": weight_part, **({"bias": bias_part} if has_bias else {})}
         return (pulled.unsqueeze(1) if need_input else None), sums
 
-    def squared_param_sums(self, module, x, v, per_sample):
-        """Σ_n mean_k (gradient of vector v_nk)² for v (N, K, C_out, *spatial), through per-vector gradients."""
+    def squared_gradients(self, module, ctx, v, per_sample):
+        """Through per-vector gradients."""
         n, k = v.shape[:2]
-        grads = self.param_sums(module, x.repeat_interleave(k, 0), _fold(v), per_sample=True)
+        grads = self.param_sums(module, ctx.x.repeat_interleave(k, 0), fold(v), per_sample=True)
         out = {name: g.square().reshape(n, k, *g.shape[1:]).mean(1) for name, g in grads.items()}
         return out if per_sample else {name: g.sum(0) for name, g in out.items()}
 
     def patches(self, module, x):
-        """Input patches each output position sees: (N, G, C_in/G * prod(kernel), T)."""
+        """(N, G, C_in/G * prod(kernel), T)."""
         c_in, kernel = x.shape[1], module.kernel_size
         size = math.prod(kernel)
         one_hot = torch.eye(size, dtype=x.dtype, device=x.device).reshape(size, 1, *kernel).repeat(c_in, 1, *([1] * len(kernel)))
@@ -288,15 +305,15 @@ class Conv(LinearMap):
         return patches.reshape(x.shape[0], module.groups, (c_in // module.groups) * size, -1)
 
     def output_blocks(self, module, h):
-        """Full output Hessian (N, D, D), D = C_out·T -> per output channel blocks (N, G, C_out/G, T, T)."""
+        """(N, D, D), D = C_out·T -> (N, G, C_out/G, T, T)."""
         n, c = h.shape[0], module.out_channels
         t = h.shape[1] // c
         blocks = torch.diagonal(h.reshape(n, c, t, c, t), dim1=1, dim2=3).permute(0, 3, 1, 2)
         return blocks.reshape(n, module.groups, c // module.groups, t, t)
 
 
-class Elementwise(Rule):
-    """y = σ(x) elementwise; ``derivatives`` returns (σ'(x), σ''(x))."""
+class Activation(Elementwise):
+    """An activation given by a function ``(module, x, y) -> (σ'(x), σ''(x))``."""
 
     def __init__(self, derivatives: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]):
         self.derivatives_fn = derivatives
@@ -367,14 +384,25 @@ RULES: dict[type, Rule] = {
     nn.ZeroPad3d: Selection(),
     nn.Identity: Selection(),
     nn.Dropout: Dropout(),
-    nn.ReLU: Elementwise(_relu),
-    nn.LeakyReLU: Elementwise(_leaky_relu),
-    nn.Tanh: Elementwise(_tanh),
-    nn.Sigmoid: Elementwise(_sigmoid),
-    nn.ELU: Elementwise(_elu),
-    nn.SELU: Elementwise(_selu),
-    nn.Softplus: Elementwise(_softplus),
+    nn.ReLU: Activation(_relu),
+    nn.LeakyReLU: Activation(_leaky_relu),
+    nn.Tanh: Activation(_tanh),
+    nn.Sigmoid: Activation(_sigmoid),
+    nn.ELU: Activation(_elu),
+    nn.SELU: Activation(_selu),
+    nn.Softplus: Activation(_softplus),
 }
+
+
+def _rule_of(module: nn.Module, position: str) -> Rule:
+    rule = RULES[type(module)]
+    if any(True for _ in module.parameters(recurse=False)) and not isinstance(rule, ParametrizedRule):
+        raise ValueError(
+            f"module {type(module).__name__} at position '{position}' has parameters, but its rule "
+            f"{type(rule).__name__} does not implement ParametrizedRule"
+        )
+    rule.check(module)
+    return rule
 
 
 def layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, Rule]]:
@@ -382,8 +410,7 @@ def layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, Rul
 
     Raises ``ValueError`` naming the class and position of the first unsupported module."""
     if not prefix and type(model) in RULES:
-        RULES[type(model)].check(model)
-        return [("", model, RULES[type(model)])]
+        return [("", model, _rule_of(model, ""))]
     if not isinstance(model, nn.Sequential):
         raise ValueError(
             f"the curvature core needs an nn.Sequential (nesting allowed) of supported modules; got {type(model).__name__}"
@@ -394,8 +421,7 @@ def layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, Rul
         if isinstance(child, nn.Sequential):
             found += layers(child, f"{position}.")
         elif type(child) in RULES:
-            RULES[type(child)].check(child)
-            found.append((position, child, RULES[type(child)]))
+            found.append((position, child, _rule_of(child, position)))
         else:
             raise ValueError(
                 f"module {type(child).__name__} at position '{position}' is not supported "

@@ -49,7 +49,7 @@ def _recorder(position, rule):
 
 
 def _record_loss(module, args, output):
-    z, target = args
+    z, target = args[0], (args[1] if len(args) > 1 else None)  # a loss without target is called as loss_fn(z)
     steps = z.__dict__.pop(_STEPS, None)
     if steps is not None:
         setattr(output, _TAPE, Tape(list(steps), z, target, loss_rule(module)))

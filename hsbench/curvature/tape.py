@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from hsbench.curvature.loss_rules import LossRule, loss_rule
-from hsbench.curvature.modules import Context, Elementwise, Rule, layers
+from hsbench.curvature.contracts import Context, Elementwise, Rule
+from hsbench.curvature.modules import layers
 
 
 @dataclass
@@ -44,7 +45,8 @@ class Tape:
     loss: LossRule
 
     def backward_steps(self) -> Iterator[tuple[Step, bool]]:
-        """Steps from last to first, with whether anything below still needs a backpropagated quantity."""
+        """Steps from last to first, each with ``need_input``: whether the step's input still needs a
+        backpropagated quantity (False from the first module with parameters on)."""
         first = next((i for i, s in enumerate(self.steps) if s.has_parameters), len(self.steps))
         for i in range(len(self.steps) - 1, first - 1, -1):
             yield self.steps[i], i > first
@@ -64,6 +66,13 @@ def record(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets) -> Tap
             steps.append(Step(position, module, module_rule, module_rule.context(module, x, y)))
             x = y
     return Tape(steps, x, targets, rule)
+
+
+class Backward(NamedTuple):
+    """What a backward walk yields, keyed by the parameter tensors: gradients and diagonals."""
+
+    gradients: dict[Tensor, Tensor]
+    diagonals: dict[Tensor, Tensor]
 
 
 def elementwise(step: Step) -> bool:

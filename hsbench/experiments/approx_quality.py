@@ -19,10 +19,11 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from hsbench.activations import ACTIVATIONS
 from hsbench.curvature import diagonals
 from hsbench.data import mnist_like
 from hsbench.engine.kind import ExperimentKind, Field
-from hsbench.experiments.networks import ACTIVATIONS, mlp, small_cnn
+from hsbench.experiments.networks import mlp, small_cnn
 from hsbench.experiments.plotting import save_figure
 
 def compared_methods(mc_large: int) -> dict[str, tuple[str, int]]:

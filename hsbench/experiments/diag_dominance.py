@@ -20,12 +20,13 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from hsbench.activations import ACTIVATIONS
 from hsbench.curvature import extend
 from hsbench.curvature.hessian_backprop import output_hessians
 from hsbench.curvature.tape import record
 from hsbench.data import MNIST_LIKE, mnist_like
 from hsbench.engine.kind import Diverged, ExperimentKind, Field
-from hsbench.experiments.networks import ACTIVATIONS, INITS, mlp
+from hsbench.experiments.networks import INITS, mlp
 from hsbench.experiments.plotting import save_figure, save_markdown
 from hsbench.optim import OPTIMIZERS, make
 

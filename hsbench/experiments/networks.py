@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-ACTIVATIONS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "elu": nn.ELU}
-
+from hsbench.activations import ACTIVATIONS
 
 INITS = ("kaiming", "torch-default")
 

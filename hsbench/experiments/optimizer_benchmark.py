@@ -41,11 +41,11 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from hsbench import optim, problems
+from hsbench.activations import ACTIVATIONS
 from hsbench.curvature import extend
 from hsbench.engine.kind import Diverged, ExperimentKind, Field
 from hsbench.experiments.plotting import save_figure
 from hsbench.timing import synchronize
-from hsbench.problems.networks import ACTIVATIONS
 
 EVAL_BATCH = 1000  # evaluation batch size (does not change the numbers, only memory and speed)
 SPLITS = ("train_eval", "valid", "test")

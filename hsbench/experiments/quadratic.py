@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from hsbench.engine.kind import Diverged, ExperimentKind, Field
 
-OPTIMIZERS = {
+TORCH_OPTIMIZERS = {
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,
     "adagrad": torch.optim.Adagrad,
@@ -34,7 +34,7 @@ class Quadratic(ExperimentKind):
     fields = {
         "dim": Field(int, "dimension of x", default=10, low=1, high=10_000),
         "condition": Field(float, "largest / smallest eigenvalue of A", default=100.0, low=1.0),
-        "optimizer": Field(str, "torch optimizer", default="sgd", choices=lambda: sorted(OPTIMIZERS)),
+        "optimizer": Field(str, "torch optimizer", default="sgd", choices=lambda: sorted(TORCH_OPTIMIZERS)),
         "lr": Field(float, "learning rate", default=0.01, low=1e-12),
         "steps": Field(int, "optimisation steps", default=200, low=1),
         "noise": Field(float, "standard deviation of the Gaussian gradient noise", default=0.0, low=0.0),
@@ -51,7 +51,7 @@ class Quadratic(ExperimentKind):
         a = q @ torch.diag(eigenvalues) @ q.T
         x_star = torch.randn(dim, generator=gen, dtype=torch.float64)
         x = torch.randn(dim, generator=gen, dtype=torch.float64).requires_grad_()
-        optimizer = OPTIMIZERS[settings["optimizer"]]([x], lr=settings["lr"])
+        optimizer = TORCH_OPTIMIZERS[settings["optimizer"]]([x], lr=settings["lr"])
 
         def loss_fn() -> torch.Tensor:
             d = x - x_star

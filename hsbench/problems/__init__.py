@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from hsbench.data import as_tensors, embedded_mnist, torchvision_dataset
-from hsbench.problems import networks, pipelines
+from hsbench.problems import deepobs_networks, pipelines
 
 EMBEDDED_TEST_SIZE = 1_000  # embedded digits held out as the test set (a fixed random choice)
 EMBEDDED_EVAL_SIZE = 1_000  # embedded validation and train-eval sizes (DeepOBS: 10,000)
@@ -92,11 +92,11 @@ class Problem:
 PROBLEMS = {
     p.name: p
     for p in (
-        Problem("cifar100_3c3d", "cifar100", 100, networks.net_3c3d, weight_decay=0.002, batch_size=128, epochs=200),
-        Problem("cifar100_allcnnc", "cifar100", 100, networks.net_allcnnc, weight_decay=0.0005, batch_size=256, epochs=350),
-        Problem("cifar10_3c3d", "cifar10", 10, networks.net_3c3d, weight_decay=0.002, batch_size=128, epochs=100),
-        Problem("mnist_mlp", "mnist", 10, networks.net_mlp, weight_decay=0.0, batch_size=128, epochs=100),
-        Problem("embedded_mnist_mlp", "embedded-mnist", 10, networks.net_mlp, weight_decay=0.0, batch_size=128, epochs=10),
+        Problem("cifar100_3c3d", "cifar100", 100, deepobs_networks.net_3c3d, weight_decay=0.002, batch_size=128, epochs=200),
+        Problem("cifar100_allcnnc", "cifar100", 100, deepobs_networks.net_allcnnc, weight_decay=0.0005, batch_size=256, epochs=350),
+        Problem("cifar10_3c3d", "cifar10", 10, deepobs_networks.net_3c3d, weight_decay=0.002, batch_size=128, epochs=100),
+        Problem("mnist_mlp", "mnist", 10, deepobs_networks.net_mlp, weight_decay=0.0, batch_size=128, epochs=100),
+        Problem("embedded_mnist_mlp", "embedded-mnist", 10, deepobs_networks.net_mlp, weight_decay=0.0, batch_size=128, epochs=10),
     )
 }
 

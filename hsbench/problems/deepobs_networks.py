@@ -18,8 +18,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
-"""Activation choices: ReLU as in DeepOBS, ELU (ICML paper) and tanh (workshop paper)."""
+from hsbench.activations import ACTIVATIONS
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:

@@ -1,0 +1,94 @@
+"""The curvature methods as one table ``{method: estimator}``.
+
+Every estimator has the signature of ``Estimator`` and returns ``{parameter name: Tensor}`` for
+the trainable parameters of the batch's model (keyed as in ``model.named_parameters()``), each
+of the parameter's shape, with a leading batch dimension if ``per_sample``. A new method is one
+estimator (a walk of its own in a new file, or an existing walk with other options) plus one line
+in ``ESTIMATORS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from hsbench.curvature import autograd_estimators, diagonal_backprop, hessian_backprop, sampled_backprop
+from hsbench.curvature.tape import Tape, record
+
+
+@dataclass
+class Batch:
+    """One batch of a problem: ``loss_fn(model(inputs), targets)``. The methods that walk the
+    recorded forward pass share one recording, made on first use."""
+
+    model: nn.Module
+    loss_fn: nn.Module
+    inputs: Tensor
+    targets: object
+    _tape: Tape | None = field(default=None, repr=False)
+
+    def tape(self) -> Tape:
+        if self._tape is None:
+            self._tape = record(self.model, self.loss_fn, self.inputs, self.targets)
+        return self._tape
+
+    def by_name(self, found: dict[Tensor, Tensor]) -> dict[str, Tensor]:
+        """Values keyed by parameter tensor -> keyed by parameter name, trainable parameters only."""
+        return {name: found[p] for name, p in self.model.named_parameters() if p.requires_grad}
+
+
+class Estimator(Protocol):
+    def __call__(
+        self, batch: Batch, mc_samples: int, generator: torch.Generator | None, per_sample: bool
+    ) -> dict[str, Tensor]: ...
+
+
+def _squared_gradient(batch, mc_samples, generator, per_sample):
+    return autograd_estimators.squared_gradient(batch.model, batch.loss_fn, batch.inputs, batch.targets, per_sample)
+
+
+def _hutchinson(batch, mc_samples, generator, per_sample):
+    return autograd_estimators.hutchinson(
+        batch.model, batch.loss_fn, batch.inputs, batch.targets, mc_samples, generator, per_sample
+    )
+
+
+def _diagonal_backprop(variant: str) -> Estimator:
+    def estimate(batch, mc_samples, generator, per_sample):
+        with torch.no_grad():
+            return batch.by_name(diagonal_backprop.backpropagate(batch.tape(), variant, per_sample).diagonals)
+
+    return estimate
+
+
+def _hessian_backprop(curvature_of_activations: bool) -> Estimator:
+    def estimate(batch, mc_samples, generator, per_sample):
+        with torch.no_grad():
+            return batch.by_name(hessian_backprop.backpropagate(batch.tape(), curvature_of_activations, per_sample))
+
+    return estimate
+
+
+def _sampled_backprop(method: str) -> Estimator:
+    def estimate(batch, mc_samples, generator, per_sample):
+        with torch.no_grad():
+            found = sampled_backprop.backpropagate(batch.tape(), method, mc_samples, generator, per_sample)
+            return batch.by_name(found.diagonals)
+
+    return estimate
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "exact": _hessian_backprop(curvature_of_activations=True),  # exact Hessian
+    "ggn": _hessian_backprop(curvature_of_activations=False),  # exact GGN
+    "ggn-mc": _sampled_backprop("ggn-mc"),  # Monte-Carlo GGN
+    "hutchinson": _hutchinson,  # AdaHessian's estimator
+    "grad2": _squared_gradient,  # squared gradient
+    "kfac": _sampled_backprop("kfac"),
+    "hesscale": _diagonal_backprop("hesscale"),
+    "hesscale-gn": _diagonal_backprop("hesscale-gn"),
+    "bl89": _diagonal_backprop("bl89"),  # Becker & LeCun 1989
+}
