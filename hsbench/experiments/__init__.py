@@ -1,4 +1,8 @@
-"""Registry of experiment kinds by name; a spec's ``kind`` must be one of ``KINDS``."""
+"""Registry of experiment kinds by name; a spec's ``kind`` must be one of ``KINDS``.
+
+A new kind is one module of this package (a subclass of ``hsbench.engine.kind.ExperimentKind``)
+plus one line below. The engine never imports this registry; ``hsbench.cli`` hands it over.
+"""
 
 from hsbench.engine.kind import ExperimentKind
 from hsbench.experiments.approx_quality import ApproxQuality
@@ -7,4 +11,13 @@ from hsbench.experiments.optimizer_benchmark import OptimizerBenchmark
 from hsbench.experiments.quadratic import Quadratic
 from hsbench.experiments.update_time import UpdateTime
 
-KINDS: dict[str, ExperimentKind] = {kind.name: kind for kind in (Quadratic(), ApproxQuality(), DiagDominance(), OptimizerBenchmark(), UpdateTime())}
+KINDS: dict[str, ExperimentKind] = {
+    kind.name: kind
+    for kind in (
+        Quadratic(),
+        ApproxQuality(),
+        DiagDominance(),
+        OptimizerBenchmark(),
+        UpdateTime(),
+    )
+}
