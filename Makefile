@@ -17,11 +17,14 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # Lint, format check and type check (configured in pyproject.toml); changes no file.
+# All three run and report; the target fails if any of them does.
 .PHONY: lint
 lint: $(STAMP)
-	$(VENV)/bin/ruff check hsbench tests
-	$(VENV)/bin/ruff format --check hsbench tests
-	$(VENV)/bin/mypy hsbench
+	status=0; \
+	$(VENV)/bin/ruff check hsbench tests || status=1; \
+	$(VENV)/bin/ruff format --check hsbench tests || status=1; \
+	$(VENV)/bin/mypy hsbench || status=1; \
+	exit $$status
 
 # Paper figures: run the spec's missing runs at the default scale (stored results are reused),
 # then draw the figures into plots/ from the stored results.
