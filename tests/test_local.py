@@ -170,6 +170,16 @@ def test_device_and_data_dir_reach_pool_workers_and_nothing_leaks(write_spec, tm
     assert later["data_dir"].tolist() == [str(tmp_path / "data")] * 2
 
 
+def test_export_of_a_format_the_kind_does_not_declare_is_a_usage_error(sweep, capsys):
+    spec, res = sweep
+    main(["run", str(spec), "--results", str(res)])
+    capsys.readouterr()
+    assert main(["export", str(spec), "--results", str(res), "--format", "deepobs"]) == 2
+    err = capsys.readouterr().err
+    assert err == "hsbench: error: --format deepobs: kind quadratic exports only csv, parquet\n"
+    assert not list((res / "sweep").glob("*deepobs*"))
+
+
 def test_status_flags_records_of_another_git_revision(sweep, capsys):
     spec, res = sweep
     main(["run", str(spec), "--results", str(res)])
