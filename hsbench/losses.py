@@ -12,6 +12,10 @@ Policies are parametrized by the network's output ``z`` of shape (N, D_out):
   variance is σ² = ν (``variance="raw"``, the parametrization of the paper's appendix B) or
   σ² = exp(ν) (``variance="log"``, which keeps σ² positive for any network output); actions have
   shape (N, D).
+
+``GaussianHead`` (last module of a policy) produces ``[μ, ν]`` from a mean network's output and a
+state-independent log standard deviation; ``Entropy`` is the policy's entropy as a loss module
+(no target: ``entropy(output)``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,25 @@ def log_prob(z: Tensor, actions: Tensor, distribution: str, variance: str = "log
         return torch.log_softmax(z, dim=-1).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
     mean, var = gaussian_split(z, variance)
     return -0.5 * (var.log() + (actions - mean) ** 2 / var + math.log(2 * math.pi)).sum(-1)
+
+
+class GaussianHead(nn.Module):
+    """Gaussian policy head with a state-independent log standard deviation (CleanRL's ``actor_logstd``).
+
+    Put it last in a policy's ``nn.Sequential``, after the mean network. Input: the mean μ, shape
+    (N, dim). Output: ``[μ, ν]``, shape (N, 2·dim), with ν = 2·log_std broadcast over the batch,
+    which the ``variance="log"`` losses read as N(μ, exp(ν)) = N(μ, σ²). ``log_std`` is a
+    parameter of shape (dim,), initialised to ``init_log_std``."""
+
+    def __init__(self, dim: int, init_log_std: float = 0.0):
+        super().__init__()
+        self.dim = dim
+        self.log_std = nn.Parameter(torch.full((dim,), float(init_log_std)))
+
+    def forward(self, mean: Tensor) -> Tensor:
+        if mean.dim() != 2 or mean.shape[1] != self.dim:
+            raise ValueError(f"GaussianHead({self.dim}) needs a mean of shape (N, {self.dim}); got {tuple(mean.shape)}")
+        return torch.cat([mean, (2 * self.log_std).expand_as(mean)], dim=1)
 
 
 class _Reduced(nn.Module):
@@ -113,3 +136,30 @@ class PPOLoss(_Reduced):
         advantages = target[1]
         r = self.ratio(output, target)
         return -torch.minimum(r * advantages, r.clamp(1 - self.clip, 1 + self.clip) * advantages)
+
+
+class Entropy(_Reduced):
+    """Entropy of the policy given by ``output`` (N, D_out), per sample, averaged or summed.
+
+    It has no target: call it as ``entropy(output)``. Categorical: −Σ q log q with q the softmax of
+    the logits. Gaussian ``[μ, ν]``: ½ Σ_i (1 + log 2π + log σ_i²), which does not depend on μ
+    and, for ``variance="log"``, is linear in ν. An entropy bonus is subtracted from the loss
+    being minimised (``pg_loss - 0.01 * entropy``)."""
+
+    def __init__(self, distribution: str = "categorical", variance: str = "log", reduction: str = "mean"):
+        super().__init__(reduction)
+        _check_choice("distribution", distribution, DISTRIBUTIONS)
+        _check_choice("variance", variance, VARIANCES)
+        self.distribution, self.variance = distribution, variance
+
+    def forward(self, output: Tensor, target=None) -> Tensor:
+        if target is not None:
+            raise ValueError("Entropy takes no target: call it as entropy(output)")
+        return super().forward(output, target)
+
+    def per_sample(self, output: Tensor, target=None) -> Tensor:
+        if self.distribution == "categorical":
+            log_q = torch.log_softmax(output, dim=-1)
+            return -(log_q.exp() * log_q).sum(-1)
+        _, var = gaussian_split(output, self.variance)
+        return 0.5 * (1 + math.log(2 * math.pi) + var.log()).sum(-1)

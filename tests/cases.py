@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from hsbench import losses
+from hsbench.activations import Exponential
 
 OUT = 4  # every test network ends in 4 outputs: 4 classes / actions, or [μ, ν] of a 2-d Gaussian
 BATCH = 3
@@ -19,6 +20,7 @@ ACTIVATION_CASES = {
     "selu": nn.SELU,
     "softplus": lambda: nn.Softplus(beta=1.5, threshold=3.0),
     "identity": nn.Identity,
+    "exp": Exponential,
 }
 
 
@@ -29,6 +31,14 @@ def mlp(activation="tanh", widths=(5, 4, 3)):
     return nn.Sequential(*layers, nn.Linear(widths[-1], OUT))
 
 
+def gaussian_policy():
+    """A mean network ending in 2 outputs and a GaussianHead: [μ, ν] with ν = 2·log_std (CleanRL's layout)."""
+    head = losses.GaussianHead(OUT // 2)
+    with torch.no_grad():
+        head.log_std.copy_(torch.tensor([0.3, -0.4]))
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3), nn.ELU(), nn.Linear(3, OUT // 2), head)
+
+
 def _inputs(shape, seed):
     return torch.randn((BATCH, *shape), generator=torch.Generator().manual_seed(seed))
 
@@ -36,6 +46,7 @@ def _inputs(shape, seed):
 MODELS = {
     # name: (builder, input shape per sample)
     **{f"mlp-{a}": (lambda a=a: mlp(a), (5,)) for a in ACTIVATION_CASES},
+    "gaussian-head": (gaussian_policy, (5,)),
     "mlp-nobias-nested": (
         lambda: nn.Sequential(nn.Sequential(nn.Linear(5, 4, bias=False), nn.Tanh()), nn.Linear(4, OUT, bias=False)),
         (5,),
@@ -109,8 +120,16 @@ LOSSES = {
         lambda l, z, g: (_gaussian_target(z, g), torch.randn(z.shape[0], generator=g, dtype=z.dtype)),
         True,
     ),
+    "pg-gauss-log": (
+        lambda r: losses.PolicyGradientLoss("gaussian", "log", reduction=r),
+        lambda l, z, g: (_gaussian_target(z, g), torch.randn(z.shape[0], generator=g, dtype=z.dtype)),
+        False,
+    ),
     "ppo-cat": (lambda r: losses.PPOLoss("categorical", reduction=r), _ppo_target, False),
     "ppo-gauss": (lambda r: losses.PPOLoss("gaussian", variance="log", reduction=r), _ppo_target, False),
+    "entropy-cat": (lambda r: losses.Entropy("categorical", reduction=r), lambda l, z, g: None, False),
+    "entropy-gauss": (lambda r: losses.Entropy("gaussian", "log", reduction=r), lambda l, z, g: None, False),
+    "entropy-gauss-raw": (lambda r: losses.Entropy("gaussian", "raw", reduction=r), lambda l, z, g: None, True),
 }
 
 

@@ -22,16 +22,25 @@ def _loss(model: nn.Module, loss_fn):
     return loss
 
 
+def _target_dim(targets) -> int | None:
+    """vmap's in_dim of the targets: None for a loss without target (``hsbench.losses.Entropy``)."""
+    return None if targets is None else 0
+
+
 def _of_one(loss):
     """The loss of one sample as a batch of one: ℓ_n, for vmap over samples."""
-    return lambda params, x, t: loss(params, x.unsqueeze(0), tree_map(lambda u: u.unsqueeze(0), t))
+    def of_one(params, x, t):
+        return loss(params, x.unsqueeze(0), None if t is None else tree_map(lambda u: u.unsqueeze(0), t))
+
+    return of_one
 
 
 def squared_gradient(model, loss_fn, inputs, targets, per_sample: bool = False) -> dict[str, Tensor]:
     """(∂L/∂θ)² of the batch loss, or (∂ℓ_n/∂θ)² per sample."""
     loss, params = _loss(model, loss_fn), _parameters(model)
     if per_sample:
-        g = vmap(grad(_of_one(loss)), in_dims=(None, 0, 0), randomness="different")(params, inputs, targets)
+        per_sample_grad = vmap(grad(_of_one(loss)), in_dims=(None, 0, _target_dim(targets)), randomness="different")
+        g = per_sample_grad(params, inputs, targets)
     else:
         g = grad(loss)(params, inputs, targets)
     return {k: v.square() for k, v in g.items()}
@@ -62,7 +71,7 @@ def hutchinson(model, loss_fn, inputs, targets, samples: int, generator=None, pe
         return {k: (probes[k] * hz[k]).mean(0) for k in params}
 
     if per_sample:
-        return vmap(estimate, in_dims=(None, 0, 0, None, None), randomness="different")(
+        return vmap(estimate, in_dims=(None, 0, _target_dim(targets), None, None), randomness="different")(
             params, inputs, targets, probes, _of_one(loss)
         )
     return estimate(params, inputs, targets, probes, loss)

@@ -204,12 +204,54 @@ class PPO(LossRule):
         return c * onehot * (1 - q) * (1 - 2 * q)
 
 
+class Entropy(LossRule):
+    """ℓ = H(π(·|z)), no target.
+
+    Categorical, with q = softmax(z), l = log q and H = −Σ q l: ∂H/∂z_j = −q_j (l_j + H) and
+    ∂²H/∂z_j² = −q_j (1 − q_j)(l_j + H + 1) + q_j² (l_j + H). Gaussian [μ, ν]: H = ½ Σ (1 + log 2π
+    + log σ²) does not depend on μ; for ``variance="log"`` it is linear in ν (gradient ½, Hessian
+    0), for ``"raw"`` the gradient is 1/(2ν) and the Hessian −1/(2ν²). There is no predictive
+    distribution to draw targets from, so the Monte-Carlo methods raise (``mc_factor``)."""
+
+    def _derivatives(self, z):
+        if self.loss_fn.distribution == "categorical":
+            log_q = torch.log_softmax(z, 1)
+            q = log_q.exp()
+            c = log_q - (q * log_q).sum(1, keepdim=True)  # l_j + H
+            return -q * c, -q * (1 - q) * (c + 1) + q.square() * c
+        mean, nu = z.chunk(2, dim=-1)
+        if self.loss_fn.variance == "log":
+            g_var, h_var = torch.full_like(nu, 0.5), torch.zeros_like(nu)
+        else:
+            g_var, h_var = 0.5 / nu, -0.5 / nu.square()
+        return torch.cat([torch.zeros_like(mean), g_var], -1), torch.cat([torch.zeros_like(mean), h_var], -1)
+
+    def grad(self, z, target):
+        return self._derivatives(z)[0]
+
+    def hessian_diagonal(self, z, target):
+        return self._derivatives(z)[1]
+
+    def bl89_diagonal(self, z, target):
+        """Categorical: ∂H/∂q = −(log q + 1) and ∂²H/∂q² = −1/q through the softmax's diagonal,
+        −q (1 − q)² − q (1 − q)(1 − 2q)(log q + 1)."""
+        if self.loss_fn.distribution == "gaussian":
+            return self.hessian_diagonal(z, target)
+        log_q = torch.log_softmax(z, 1)
+        q = log_q.exp()
+        return -q * (1 - q).square() - q * (1 - q) * (1 - 2 * q) * (log_q + 1)
+
+    def hessian(self, z, target):
+        return vmap(jacfwd(jacrev(lambda z_n: self.loss_fn(z_n.unsqueeze(0)))))(z)
+
+
 LOSS_RULES = {
     nn.CrossEntropyLoss: CrossEntropy,
     nn.MSELoss: MeanSquaredError,
     losses.GaussianNLLLoss: GaussianNLL,
     losses.PolicyGradientLoss: PolicyGradient,
     losses.PPOLoss: PPO,
+    losses.Entropy: Entropy,
 }
 
 

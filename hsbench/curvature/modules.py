@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hsbench import activations, losses
 from hsbench.curvature.contracts import (
     Context,
     Elementwise,
@@ -34,6 +35,7 @@ from hsbench.curvature.contracts import (
     fold,
     unfold,
 )
+from hsbench.curvature.gaussian_head import GaussianHeadRule
 
 
 class Selection(LinearMap):
@@ -359,6 +361,10 @@ def _selu(m, x, y):
     return _elu(m, x, y, scale=1.0507009873554804934193349852946, alpha=1.6732632423543772848170429916717)
 
 
+def _exp(m, x, y):  # σ' = σ'' = eˣ = y
+    return y, y
+
+
 def _softplus(m, x, y):
     z = m.beta * x
     sig = torch.sigmoid(z)
@@ -391,6 +397,8 @@ RULES: dict[type, Rule] = {
     nn.ELU: Activation(_elu),
     nn.SELU: Activation(_selu),
     nn.Softplus: Activation(_softplus),
+    activations.Exponential: Activation(_exp),
+    losses.GaussianHead: GaussianHeadRule(),
 }
 
 

@@ -8,8 +8,8 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from hsbench.curvature.loss_rules import LossRule, loss_rule
 from hsbench.curvature.contracts import Context, Elementwise, Rule
+from hsbench.curvature.loss_rules import LossRule, loss_rule
 from hsbench.curvature.modules import layers
 
 
