@@ -66,13 +66,15 @@ def update_networks(tiny: bool, batch_3c3d: int) -> list[tuple[str, Callable[[],
     def mlp_batch(classes: int) -> Callable[[torch.Generator], tuple]:
         return lambda gen: (torch.randn(1, INPUTS, generator=gen), torch.randint(classes, (1,), generator=gen))
 
+    problem = get_problem("cifar100_3c3d")
+
     def cifar_batch(gen: torch.Generator) -> tuple:
-        return torch.randn(batch_3c3d, 3, 32, 32, generator=gen), torch.randint(100, (batch_3c3d,), generator=gen)
+        x = torch.randn(batch_3c3d, 3, 32, 32, generator=gen)
+        return x, torch.randint(problem.classes, (batch_3c3d,), generator=gen)
 
     outputs, depths = ((16,), (1,)) if tiny else ((16, 512), (8, 32))
     found = [(f"fig. 8(a), {o} outputs, batch 1", lambda o=o: panel_network("a", o), mlp_batch(o)) for o in outputs]
     found += [(f"fig. 8(b), depth {d}, batch 1", lambda d=d: panel_network("b", d), mlp_batch(OUTPUTS_B)) for d in depths]
-    problem = get_problem("cifar100_3c3d")
     found.append((f"cifar100_3c3d (ELU), batch {batch_3c3d}", lambda: problem.model("elu"), cifar_batch))
     return found
 

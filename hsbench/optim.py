@@ -1,6 +1,7 @@
-"""Optimizers on Hessian-diagonal estimates, and one training-loop shape for all of them.
+"""Optimizers on Hessian-diagonal estimates, and one training step for all of them.
 
-Every optimizer here knows the backward pass it needs::
+Every optimizer here (``make(name, params)``, names in ``OPTIMIZERS``) knows the backward pass
+it needs, so one training step, :func:`train_step`, serves them all::
 
     opt.zero_grad()
     loss = loss_fn(model(x), y)
@@ -13,22 +14,78 @@ AdaHesScale, AdaHesScaleGN, AdaBL89, AdaGGNMC and AdaHessian share one Adam-styl
     m ← β1 m + (1 − β1) g          v ← β2 v + (1 − β2) d²
     W ← W − α m̂ ⊘ (√v̂ + ε)        (m̂, v̂ bias-corrected)
 
-and differ only in the diagonal d. The curvature-based ones (all but AdaHessian) need the model
-and the loss registered once with ``hsbench.curvature.extend``. ``trust_region`` turns on the
-step-size scaling of Algorithm 3: the update U is scaled by η = min(1, √(2Δ / h)) with
-h = Σ √v̂_hs ∘ U², v̂_hs the second moment of the HesScale diagonal; ``last_scale`` holds η.
+and differ only in the diagonal d. The curvature-based ones (``needs_recording``: all but
+AdaHessian, Adam and SGD) need the model and the loss registered once with
+``hsbench.curvature.extend``.
+
+Step-size scaling (Algorithm 3; ``scaled-adahesscale``, ``scaled-adam``, or ``trust_region=Δ``):
+the update U is scaled by η = min(1, √(2Δ / h)) with h = Σ √v̂_hs ∘ U², v̂_hs the second moment
+of the HesScale diagonal, bias-corrected as the paper writes it (``trust_region_bias_correction=
+True``, the default) or uncorrected as in the authors' reinforcement-learning code (``False``);
+``last_scale`` holds η. η is one number per optimizer: the sum h runs over all of the
+optimizer's parameters. The paper scales actor and critic separately, which is one optimizer per
+network; one optimizer over both networks scales them with one common η.
+
+Divergence: ``backward`` on a non-finite loss, and a ``step`` that would write a non-finite
+parameter or state, raise :class:`Diverged` before changing any parameter or optimizer state
+(Adam and SGD: ``step`` checks that the gradients are finite, then runs torch's update).
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from typing import Any, ClassVar, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from hsbench.curvature import diagonal_backprop, sampled_backprop
 from hsbench.curvature.recording import tape_of
+
+
+class Diverged(FloatingPointError):
+    """A non-finite loss, or a step that would write non-finite numbers; nothing was changed."""
+
+
+class Optimizer(Protocol):
+    """What every optimizer of ``OPTIMIZERS`` offers (``make``'s return type)."""
+
+    needs_recording: ClassVar[bool]
+    """Whether ``backward`` reads the forward pass recorded by ``hsbench.curvature.extend``."""
+
+    def __init__(self, params: Any, **hyper: Any) -> None: ...
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def backward(self, loss: Tensor) -> None:
+        """Backpropagate ``loss``: gradients into ``p.grad``, and whatever ``step`` needs."""
+
+    def step(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+def train_step(opt: Optimizer, model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """One training step of ``opt`` on the batch (x, y); returns the loss (detached).
+    Raises :class:`Diverged` (nothing changed) on a non-finite loss or update."""
+    opt.zero_grad()
+    loss = loss_fn(model(x), y)
+    opt.backward(loss)
+    opt.step()
+    return loss.detach()
+
+
+def check_finite_loss(loss: Tensor, who: str) -> None:
+    if not bool(torch.isfinite(loss).all()):
+        raise Diverged(f"{who}.backward: the loss is {loss.detach().cpu().tolist()}")
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one synchronization)."""
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def check_hyperparameters(hyper: dict) -> None:
@@ -62,13 +119,6 @@ def flush_denormals():
         torch.set_flush_denormal(previous)
 
 
-def needs_extend(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` backpropagates curvature from the recorded forward pass (then the
-    model and loss must be registered with ``hsbench.curvature.extend``; the others run faster
-    without the recording hooks)."""
-    return isinstance(optimizer, (_HesScaleFamily, AdaGGNMC))
-
-
 class DiagonalAdam(torch.optim.Optimizer):
     """The shared update. Subclasses implement ``curvature_backward(loss)``: set ``p.grad`` and
     return the diagonal d per parameter (a dict keyed by the parameter tensors).
@@ -77,11 +127,16 @@ class DiagonalAdam(torch.optim.Optimizer):
     Scaled Adam, where d only enters the step-size scaling)."""
 
     precondition = "curvature"
+    needs_recording: ClassVar[bool] = False
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, trust_region=None):
+    def __init__(
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, trust_region=None,
+        trust_region_bias_correction=True,
+    ):
         check_hyperparameters(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_region=trust_region))
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.trust_region = trust_region
+        self.trust_region_bias_correction = trust_region_bias_correction
         self.last_scale = 1.0  # η of the last step (1 without step-size scaling)
         self._diagonal: dict[Tensor, Tensor] | None = None
 
@@ -93,6 +148,7 @@ class DiagonalAdam(torch.optim.Optimizer):
 
     def backward(self, loss: Tensor) -> None:
         """Backpropagate ``loss``: gradients into ``p.grad`` (accumulating) and the diagonal for ``step``."""
+        check_finite_loss(loss, type(self).__name__)
         with flush_denormals():
             self._diagonal = self.curvature_backward(loss)
 
@@ -109,54 +165,54 @@ class DiagonalAdam(torch.optim.Optimizer):
                 f"{type(self).__name__}.step() without curvature: call opt.backward(loss) (not loss.backward()) first"
             )
         with flush_denormals():
-            moves, h = [], 0.0
+            # first every new state and move, out of place; written only once all are finite
+            updates, h = [], 0.0
             for group in self.param_groups:
                 beta1, beta2 = group["betas"]
                 for p in group["params"]:
                     if p.grad is None:
                         continue
-                    state = self._state(p)
-                    t = state["step"]
+                    old = self.state.get(p) or self._initial_state(p)  # .get: adds no entry yet
+                    t = old.get("step", 0) + 1
                     grad = p.grad if group["weight_decay"] == 0 else p.grad.add(p, alpha=group["weight_decay"])
                     d = self._diagonal[p]
-                    state["exp_avg"].lerp_(grad, 1 - beta1)
-                    state["exp_avg_sq"].mul_(beta2).addcmul_(d, d, value=1 - beta2)
-                    second = state["exp_avg_sq"]
+                    new = {"step": t, "exp_avg": old["exp_avg"].lerp(grad, 1 - beta1)}
+                    new["exp_avg_sq"] = old["exp_avg_sq"].mul(beta2).addcmul_(d, d, value=1 - beta2)
+                    second = new["exp_avg_sq"]
                     if self.precondition == "gradient":
-                        second = state["exp_avg_grad_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                        second = new["exp_avg_grad_sq"] = old["exp_avg_grad_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
                     correction2 = math.sqrt(1 - beta2**t)
                     denom = (second.sqrt() / correction2).add_(group["eps"])
-                    step_size = group["lr"] / (1 - beta1**t)
-                    if self.trust_region is None:
-                        p.addcdiv_(state["exp_avg"], denom, value=-step_size)
-                        continue
-                    move = state["exp_avg"].div(denom).mul_(-step_size)  # −U
-                    curvature = state["exp_avg_sq"].sqrt().div_(correction2)  # √v̂ of the HesScale diagonal
-                    h += float(curvature.mul_(move.square()).sum())
-                    moves.append((p, move))
-            if self.trust_region is not None:
-                self.last_scale = min(1.0, math.sqrt(2 * self.trust_region / h)) if h > 0 else 1.0
-                for p, move in moves:
-                    p.add_(move, alpha=self.last_scale)
+                    move = new["exp_avg"].div(denom).mul_(-group["lr"] / (1 - beta1**t))  # −U
+                    if self.trust_region is not None:
+                        curvature = new["exp_avg_sq"].sqrt()  # √v̂ (or √v) of the HesScale diagonal
+                        if self.trust_region_bias_correction:
+                            curvature.div_(correction2)
+                        h += float(curvature.mul_(move.square()).sum())
+                    updates.append((p, new, move))
+            scale = 1.0
+            if self.trust_region is not None and h > 0:
+                scale = min(1.0, math.sqrt(2 * self.trust_region / h))
+            changes = [t for _, new, move in updates for t in (move, *list(new.values())[1:])]
+            if not (math.isfinite(h) and _all_finite(changes)):
+                raise Diverged(f"{type(self).__name__}.step: the update is not finite; nothing was changed")
+            self.last_scale = scale
+            for p, new, move in updates:
+                self.state[p].update(new)
+                p.add_(move, alpha=scale)
         self._diagonal = None
 
-    def _state(self, p: Tensor) -> dict:
-        """The state of ``p`` with its step counter advanced (created at the first step)."""
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)  # second moment of d
-            if self.precondition == "gradient":
-                state["exp_avg_grad_sq"] = torch.zeros_like(p)
-        state["step"] += 1
-        return state
+    def _initial_state(self, p: Tensor) -> dict[str, Tensor]:
+        """The zero moments of ``p`` before its first step."""
+        names = ("exp_avg", "exp_avg_sq") + (("exp_avg_grad_sq",) if self.precondition == "gradient" else ())
+        return {name: torch.zeros_like(p) for name in names}
 
 
 class _HesScaleFamily(DiagonalAdam):
     """d from one HesScale-style backward pass that also yields the gradient."""
 
     variant = "hesscale"
+    needs_recording: ClassVar[bool] = True
 
     def curvature_backward(self, loss):
         tape = tape_of(loss, self._parameters(), type(self).__name__)
@@ -189,6 +245,8 @@ class AdaBL89(_HesScaleFamily):
 
 class AdaGGNMC(DiagonalAdam):
     """Adam-style optimizer on the Monte-Carlo GGN diagonal with one sample (Dangel et al. 2020)."""
+
+    needs_recording: ClassVar[bool] = True
 
     def curvature_backward(self, loss):
         tape = tape_of(loss, self._parameters(), type(self).__name__)
@@ -225,8 +283,11 @@ class AdaHessian(DiagonalAdam):
 class ScaledAdaHesScale(AdaHesScale):
     """AdaHesScale with HesScale step-size scaling (Algorithm 3); ``trust_region`` Δ (paper: 1e-8)."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, trust_region=1e-8):
-        super().__init__(params, lr, betas, eps, weight_decay, trust_region)
+    def __init__(
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, trust_region=1e-8,
+        trust_region_bias_correction=True,
+    ):
+        super().__init__(params, lr, betas, eps, weight_decay, trust_region, trust_region_bias_correction)
 
 
 class ScaledAdam(ScaledAdaHesScale):
@@ -236,10 +297,20 @@ class ScaledAdam(ScaledAdaHesScale):
 
 
 class _PlainBackward:
-    """First-order optimizers: ``backward`` is a plain ``loss.backward()``."""
+    """First-order optimizers: ``backward`` is a plain ``loss.backward()``; ``step`` is torch's,
+    once the gradients are checked finite."""
+
+    needs_recording: ClassVar[bool] = False
 
     def backward(self, loss: Tensor) -> None:
+        check_finite_loss(loss, type(self).__name__)
         loss.backward()
+
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not _all_finite(grads):
+            raise Diverged(f"{type(self).__name__}.step: a gradient is not finite; nothing was changed")
+        return super().step(closure)
 
 
 class Adam(_PlainBackward, torch.optim.Adam):
@@ -250,7 +321,7 @@ class SGD(_PlainBackward, torch.optim.SGD):
     """``torch.optim.SGD`` with the shared loop's ``backward``."""
 
 
-OPTIMIZERS = {
+OPTIMIZERS: dict[str, type[Optimizer]] = {
     "adahesscale": AdaHesScale,
     "adahesscale-gn": AdaHesScaleGN,
     "adabl89": AdaBL89,
@@ -263,7 +334,7 @@ OPTIMIZERS = {
 }
 
 
-def make(name: str, params, **hyper) -> torch.optim.Optimizer:
+def make(name: str, params, **hyper) -> Optimizer:
     """The optimizer called ``name`` (see ``OPTIMIZERS``) on ``params`` with hyperparameters ``hyper``."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")

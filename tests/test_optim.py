@@ -10,7 +10,7 @@ from torch import nn
 from hsbench.curvature import diagonal
 from hsbench.curvature import extend
 from hsbench.data import embedded_mnist
-from hsbench.optim import OPTIMIZERS, make
+from hsbench.optim import OPTIMIZERS, Diverged, make, train_step
 
 CURVATURE = {"adahesscale": "hesscale", "adahesscale-gn": "hesscale-gn", "adabl89": "bl89", "adaggnmc": "ggn-mc"}
 
@@ -30,10 +30,7 @@ def train_steps(opt, model, loss_fn, x, y, steps, seed=None):
     for t in range(steps):
         if seed is not None:
             torch.manual_seed(seed + t)
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        opt.backward(loss)
-        opt.step()
+        train_step(opt, model, loss_fn, x, y)
 
 
 def adam_style_by_hand(model, loss_fn, x, y, curvature, steps, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, seed=None):
@@ -70,22 +67,38 @@ def test_two_steps_match_the_update_by_hand(name, conv):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=k)
 
 
-def test_adahessian_two_steps_by_hand():
+def exact_hessian(model, loss_fn, x, y):
+    """The Hessian of the loss w.r.t. all parameters, flattened in ``model.parameters()`` order (torch.func)."""
+    names = [k for k, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss_of(theta):
+        params = dict(zip(names, torch.split(theta, [s.numel() for s in shapes])))
+        params = {k: v.reshape(s) for (k, v), s in zip(params.items(), shapes)}
+        return loss_fn(torch.func.functional_call(model, params, (x,)), y)
+
+    return torch.func.hessian(loss_of)(flat)
+
+
+def test_adahessian_two_steps_match_the_exact_hessian_times_its_probe():
+    """AdaHessian's d = |z ∘ Hz| with H the exact Hessian (torch.func) and z the probe it draws
+    (one Rademacher ±1 per parameter entry, from torch's generator in parameter order)."""
     model, loss_fn, x, y = small_problem(conv=True)
 
-    def hutchinson_abs(mdl):  # Yao et al.: |Hz| for one Rademacher z, averaged over conv kernel positions
-        params = list(mdl.parameters())
-        grads = torch.autograd.grad(loss_fn(mdl(x), y), params, create_graph=True)
-        probes = [torch.randint_like(p, 2) * 2 - 1 for p in params]
-        hz = torch.autograd.grad(grads, params, probes)
-        d = [h.abs().mean((2, 3), keepdim=True).expand_as(h) if h.dim() == 4 else h.abs() for h in hz]
+    def hutchinson_abs(mdl):
+        hessian = exact_hessian(mdl, loss_fn, x, y)
+        z = torch.cat([(torch.randint_like(p, 2) * 2 - 1).reshape(-1) for p in mdl.parameters()])
+        d = (z * (hessian @ z)).abs().split([p.numel() for p in mdl.parameters()])
+        d = [di.reshape(p.shape) for di, p in zip(d, mdl.parameters())]
+        d = [di.mean((2, 3), keepdim=True).expand_as(di) if di.dim() == 4 else di for di in d]  # conv kernels
         return dict(zip([k for k, _ in mdl.named_parameters()], d))
 
     expected = adam_style_by_hand(copy.deepcopy(model), loss_fn, x, y, hutchinson_abs, 2, lr=0.15, eps=1e-4, seed=3)
     opt = make("adahessian", model.parameters())
     train_steps(opt, model, loss_fn, x, y, 2, seed=3)
     for p, q in zip(model.parameters(), expected.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
 def test_adam_and_sgd_are_torch_optimizers_with_plain_backward():
@@ -133,6 +146,61 @@ def test_step_size_scaling(name):
         assert (opt.last_scale < 1) == (h > 2 * radius)
         for (k, p), p0 in zip(trial.named_parameters(), model.parameters()):
             torch.testing.assert_close(p, p0 - expected_scale * updates[k], rtol=1e-9, atol=1e-12)
+
+
+def algorithm3_by_hand(model, loss_fn, x, y, steps, lr, radius, precondition, betas, eps=1e-8, corrected=True):
+    """Algorithm 3 of the paper written out (AdaHesScale, or Adam for ``precondition="gradient"``,
+    with HesScale step-size scaling), d from ``hsbench.curvature.diagonal``; returns the η of every step."""
+    params = dict(model.named_parameters())
+    m, v, w = ({k: torch.zeros_like(p) for k, p in params.items()} for _ in range(3))
+    scales = []
+    for t in range(1, steps + 1):
+        d = diagonal("hesscale", model, loss_fn, x, y)
+        g = dict(zip(params, torch.autograd.grad(loss_fn(model(x), y), list(params.values()))))
+        u, h = {}, 0.0
+        for k in params:
+            m[k] = betas[0] * m[k] + (1 - betas[0]) * g[k]
+            v[k] = betas[1] * v[k] + (1 - betas[1]) * d[k] ** 2
+            w[k] = betas[1] * w[k] + (1 - betas[1]) * g[k] ** 2
+            v_hat = v[k] / (1 - betas[1] ** t)
+            denominator = v_hat if precondition == "curvature" else w[k] / (1 - betas[1] ** t)
+            u[k] = lr * (m[k] / (1 - betas[0] ** t)) / (denominator.sqrt() + eps)
+            h += float(((v_hat if corrected else v[k]).sqrt() * u[k] ** 2).sum())
+        scales.append(min(1.0, math.sqrt(2 * radius / h)))
+        with torch.no_grad():
+            for k, p in params.items():
+                p -= scales[-1] * u[k]
+    return scales
+
+
+SOMETIMES_BINDING = {  # a trust-region radius Δ with η < 1 at some of the steps below, η = 1 at others
+    ("scaled-adahesscale", True): 3e-3, ("scaled-adam", True): 3e-3,
+    ("scaled-adahesscale", False): 1e-3, ("scaled-adam", False): 5e-4,
+}
+
+
+@pytest.mark.parametrize("name", ["scaled-adahesscale", "scaled-adam"])
+@pytest.mark.parametrize("regime", ["always", "sometimes", "never"])  # η < 1 at every step, at some, never
+@pytest.mark.parametrize("corrected", [True, False])
+def test_scaled_optimizers_follow_algorithm_3_over_several_steps(name, regime, corrected):
+    radius = {"always": 1e-6, "sometimes": SOMETIMES_BINDING[name, corrected], "never": 1e3}[regime]
+    model, loss_fn, x, y = small_problem()
+    lr, betas, steps = 0.05, (0.9, 0.99), 6
+    expected = copy.deepcopy(model)
+    precondition = "curvature" if name == "scaled-adahesscale" else "gradient"
+    scales = algorithm3_by_hand(expected, loss_fn, x, y, steps, lr, radius, precondition, betas, corrected=corrected)
+    opt = make(name, model.parameters(), lr=lr, betas=betas, trust_region=radius, trust_region_bias_correction=corrected)
+    for t in range(steps):
+        train_step(opt, model, loss_fn, x, y)
+        assert opt.last_scale == pytest.approx(scales[t], rel=1e-9), t
+    for (k, p), q in zip(model.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=k)
+    if regime == "sometimes":
+        assert min(scales) < 1 and max(scales) == 1, scales
+    elif regime == "always":
+        assert max(scales) < 1, scales
+    else:
+        assert min(scales) == 1, scales
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -183,6 +251,39 @@ def test_every_optimizer_lowers_the_loss_on_real_digits(name):
 
 # ---------------------------------------------------------------------------------------------
 # misuse and bad input
+
+
+def same(a, b) -> bool:
+    """Equality of nested state (dicts, lists, tensors, numbers)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_divergence_raises_before_changing_parameters_or_state(name):
+    model, loss_fn, x, y = small_problem(conv=True)
+    opt = make(name, model.parameters(), lr=0.01)
+    train_steps(opt, model, loss_fn, x, y, 2, seed=0)
+    params, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    nan_input = x.clone()
+    nan_input[1, 0, 2, 2] = math.nan
+    with pytest.raises(Diverged, match="loss is"):
+        train_step(opt, model, loss_fn, nan_input, y)
+    assert same(model.state_dict(), params) and same(opt.state_dict(), state)
+    opt.zero_grad()
+    opt.backward(loss_fn(model(x), y))  # a finite loss, and a gradient that is not
+    model[-1].weight.grad[0, 1] = math.inf
+    with pytest.raises(Diverged, match="not finite"):
+        opt.step()
+    assert same(model.state_dict(), params) and same(opt.state_dict(), state)
+    assert issubclass(Diverged, FloatingPointError)
+
+
 
 
 def test_step_without_backward_is_an_error():

@@ -25,6 +25,7 @@ from hsbench.data import mnist_like
 from hsbench.engine.kind import ExperimentKind, Field
 from hsbench.experiments.networks import mlp, small_cnn
 from hsbench.experiments.plotting import save_figure
+from hsbench.optim import make, train_step
 
 def compared_methods(mc_large: int) -> dict[str, tuple[str, int]]:
     """The paper's methods as labels -> (curvature method, Monte-Carlo samples)."""
@@ -80,11 +81,12 @@ class ApproxQuality(ExperimentKind):
     def run(self, settings: dict[str, Any], ctx) -> dict[str, Any]:
         data_gen = torch.Generator().manual_seed(ctx.seed)
         x_all, y_all, provenance = load_examples(settings, ctx.data_dir, data_gen)
-        classes = settings["classes"] if settings["data"] == "random" else 10
+        classes = settings["classes"] if settings["data"] == "random" else int(y_all.max()) + 1
         x_all = x_all.double()  # float64: errors measured without float32 rounding
         torch.manual_seed(ctx.seed)
         model = build_model(settings, x_all[0].numel(), classes).double()
         loss_fn = nn.CrossEntropyLoss()
+        sgd = make("sgd", model.parameters(), lr=settings["sgd_lr"])  # the run along which examples are met
         requests = {"exact": ("exact", 1), **compared_methods(settings["mc_large"])}
         layers = [m for m in model if list(m.parameters(recurse=False))]
         layer_of = {id(p): i for i, m in enumerate(layers) for p in m.parameters(recurse=False)}
@@ -108,7 +110,7 @@ class ApproxQuality(ExperimentKind):
             for row, label in enumerate(requests):
                 error = flat["exact"] if row == 0 else flat[label] - flat["exact"]
                 sums[row].index_add_(0, layer_index, error.abs())
-            sgd_step(model, loss_fn, x, y, settings["sgd_lr"])
+            train_step(sgd, model, loss_fn, x, y)
             if ctx.checkpoint_due():
                 ctx.save_checkpoint({"model": model.state_dict(), "mc_generator": mc_gen.get_state(), "sums": sums, "done": i + 1})
         means = sums / settings["examples"]
@@ -132,14 +134,6 @@ class ApproxQuality(ExperimentKind):
             *save_figure(_normalized_figure(normalized, reference, caption), outdir, f"{name}a"),
             *save_figure(_layer_figure(ok, labels, caption), outdir, f"{name}b"),
         ]
-
-
-def sgd_step(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
-    model.zero_grad()
-    loss_fn(model(x), y).backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            p -= lr * p.grad
 
 
 def _normalized_figure(normalized: pd.DataFrame, reference: pd.Series, caption: str) -> Figure:

@@ -28,7 +28,7 @@ from hsbench.data import MNIST_LIKE, mnist_like
 from hsbench.engine.kind import Diverged, ExperimentKind, Field
 from hsbench.experiments.networks import INITS, mlp
 from hsbench.experiments.plotting import save_figure, save_markdown
-from hsbench.optim import OPTIMIZERS, make
+from hsbench import optim
 
 
 def rho(a: Tensor) -> Tensor:
@@ -55,7 +55,7 @@ class DiagDominance(ExperimentKind):
         "depth": Field(int, "hidden layers", default=4, low=1),
         "activation": Field(str, "hidden activation", default="tanh", choices=tuple(ACTIVATIONS)),
         "init": Field(str, "weight initialization", default="torch-default", choices=INITS),
-        "optimizer": Field(str, "training optimizer (hsbench.optim name)", default="sgd", choices=lambda: tuple(OPTIMIZERS)),
+        "optimizer": Field(str, "training optimizer (hsbench.optim name)", default="sgd", choices=lambda: tuple(optim.OPTIMIZERS)),
         "lr": Field(float, "training step size", default=0.01, low=0.0),
         "iterations": Field(int, "training iterations", default=10000, low=0),
         "batch_size": Field(int, "training batch size", default=32, low=1),
@@ -79,19 +79,18 @@ class DiagDominance(ExperimentKind):
             return [float(rho(h).mean()) for h in hessians], [h[0] for h in hessians]
 
         rho_before, before = measure()
-        extend(model), extend(loss_fn)  # for the curvature-based optimizers
-        optimizer = make(settings["optimizer"], model.parameters(), lr=settings["lr"])
-        losses = []
+        optimizer = optim.make(settings["optimizer"], model.parameters(), lr=settings["lr"])
+        if optimizer.needs_recording:
+            extend(model), extend(loss_fn)
+        losses: list[float] = []
         for step in range(settings["iterations"]):
             batch = torch.randint(0, len(y_all), (settings["batch_size"],), generator=gen)
-            optimizer.zero_grad()
-            loss = loss_fn(model(x_all[batch]), y_all[batch])
-            optimizer.backward(loss)
-            optimizer.step()
+            try:
+                loss = optim.train_step(optimizer, model, loss_fn, x_all[batch], y_all[batch])
+            except optim.Diverged as error:
+                raise Diverged(f"iteration {step}: {error}", {"train_loss": losses}) from error
             if step % 100 == 0:
                 losses.append(loss.item())
-                if not math.isfinite(losses[-1]):
-                    raise Diverged(f"training loss {losses[-1]} at iteration {step}", {"train_loss": losses})
         rho_after, after = measure()
         n = settings["width"]
         reference = rho(torch.randn(1000, n, n, generator=gen, dtype=torch.float64)).mean()

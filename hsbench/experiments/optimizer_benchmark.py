@@ -82,7 +82,7 @@ class OptimizerBenchmark(ExperimentKind):
         if settings["optimizer"] != "sgd":
             hyper["betas"] = (settings["beta1"], settings["beta2"])
         opt = optim.make(settings["optimizer"], problem.param_groups(model), **hyper)
-        if optim.needs_extend(opt):
+        if opt.needs_recording:
             extend(model)
             extend(loss_fn)
         generator = torch.Generator().manual_seed(ctx.seed)  # shuffling and augmentation
@@ -152,18 +152,17 @@ def resolved(settings: dict[str, Any]) -> tuple[int, int]:
 
 
 def train_epoch(model, loss_fn, opt, data, batch_size, generator, metrics, epoch) -> float:
-    """One epoch of training steps; returns its seconds. Raises Diverged on a non-finite loss."""
+    """One epoch of training steps; returns its seconds. Raises Diverged (with the metrics so far)
+    on a non-finite loss or update."""
     model.train()
     seconds = 0.0
     for x, y in data.train_batches(batch_size, generator):
         synchronize(x.device)
         start = time.perf_counter()
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        if not math.isfinite(loss.item()):  # before the curvature backward, which may fail on it
-            raise Diverged(f"training loss {loss.item()} in epoch {epoch}", metrics)
-        opt.backward(loss)
-        opt.step()
+        try:
+            optim.train_step(opt, model, loss_fn, x, y)
+        except optim.Diverged as error:
+            raise Diverged(f"epoch {epoch}: {error}", metrics) from error
         synchronize(x.device)
         seconds += time.perf_counter() - start
     return seconds

@@ -36,7 +36,7 @@ from hsbench.curvature import extend
 from hsbench.engine.kind import ExperimentKind, Field
 from hsbench.experiments.networks import mlp
 from hsbench.experiments.plotting import save_figure, save_markdown
-from hsbench.optim import OPTIMIZERS, make, needs_extend
+from hsbench.optim import OPTIMIZERS, Optimizer, make, train_step
 from hsbench.timing import CLOCKS, Task, interleaved, summary
 
 INPUTS, WIDTH, OUTPUTS_B, FIRST_OUTPUTS = 64, 512, 100, 16
@@ -73,17 +73,15 @@ def update_tasks(
     plain: nn.Module, extended: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]
 ) -> dict[str, Task]:
     """For each optimizer in ``names``: (restore the initial weights, one update), on ``extended``
-    for the optimizers that need the recording hooks (``optim.needs_extend``), else on ``plain``."""
+    for the optimizers that need the recording hooks (``needs_recording``), else on ``plain``."""
     initial = [p.detach().clone() for p in plain.parameters()]
     losses = {False: nn.CrossEntropyLoss(), True: extend(nn.CrossEntropyLoss())}
-    tasks = {}
+    tasks: dict[str, Task] = {}
     for name in names:
-        opt = make(name, plain.parameters())
-        curvature = needs_extend(opt)
-        if curvature:  # the same optimizer on the twin that records its forward passes
-            opt = make(name, extended.parameters())
-        model = extended if curvature else plain
-        tasks[name] = (_restorer(model, initial), _updater(model, losses[curvature], opt, x, y))
+        recording = OPTIMIZERS[name].needs_recording
+        model = extended if recording else plain
+        opt = make(name, model.parameters())
+        tasks[name] = (_restorer(model, initial), _updater(model, losses[recording], opt, x, y))
     return tasks
 
 
@@ -96,14 +94,8 @@ def _restorer(model: nn.Module, initial: list[torch.Tensor]) -> Callable[[], Non
     return restore
 
 
-def _updater(model: nn.Module, loss_fn: nn.Module, opt: torch.optim.Optimizer, x, y) -> Callable[[], None]:
-    def update() -> None:
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        opt.backward(loss)
-        opt.step()
-
-    return update
+def _updater(model: nn.Module, loss_fn: nn.Module, opt: Optimizer, x, y) -> Callable[[], object]:
+    return lambda: train_step(opt, model, loss_fn, x, y)
 
 
 class UpdateTime(ExperimentKind):

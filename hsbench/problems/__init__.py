@@ -106,16 +106,3 @@ def get(name: str) -> Problem:
     if name not in PROBLEMS:
         raise ValueError(f"unknown problem {name!r}; choose from {', '.join(PROBLEMS)}")
     return PROBLEMS[name]
-
-
-def step_setup(name: str = "cifar100_3c3d", activation: str = "elu", batch_size: int | None = None, seed: int = 0):
-    """(model, loss_fn, x, y) for timing one training step on problem ``name``: the network
-    initialised from ``seed`` and a random batch (default: the problem's batch size) of inputs
-    (N, C, H, W) and labels (N,). Extend model and loss with ``hsbench.curvature.extend``
-    before using a curvature-based optimizer."""
-    problem = get(name)
-    torch.manual_seed(seed)
-    model = problem.model(activation)
-    n = batch_size or problem.batch_size
-    shape = (3, 32, 32) if problem.dataset.startswith("cifar") else (1, 28, 28)
-    return model, problem.loss_fn(), torch.randn(n, *shape), torch.randint(problem.classes, (n,))
