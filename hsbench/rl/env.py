@@ -1,0 +1,135 @@
+"""One gymnasium MuJoCo environment with CleanRL's wrappers, as one object whose state can be saved.
+
+``NormalizedEnv(env_id, seed, gamma)`` does what CleanRL's ``make_env`` stack does for
+``ppo_continuous_action`` (RecordEpisodeStatistics, ClipAction, NormalizeObservation, clip to
+±10, NormalizeReward, clip to ±10, gymnasium 1.x semantics), plus the episode's time limit and an
+immediate reset at the end of an episode, written out so that ``state_dict()`` holds everything
+a resumed run needs to continue bit for bit: the complete MuJoCo ``MjData``, the environment's
+random generator, the episode in progress and the normalizers' statistics.
+
+Conventions: observations handed to the agent are float32 of shape (obs_dim,), normalized by the
+running statistics *including* the observation itself (gymnasium updates before normalizing);
+rewards handed to the agent are r / √(Var[G] + 1e-8) clipped to ±10, G the discounted sum
+G ← γ G (1 − terminated) + r of raw rewards; episode returns are undiscounted sums of raw rewards.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+
+CLIP = 10.0
+EPSILON = 1e-8  # under the square root of both normalizers, as gymnasium's
+
+
+class RunningMeanStd:
+    """Running mean and (population) variance of a stream of arrays of one shape, merged batch by
+    batch with Chan et al.'s parallel formula; starts from mean 0, variance 1 and a pseudo-count
+    of 1e-4, as gymnasium's ``RunningMeanStd``. Statistics are float64."""
+
+    def __init__(self, shape: tuple[int, ...] = ()):
+        self.mean = np.zeros(shape)
+        self.var = np.ones(shape)
+        self.count = 1e-4
+
+    def update(self, batch: np.ndarray) -> None:
+        """Merge ``batch``, shape (B, *shape)."""
+        batch_mean, batch_var, batch_count = batch.mean(axis=0), batch.var(axis=0), batch.shape[0]
+        delta = batch_mean - self.mean
+        total = self.count + batch_count
+        self.mean = self.mean + delta * batch_count / total
+        self.var = (self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total) / total
+        self.count = total
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.copy(), "var": self.var.copy(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"].copy(), state["var"].copy(), state["count"]
+
+
+@dataclass
+class Step:
+    """What ``NormalizedEnv.step`` returns. ``obs`` is the next observation the agent acts on
+    (the first of a new episode when ``done``); ``episode_return`` and ``episode_length`` are set
+    when the step ended an episode (terminated or truncated by the time limit)."""
+
+    obs: np.ndarray
+    reward: float
+    terminated: bool
+    done: bool
+    episode_return: float | None = None
+    episode_length: int | None = None
+
+
+class NormalizedEnv:
+    """``env_id`` (a gymnasium MuJoCo task such as "Hopper-v5") seeded with ``seed``, with
+    normalized observations and rewards (``gamma`` is the reward normalizer's discount)."""
+
+    def __init__(self, env_id: str, seed: int, gamma: float = 0.99):
+        try:
+            spec = gym.spec(env_id)
+        except gym.error.Error as error:
+            raise ValueError(f"unknown environment {env_id!r}: {error}") from None
+        self.env = gym.make(env_id).unwrapped  # time limit and statistics are kept here
+        if not isinstance(self.env, gym.envs.mujoco.MujocoEnv):
+            raise ValueError(f"{env_id} is not a MuJoCo environment")
+        self.max_episode_steps = spec.max_episode_steps
+        self.obs_dim = self.env.observation_space.shape[0]
+        self.act_dim = self.env.action_space.shape[0]
+        self.action_low, self.action_high = self.env.action_space.low, self.env.action_space.high
+        self.gamma = gamma
+        self.obs_rms = RunningMeanStd((self.obs_dim,))
+        self.return_rms = RunningMeanStd(())
+        self.discounted_return = 0.0
+        self.episode_return, self.episode_length = 0.0, 0
+        self.obs = self._normalize_obs(self.env.reset(seed=seed)[0])
+
+    def _normalize_obs(self, obs: np.ndarray) -> np.ndarray:
+        self.obs_rms.update(obs[None])
+        normalized = (obs - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + EPSILON)
+        return np.clip(normalized, -CLIP, CLIP).astype(np.float32)
+
+    def _normalize_reward(self, reward: float, terminated: bool) -> float:
+        self.discounted_return = self.discounted_return * self.gamma * (1 - terminated) + reward
+        self.return_rms.update(np.array([self.discounted_return]))
+        return float(np.clip(reward / np.sqrt(self.return_rms.var + EPSILON), -CLIP, CLIP))
+
+    def step(self, action: np.ndarray) -> Step:
+        """Apply ``action`` (shape (act_dim,), clipped to the action space); reset at an episode's end."""
+        obs, reward, terminated, _, _ = self.env.step(np.clip(action, self.action_low, self.action_high))
+        self.episode_return += float(reward)
+        self.episode_length += 1
+        truncated = self.episode_length >= self.max_episode_steps
+        step = Step(self._normalize_obs(obs), self._normalize_reward(float(reward), terminated), terminated, False)
+        if terminated or truncated:
+            step.done, step.episode_return, step.episode_length = True, self.episode_return, self.episode_length
+            self.episode_return, self.episode_length = 0.0, 0
+            step.obs = self._normalize_obs(self.env.reset()[0])
+        self.obs = step.obs
+        return step
+
+    def state_dict(self) -> dict:
+        """Everything that determines the rest of the run (picklable; MjData as bytes)."""
+        return {
+            "mjdata": pickle.dumps(self.env.data),
+            "np_random": self.env.np_random.bit_generator.state,
+            "obs_rms": self.obs_rms.state_dict(),
+            "return_rms": self.return_rms.state_dict(),
+            "discounted_return": self.discounted_return,
+            "episode": (self.episode_return, self.episode_length),
+            "obs": self.obs.copy(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mujoco.mj_copyData(self.env.data, self.env.model, pickle.loads(state["mjdata"]))
+        self.env.np_random.bit_generator.state = state["np_random"]
+        self.obs_rms.load_state_dict(state["obs_rms"])
+        self.return_rms.load_state_dict(state["return_rms"])
+        self.discounted_return = state["discounted_return"]
+        self.episode_return, self.episode_length = state["episode"]
+        self.obs = state["obs"].copy()
