@@ -371,8 +371,9 @@ def test_kfac_converges_to_the_kronecker_product_of_exact_factors():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_per_sample_mean_and_single_sample_runs(method):
-    model, loss_fn, x, t = problem("conv2d", "ce")
+@pytest.mark.parametrize("model_name,loss_name", [("conv2d", "ce"), ("gaussian-head", "gauss-log")])
+def test_per_sample_mean_and_single_sample_runs(method, model_name, loss_name):
+    model, loss_fn, x, t = problem(model_name, loss_name)
     seed = lambda: torch.Generator().manual_seed(21)  # noqa: E731
     per_sample = diagonal(method, model, loss_fn, x, t, per_sample=True, mc_samples=3, generator=seed())
     batch = diagonal(method, model, loss_fn, x, t, mc_samples=3, generator=seed())
