@@ -18,7 +18,7 @@ from hsbench.rl import a2c, networks, ppo
 from hsbench.rl.env import NormalizedEnv, RunningMeanStd
 
 ENV = "InvertedPendulum-v5"  # cheap, and random actions end its episodes within a few steps
-PPO_TINY = dict(num_steps=64, num_minibatches=4, update_epochs=2)
+PPO_TINY = {"num_steps": 64, "num_minibatches": 4, "update_epochs": 2}
 
 
 def gymnasium_stack(env_id: str, seed: int, gamma: float) -> tuple[gym.Env, np.ndarray]:
@@ -45,8 +45,9 @@ def test_normalized_env_equals_gymnasium_wrappers(env_id):
         assert step.done == (terminated or truncated) and step.terminated == terminated
         if step.done:
             episodes += 1
-            assert step.episode_return == pytest.approx(float(info["episode"]["r"]), rel=1e-6)
-            assert step.episode_length == int(info["episode"]["l"])
+            assert step.episode is not None
+            assert step.episode[0] == pytest.approx(float(info["episode"]["r"]), rel=1e-6)
+            assert step.episode[1] == int(info["episode"]["l"])
             obs = theirs.reset()[0]
         np.testing.assert_allclose(step.obs, obs, rtol=1e-5, atol=1e-6)
         assert step.reward == pytest.approx(float(reward), rel=1e-6)
@@ -71,7 +72,7 @@ def test_normalized_reward_is_reward_over_std_of_discounted_return():
     for _ in range(40):
         before = env.episode_return
         step = env.step(rng.uniform(-3, 3, env.act_dim))
-        r = (step.episode_return if step.done else env.episode_return) - before
+        r = (env.episode_return if step.episode is None else step.episode[0]) - before
         discounted = discounted * 0.5 * (1 - step.terminated) + r
         returns.append(discounted)
         raw.append(r)
@@ -106,7 +107,9 @@ def test_ppo_losses_equal_cleanrl():
     obs, actions = torch.randn(64, 5), torch.randn(64, 2)
     old_logprobs = Normal(torch.zeros(64, 2), 1.0).log_prob(actions).sum(1) + 0.3 * torch.randn(64)
     advantages, returns = torch.randn(64) * 2 + 1, torch.randn(64)
-    pg_loss, v_loss = ppo.losses(actor, critic, PPOLoss("gaussian"), nn.MSELoss(), obs, actions, old_logprobs, advantages, returns)
+    pg_loss, v_loss = ppo.losses(
+        actor, critic, PPOLoss("gaussian"), nn.MSELoss(), obs, actions, old_logprobs, advantages, returns
+    )
 
     # CleanRL's ppo_continuous_action, unclipped value loss
     mean = actor[:-1](obs)
@@ -127,7 +130,7 @@ def test_networks_as_cleanrl():
     actor, critic = networks.actor(11, 3), networks.critic(11)
     for net, last_gain in ((actor, 0.01), (critic, 1.0)):
         linears = [m for m in net if isinstance(m, nn.Linear)]
-        for layer, gain in zip(linears, (math.sqrt(2), math.sqrt(2), last_gain)):
+        for layer, gain in zip(linears, (math.sqrt(2), math.sqrt(2), last_gain), strict=True):
             w = layer.weight
             small = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w  # orthogonal rows or columns, times gain²
             torch.testing.assert_close(small, gain**2 * torch.eye(small.shape[0]), atol=1e-5, rtol=0)

@@ -28,6 +28,7 @@ from hsbench.rl import networks
 from hsbench.rl.env import NormalizedEnv
 from hsbench.rl.training import Metrics, load_state, make_optimizer, save_state
 
+
 def train(
     env_id: str,
     optimizer: str = "adam",
@@ -85,8 +86,8 @@ def train(
             rewards[k], done = step.reward, step.done
             global_step += 1
             k += 1
-            if done:
-                metrics.episode(global_step, step.episode_return, step.episode_length)
+            if step.episode is not None:
+                metrics.episode(global_step, *step.episode)
         obs[k] = env.obs  # unused for bootstrapping when the episode ended
 
         start = time.perf_counter()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 import mujoco
 import numpy as np
+from gymnasium.envs.mujoco import MujocoEnv
 
 CLIP = 10.0
 EPSILON = 1e-8  # under the square root of both normalizers, as gymnasium's
@@ -42,7 +43,8 @@ class RunningMeanStd:
         delta = batch_mean - self.mean
         total = self.count + batch_count
         self.mean = self.mean + delta * batch_count / total
-        self.var = (self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total) / total
+        m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
+        self.var = m2 / total
         self.count = total
 
     def state_dict(self) -> dict:
@@ -55,15 +57,14 @@ class RunningMeanStd:
 @dataclass
 class Step:
     """What ``NormalizedEnv.step`` returns. ``obs`` is the next observation the agent acts on
-    (the first of a new episode when ``done``); ``episode_return`` and ``episode_length`` are set
-    when the step ended an episode (terminated or truncated by the time limit)."""
+    (the first of a new episode when ``done``, the step ended an episode: terminated, or truncated
+    by the time limit); ``episode`` is then (undiscounted raw return, length) of that episode."""
 
     obs: np.ndarray
     reward: float
     terminated: bool
-    done: bool
-    episode_return: float | None = None
-    episode_length: int | None = None
+    done: bool = False
+    episode: tuple[float, int] | None = None
 
 
 class NormalizedEnv:
@@ -75,13 +76,14 @@ class NormalizedEnv:
             spec = gym.spec(env_id)
         except gym.error.Error as error:
             raise ValueError(f"unknown environment {env_id!r}: {error}") from None
-        self.env = gym.make(env_id).unwrapped  # time limit and statistics are kept here
-        if not isinstance(self.env, gym.envs.mujoco.MujocoEnv):
-            raise ValueError(f"{env_id} is not a MuJoCo environment")
-        self.max_episode_steps = spec.max_episode_steps
-        self.obs_dim = self.env.observation_space.shape[0]
-        self.act_dim = self.env.action_space.shape[0]
-        self.action_low, self.action_high = self.env.action_space.low, self.env.action_space.high
+        env = gym.make(env_id).unwrapped  # time limit and statistics are kept here
+        if not isinstance(env, MujocoEnv) or spec.max_episode_steps is None:
+            raise ValueError(f"{env_id} is not a MuJoCo environment with a time limit")
+        assert isinstance(env.observation_space, gym.spaces.Box) and isinstance(env.action_space, gym.spaces.Box)
+        self.env: MujocoEnv = env
+        self.max_episode_steps: int = spec.max_episode_steps
+        self.obs_dim, self.act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        self.action_low, self.action_high = env.action_space.low, env.action_space.high
         self.gamma = gamma
         self.obs_rms = RunningMeanStd((self.obs_dim,))
         self.return_rms = RunningMeanStd(())
@@ -105,9 +107,9 @@ class NormalizedEnv:
         self.episode_return += float(reward)
         self.episode_length += 1
         truncated = self.episode_length >= self.max_episode_steps
-        step = Step(self._normalize_obs(obs), self._normalize_reward(float(reward), terminated), terminated, False)
+        step = Step(self._normalize_obs(obs), self._normalize_reward(float(reward), terminated), terminated)
         if terminated or truncated:
-            step.done, step.episode_return, step.episode_length = True, self.episode_return, self.episode_length
+            step.done, step.episode = True, (self.episode_return, self.episode_length)
             self.episode_return, self.episode_length = 0.0, 0
             step.obs = self._normalize_obs(self.env.reset()[0])
         self.obs = step.obs

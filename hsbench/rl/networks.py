@@ -63,11 +63,13 @@ class NumpyPolicy:
 
     def load(self, actor: nn.Sequential) -> None:
         """Copy the actor's current parameters; ``FloatingPointError`` if any is not finite."""
-        linears = [m for m in actor if isinstance(m, nn.Linear)]
+        linears, head = [m for m in actor if isinstance(m, nn.Linear)], actor[-1]
+        assert isinstance(head, GaussianHead)
         with torch.no_grad():
             self.layers = [(m.weight.numpy().T.copy(), m.bias.numpy().copy()) for m in linears]
-            self.std = np.exp(actor[-1].log_std.numpy().astype(np.float64))
-        if not all(np.isfinite(w).all() and np.isfinite(b).all() for w, b in self.layers) or not np.isfinite(self.std).all():
+            self.std = np.exp(head.log_std.numpy().astype(np.float64))
+        arrays = [a for layer in self.layers for a in layer] + [self.std]
+        if not all(np.isfinite(a).all() for a in arrays):
             raise FloatingPointError("the policy's parameters are not finite")
 
     def mean(self, obs: np.ndarray) -> np.ndarray:

@@ -89,8 +89,8 @@ def train(
             clock["env"] += time.perf_counter() - middle
             rewards[t], dones[t] = step.reward, step.done
             global_step += 1
-            if step.done:
-                metrics.episode(global_step, step.episode_return, step.episode_length)
+            if step.episode is not None:
+                metrics.episode(global_step, *step.episode)
 
         start = time.perf_counter()
         b_obs, b_actions = torch.from_numpy(obs), torch.from_numpy(actions)

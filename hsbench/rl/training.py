@@ -5,9 +5,10 @@
 * ``Metrics``: the JSON-serialisable record of a run (``as_dict``):
   ``episode_steps`` / ``episode_returns`` / ``episode_lengths`` (global environment step at
   which each episode ended, its undiscounted raw return, its length); ``eta_steps`` /
-  ``eta_actor`` / ``eta_critic`` (η = ``opt.last_scale`` of step-size-scaled optimizers, averaged
-  over the optimizer steps between two records, recorded with the global step at the record: per
-  rollout for PPO, per 2048 environment steps for A2C; empty lists for the other optimizers); ``time_s`` (seconds in ``env`` steps, the
+  ``eta_actor`` / ``eta_critic`` (η = ``opt.last_scale`` of step-size-scaled optimizers,
+  averaged over the optimizer steps between two records, recorded with the global step at the
+  record: per rollout for PPO, per 2048 environment steps for A2C; empty lists for the other
+  optimizers); ``time_s`` (seconds in ``env`` steps, the
   ``policy`` acting, and ``update``: values, advantages and the optimizer steps);
   ``diverged_at_step`` (global step of the update that diverged, else None) and ``diverged``
   (its message).
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -32,7 +34,7 @@ DEFAULT_EPS = 1e-5  # Adam's ε in CleanRL and the paper's RL runs
 DEFAULT_TRUST_REGION = 1e-8  # Δ of the scaled optimizers (paper, section 7.2)
 
 
-def make_optimizer(name: str, network: nn.Module, loss_fn: nn.Module, lr: float, **hyper) -> torch.optim.Optimizer:
+def make_optimizer(name: str, network: nn.Module, loss_fn: nn.Module, lr: float, **hyper) -> optim.Optimizer:
     """``hsbench.optim.make(name, network.parameters(), lr=lr, eps=1e-5, **hyper)`` (Δ = 1e-8 for
     the scaled optimizers unless given), registering ``network`` and ``loss_fn`` with
     ``hsbench.curvature.extend`` if the optimizer backpropagates curvature."""
@@ -46,9 +48,9 @@ def make_optimizer(name: str, network: nn.Module, loss_fn: nn.Module, lr: float,
     return opt
 
 
-def step_scale(opt: torch.optim.Optimizer) -> float | None:
+def step_scale(opt: optim.Optimizer) -> float | None:
     """η of the optimizer's last step if it scales its steps (Algorithm 3), else None."""
-    return opt.last_scale if getattr(opt, "trust_region", None) is not None else None
+    return opt.last_scale if isinstance(opt, optim.DiagonalAdam) and opt.trust_region is not None else None
 
 
 @dataclass
@@ -71,7 +73,7 @@ class Metrics:
     def __post_init__(self) -> None:
         self._eta_sums: list[float] = [0.0, 0.0, 0.0]  # count, actor, critic since the last record
 
-    def add_eta(self, actor_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer) -> None:
+    def add_eta(self, actor_opt: optim.Optimizer, critic_opt: optim.Optimizer) -> None:
         """Accumulate η of both optimizers' last steps (nothing for unscaled optimizers)."""
         actor, critic = step_scale(actor_opt), step_scale(critic_opt)
         if actor is not None and critic is not None:
@@ -94,8 +96,8 @@ class Metrics:
 def save_state(
     step: int,
     env: NormalizedEnv,
-    networks: dict[str, nn.Module],
-    optimizers: dict[str, torch.optim.Optimizer],
+    networks: Mapping[str, nn.Module],
+    optimizers: Mapping[str, optim.Optimizer],
     rng: np.random.Generator,
     metrics: Metrics,
 ) -> dict:
@@ -116,8 +118,8 @@ def save_state(
 def load_state(
     state: dict,
     env: NormalizedEnv,
-    networks: dict[str, nn.Module],
-    optimizers: dict[str, torch.optim.Optimizer],
+    networks: Mapping[str, nn.Module],
+    optimizers: Mapping[str, optim.Optimizer],
     rng: np.random.Generator,
 ) -> tuple[int, Metrics]:
     """Restore a ``save_state`` checkpoint into the given objects; returns its step and metrics."""
