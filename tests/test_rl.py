@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.distributions import Normal
 
+from hsbench.engine.runner import RunContext
 from hsbench.losses import PPOLoss
 from hsbench.rl import a2c, networks, ppo
 from hsbench.rl.env import NormalizedEnv, RunningMeanStd
@@ -161,25 +162,18 @@ class Stop(Exception):
     pass
 
 
-class FakeContext:
-    """A ``RunContext`` stand-in that checkpoints after every update, keeping the states in memory,
-    and raises ``Stop`` (a kill) after ``stop_after`` checkpoints."""
+class Context(RunContext):
+    """The engine's run context, checkpointing after every update (interval 0) into ``path``,
+    keeping the saved states, and raising ``Stop`` (a kill) after ``stop_after`` checkpoints."""
 
-    def __init__(self, start=None, stop_after=None):
-        self.states = [] if start is None else [start]
-        self.stop_after = stop_after
-        self.saves = 0
-
-    def load_checkpoint(self):
-        return self.states[-1] if self.states else None
-
-    def checkpoint_due(self):
-        return True
+    def __init__(self, path, stop_after=None):
+        super().__init__(run_id="rl", seed=0, device="cpu", checkpoint_path=path, checkpoint_interval_s=0.0)
+        self.states, self.stop_after = [], stop_after
 
     def save_checkpoint(self, state):
+        super().save_checkpoint(state)
         self.states.append(state)
-        self.saves += 1
-        if self.saves == self.stop_after:
+        if len(self.states) == self.stop_after:
             raise Stop
 
 
@@ -215,16 +209,20 @@ RUNS = {
 }
 
 
-@pytest.mark.parametrize("algorithm", RUNS)
-def test_resumed_run_equals_uninterrupted(algorithm):
+@pytest.mark.parametrize(
+    "algorithm, optimizer",
+    [("ppo", "adam"), ("a2c", "adam"), ("ppo", "adahessian")],  # AdaHessian draws from torch's generator
+)
+def test_resumed_run_equals_uninterrupted(algorithm, optimizer, tmp_path):
     run = RUNS[algorithm]
-    straight = FakeContext()
-    expected = run("adam", straight)
-    killed = FakeContext(stop_after=2)
+    straight = Context(tmp_path / "straight.pt")
+    expected = run(optimizer, straight)
+    killed = Context(tmp_path / "killed.pt", stop_after=2)
     with pytest.raises(Stop):
-        run("adam", killed)
-    resumed = FakeContext(start=killed.states[-1])
-    metrics = run("adam", resumed)
+        run(optimizer, killed)
+    resumed = Context(tmp_path / "killed.pt")  # loads the file the killed run saved
+    metrics = run(optimizer, resumed)
+    assert resumed.resumed and len(killed.states) == 2
     assert len(expected["episode_returns"]) > 5
     assert without_time(metrics) == without_time(expected)
     assert_same_state(resumed.states[-1], straight.states[-1])
