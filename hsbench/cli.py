@@ -82,7 +82,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"seconds between checkpoints of a long run (default: {DEFAULT_CHECKPOINT_INTERVAL_S:g})",
     )
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder of the torchvision data sets (default: data/)")
+    p.add_argument(
+        "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder of the torchvision data sets (default: data/)"
+    )
     p.add_argument("--device", help="torch device of the runs, e.g. cpu or cuda:1 (default: cuda if available)")
     slurm = p.add_argument_group("SLURM parameters (override the spec's [slurm] table)")
     for name, field in SLURM_FIELDS.items():
@@ -92,7 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plots", type=Path, default=PLOTS_DIR, help="figures folder (default: plots/; other scales in a subfolder)"
     )
-    p = sub.add_parser("download", help="download a torchvision data set (both splits) into a data directory; needs internet")
+    p = sub.add_parser(
+        "download", help="download a torchvision data set (both splits) into a data directory; needs internet"
+    )
     p.add_argument("name", choices=TORCHVISION, help="data set")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="data directory (default: data/)")
     p.set_defaults(command=cmd_download)
@@ -103,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
         "--format",
         choices=TABLE_FORMATS + tuple(kind_formats),
         default="parquet",
-        help="csv or parquet: one table; " + "; ".join(f"{fmt}: kind {name} only" for fmt, name in kind_formats.items()),
+        help="csv or parquet: one table; "
+        + "; ".join(f"{fmt}: kind {name} only" for fmt, name in kind_formats.items()),
     )
     return parser
 
@@ -210,9 +215,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if stale:
         print(f"  {len(stale)} record(s) from another git revision than {revision}: {' '.join(stale)}")
     for run in runs:
-        if states[run.id] == "failed":
+        record = records[run.id]
+        if states[run.id] == "failed" and record is not None:  # a record, as its state is not "missing"
             settings = " ".join(f"{k}={v}" for k, v in run.settings.items())
-            print(f"  failed {run.id} [{settings}]: {records[run.id]['error'].strip().splitlines()[-1]}")
+            print(f"  failed {run.id} [{settings}]: {record['error'].strip().splitlines()[-1]}")
     return 0
 
 

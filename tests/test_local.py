@@ -112,7 +112,7 @@ def test_status_plot_and_export_use_stored_results_only(sweep, tmp_path, capsys)
 class WithMomentum(Quadratic):
     """The quadratic kind after a setting was added to it, with a default."""
 
-    fields = {**Quadratic.fields, "momentum": Field(float, "a setting added later", default=0.0)}
+    fields = Quadratic.fields | {"momentum": Field(float, "a setting added later", default=0.0)}
 
 
 class NoisierByDefault(Quadratic):
@@ -212,7 +212,9 @@ def test_series_unrolls_a_metric_into_long_form(sweep):
 
 
 def test_run_resumes_from_its_checkpoint(write_spec, tmp_path):
-    spec = load_spec(write_spec('kind = "quadratic"\n[settings]\nsteps = 300\nnoise = 0.5\noptimizer = "adam"\n'), KINDS)
+    spec = load_spec(
+        write_spec('kind = "quadratic"\n[settings]\nsteps = 300\nnoise = 0.5\noptimizer = "adam"\n'), KINDS
+    )
     run = spec.runs()[0]
     whole = tmp_path / "whole"
     assert execute(run, RunOptions(whole)) == "ok"

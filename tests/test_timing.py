@@ -23,7 +23,12 @@ def test_figure8_smoke_records_true_parameter_counts_and_plots(tmp_path):
         assert run["params"] == true_counts
         for name in OPTIMIZERS:
             assert [len(times) for times in run[f"times_s/{name}"]] == [run["updates"]] * len(run["sizes"])
-            assert all(q25 <= median <= q75 for q25, median, q75 in zip(run[f"q25_s/{name}"], run[f"median_s/{name}"], run[f"q75_s/{name}"]))
+            assert all(
+                q25 <= median <= q75
+                for q25, median, q75 in zip(
+                    run[f"q25_s/{name}"], run[f"median_s/{name}"], run[f"q75_s/{name}"], strict=True
+                )
+            )
     assert main(["plot", "figure8", *args, "--plots", str(tmp_path / "plots")]) == 0
     for stem in ("figure8a.png", "figure8a.pdf", "figure8b.png", "figure8b.pdf", "figure8.md"):
         assert (tmp_path / "plots" / "smoke" / stem).stat().st_size > 500
@@ -31,11 +36,16 @@ def test_figure8_smoke_records_true_parameter_counts_and_plots(tmp_path):
 
 def test_interleaved_prepares_every_call_and_keeps_rounds_after_warmup():
     calls = []
-    tasks = {name: (lambda n=name: calls.append(("prepare", n)), lambda n=name: calls.append(("timed", n))) for name in "abc"}
-    times = interleaved(tasks, rounds=4, warmup=2, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    tasks = {
+        name: (lambda n=name: calls.append(("prepare", n)), lambda n=name: calls.append(("timed", n))) for name in "abc"
+    }
+    times = interleaved(
+        tasks, rounds=4, warmup=2, generator=torch.Generator().manual_seed(0), device=torch.device("cpu")
+    )
     assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
     assert calls[0::2] == [("prepare", n) for _, n in calls[1::2]]  # each timed call right after its own prepare
-    assert all(sorted(n for _, n in calls[6 * r + 1 : 6 * r + 6 : 2]) == list("abc") for r in range(6))  # one of each per round
+    rounds = [sorted(n for _, n in calls[6 * r + 1 : 6 * r + 6 : 2]) for r in range(6)]
+    assert rounds == [list("abc")] * 6  # one of each per round
 
 
 def test_interleaved_rejects_bad_clocks():
@@ -50,11 +60,15 @@ def test_bench_prints_one_table_with_every_method(capsys):
     bench.main(["--tiny", "--rounds", "2", "--warmup", "0", "--batch-3c3d", "2"])
     out = capsys.readouterr().out
     assert "torch threads: 1" in out and "versions: python" in out and "machine:" in out
-    table = [line.split("|") for line in out.splitlines() if line.startswith("| backward") or line.startswith("| update")]
+    table = [
+        line.split("|") for line in out.splitlines() if line.startswith("| backward") or line.startswith("| update")
+    ]
     found = {(cells[1].strip(), cells[4].strip()) for cells in table}
     backward = {bench.GRADIENT, *VARIANTS, *bench.AUTOGRAD_METHODS}
     assert {m for part, m in found if part == "backward"} == backward
     assert {m for part, m in found if part == "update"} == set(OPTIMIZERS)
     assert {cells[2].strip() for cells in table if cells[1].strip() == "update"} == {
-        "fig. 8(a), 16 outputs, batch 1", "fig. 8(b), depth 1, batch 1", "cifar100_3c3d (ELU), batch 2"
+        "fig. 8(a), 16 outputs, batch 1",
+        "fig. 8(b), depth 1, batch 1",
+        "cifar100_3c3d (ELU), batch 2",
     }

@@ -1,6 +1,8 @@
 """Experiment specs: one TOML file per experiment, validated, then expanded into runs.
 
-Format (user documentation in docs/experiments.md)::
+Format (user documentation in docs/experiments.md):
+
+.. code-block:: toml
 
     kind = "quadratic"            # a registered experiment kind
     description = "one line"
@@ -18,9 +20,9 @@ The scale ``default`` exists even when not declared. The experiment name is the 
 passes ``hsbench.experiments.KINDS``; this module imports no kind). A run's resolved settings
 hold every field of the kind (defaults filled in), its ``seed`` and its ``scale``; its id
 (:func:`run_id`) hashes the kind's name and those settings that differ from the kind's
-defaults, so adding a seed, a grid point or a field with a default adds no new id to the
-runs already declared. Every error is a :class:`SpecError` whose message names the file and
-the field.
+defaults, so adding a seed or a grid point only adds ids, and adding a field with a default
+to the kind changes none. Every error is a :class:`SpecError` whose message names the file
+and the field.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ import itertools
 import json
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 
 if sys.version_info >= (3, 11):
@@ -214,7 +216,7 @@ class _Validator:
     def fail(self, where: str, problem: str) -> SpecError:
         return SpecError(f"{self.path}: {where}: {problem}")
 
-    def keys(self, table: dict[str, Any], allowed: tuple[str, ...] | dict[str, Any], prefix: str) -> None:
+    def keys(self, table: dict[str, Any], allowed: tuple[str, ...] | Mapping[str, Any], prefix: str) -> None:
         for key in table:
             if key not in allowed:
                 raise self.fail(prefix + key, f"unknown key; expected one of {', '.join(allowed)}")
@@ -231,11 +233,11 @@ class _Validator:
         except ValueError as e:
             raise self.fail(where, str(e)) from None
 
-    def settings(self, fields: dict[str, Field], table: dict[str, Any], prefix: str) -> dict[str, Any]:
+    def settings(self, fields: Mapping[str, Field], table: dict[str, Any], prefix: str) -> dict[str, Any]:
         self._names(fields, table, prefix)
         return {name: self.value(fields[name], value, f"{prefix}.{name}") for name, value in table.items()}
 
-    def grid(self, fields: dict[str, Field], table: dict[str, Any], prefix: str) -> dict[str, list[Any]]:
+    def grid(self, fields: Mapping[str, Field], table: dict[str, Any], prefix: str) -> dict[str, list[Any]]:
         self._names(fields, table, prefix)
         grid = {}
         for name, values in table.items():
@@ -265,7 +267,7 @@ class _Validator:
             raise self.fail(f"{prefix}.list", "duplicate seeds")
         return checked
 
-    def scales(self, fields: dict[str, Field], table: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    def scales(self, fields: Mapping[str, Field], table: dict[str, Any]) -> dict[str, dict[str, Any]]:
         scales = {}
         for scale in table:
             prefix = f"scales.{scale}"
@@ -273,7 +275,7 @@ class _Validator:
                 raise self.fail(prefix, "scale names use letters, digits, '_' and '-'")
             raw = self.table(table, scale, "scales.")
             self.keys(raw, SCALE_KEYS, prefix + ".")
-            over = {
+            over: dict[str, Any] = {
                 "settings": self.settings(fields, self.table(raw, "settings", prefix + "."), prefix + ".settings"),
                 "grid": self.grid(fields, self.table(raw, "grid", prefix + "."), prefix + ".grid"),
                 "slurm": self.settings(SLURM_FIELDS, self.table(raw, "slurm", prefix + "."), prefix + ".slurm"),
@@ -287,7 +289,7 @@ class _Validator:
             scales[scale] = over
         return scales
 
-    def _names(self, fields: dict[str, Field], table: dict[str, Any], prefix: str) -> None:
+    def _names(self, fields: Mapping[str, Field], table: dict[str, Any], prefix: str) -> None:
         for name in table:
             if name in RESERVED:
                 raise self.fail(f"{prefix}.{name}", f"'{name}' is set by the engine; use [seeds] or --scale")
