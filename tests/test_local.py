@@ -221,7 +221,7 @@ def test_run_resumes_from_its_checkpoint(write_spec, tmp_path):
 
     # interrupted after step 120: a checkpoint exists but no record
     parts = tmp_path / "parts"
-    interrupted = type(run)(run.id, run.experiment, run.kind, run.settings | {"fail_at_step": 120})
+    interrupted = type(run)(run.id, run.experiment, run.kind_path, run.settings | {"fail_at_step": 120})
     assert execute(interrupted, RunOptions(parts, checkpoint_interval_s=0)) == "failed"
     store = Store(parts, run.experiment)
     store.runs_dir.joinpath(f"{run.id}.json").unlink()

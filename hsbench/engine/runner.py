@@ -100,7 +100,7 @@ def execute(run: Run, options: RunOptions) -> str:
     done = store.read_run(run)
     if done is not None and done["status"] in FINAL:
         return done["status"]
-    kind = load_kind(run.kind)
+    kind = load_kind(run.kind_path)
     seed = run.settings["seed"]
     random.seed(seed)
     np.random.seed(seed)

@@ -68,13 +68,13 @@ class SpecError(Exception):
 class Run:
     """One independent run: an experiment, its kind and its resolved settings.
 
-    ``kind`` is the kind's import path ``'module:Class'`` (``hsbench.engine.kind.load_kind``),
+    ``kind_path`` is the kind's import path ``'module:Class'`` (``hsbench.engine.kind.load_kind``),
     so that a run pickled to a pool worker or a SLURM job finds its kind there.
     """
 
     id: str
     experiment: str
-    kind: str
+    kind_path: str
     settings: dict[str, Any]
 
     def matches(self, record: Mapping[str, Any]) -> bool:
