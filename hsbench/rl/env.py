@@ -15,6 +15,7 @@ G ← γ G (1 − terminated) + r of raw rewards; episode returns are undiscount
 
 from __future__ import annotations
 
+import math
 import pickle
 from dataclasses import dataclass
 
@@ -28,30 +29,31 @@ EPSILON = 1e-8  # under the square root of both normalizers, as gymnasium's
 
 
 class RunningMeanStd:
-    """Running mean and (population) variance of a stream of arrays of one shape, merged batch by
-    batch with Chan et al.'s parallel formula; starts from mean 0, variance 1 and a pseudo-count
-    of 1e-4, as gymnasium's ``RunningMeanStd``. Statistics are float64."""
+    """Running mean and (population) variance of a stream of samples of one shape (() for
+    scalars, kept as Python floats), merged one sample at a time with Chan et al.'s parallel
+    formula; starts from mean 0, variance 1 and a pseudo-count of 1e-4, as gymnasium's
+    ``RunningMeanStd``. Statistics are float64."""
 
     def __init__(self, shape: tuple[int, ...] = ()):
-        self.mean = np.zeros(shape)
-        self.var = np.ones(shape)
+        self.mean: np.ndarray | float = np.zeros(shape) if shape else 0.0
+        self.var: np.ndarray | float = np.ones(shape) if shape else 1.0
         self.count = 1e-4
 
-    def update(self, batch: np.ndarray) -> None:
-        """Merge ``batch``, shape (B, *shape)."""
-        batch_mean, batch_var, batch_count = batch.mean(axis=0), batch.var(axis=0), batch.shape[0]
-        delta = batch_mean - self.mean
-        total = self.count + batch_count
-        self.mean = self.mean + delta * batch_count / total
-        m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
-        self.var = m2 / total
+    def update(self, x: np.ndarray | float) -> None:
+        """Merge one sample ``x`` (a batch of one: batch mean x, batch variance 0)."""
+        delta = x - self.mean
+        total = self.count + 1
+        self.mean = self.mean + delta / total
+        self.var = (self.var * self.count + delta * delta * self.count / total) / total
         self.count = total
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean.copy(), "var": self.var.copy(), "count": self.count}
+        return {"mean": np.copy(self.mean), "var": np.copy(self.var), "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.mean, self.var, self.count = state["mean"].copy(), state["var"].copy(), state["count"]
+        mean, var = state["mean"], state["var"]
+        self.mean, self.var = (mean.copy(), var.copy()) if mean.shape else (float(mean), float(var))
+        self.count = state["count"]
 
 
 @dataclass
@@ -92,14 +94,14 @@ class NormalizedEnv:
         self.obs = self._normalize_obs(self.env.reset(seed=seed)[0])
 
     def _normalize_obs(self, obs: np.ndarray) -> np.ndarray:
-        self.obs_rms.update(obs[None])
+        self.obs_rms.update(obs)
         normalized = (obs - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + EPSILON)
         return np.clip(normalized, -CLIP, CLIP).astype(np.float32)
 
     def _normalize_reward(self, reward: float, terminated: bool) -> float:
         self.discounted_return = self.discounted_return * self.gamma * (1 - terminated) + reward
-        self.return_rms.update(np.array([self.discounted_return]))
-        return float(np.clip(reward / np.sqrt(self.return_rms.var + EPSILON), -CLIP, CLIP))
+        self.return_rms.update(self.discounted_return)
+        return min(max(reward / math.sqrt(self.return_rms.var + EPSILON), -CLIP), CLIP)
 
     def step(self, action: np.ndarray) -> Step:
         """Apply ``action`` (shape (act_dim,), clipped to the action space); reset at an episode's end."""
