@@ -263,3 +263,14 @@ def test_divergence_is_reported_with_its_step(algorithm):
     assert metrics["episode_steps"] == [] or metrics["episode_steps"][-1] <= step
     if algorithm == "ppo":
         assert step % 64 == 0 and step <= 64 * 5
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="unknown environment 'Hopper-v0'"):
+        NormalizedEnv("Hopper-v0", 0)
+    with pytest.raises(ValueError, match="not a MuJoCo environment"):
+        NormalizedEnv("CartPole-v1", 0)
+    with pytest.raises(ValueError, match="multiple of num_minibatches"):
+        ppo.train(ENV, total_steps=100, num_steps=100, num_minibatches=32)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        a2c.train(ENV, "adamw", total_steps=10)

@@ -51,6 +51,8 @@ def train(
     after), η averaged since the last record is recorded, ``progress`` is called and a checkpoint
     is saved if due. A non-finite loss or parameter ends the run early with ``diverged_at_step`` set.
     """
+    if n_steps < 1 or record_every < 1:
+        raise ValueError(f"n_steps and record_every must be positive; got {n_steps} and {record_every}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     env = NormalizedEnv(env_id, seed, gamma)

@@ -55,6 +55,8 @@ def train(
     update. A non-finite loss or parameter (``FloatingPointError``, e.g. ``hsbench.optim.Diverged``)
     ends the run early with ``diverged_at_step`` set.
     """
+    if num_steps % num_minibatches:
+        raise ValueError(f"num_steps ({num_steps}) must be a multiple of num_minibatches ({num_minibatches})")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     env = NormalizedEnv(env_id, seed, gamma)
