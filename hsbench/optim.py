@@ -16,7 +16,9 @@ AdaHesScale, AdaHesScaleGN, AdaBL89, AdaGGNMC and AdaHessian share one Adam-styl
 
 and differ only in the diagonal d. The curvature-based ones (``needs_recording``: all but
 AdaHessian, Adam and SGD) need the model and the loss registered once with
-``hsbench.curvature.extend``.
+``hsbench.curvature.extend``; their loss may also be a weighted sum of such losses, e.g.
+``pg_loss - 0.01 * entropy + 0.5 * v_loss`` over an actor and a critic network, whose gradient
+and diagonal are the weighted sums of the terms' (``hsbench.curvature.loss_diagonals``).
 
 Step-size scaling (Algorithm 3; ``scaled-adahesscale``, ``scaled-adam``, or ``trust_region=Δ``):
 the update U is scaled by η = min(1, √(2Δ / h)) with h = Σ √v̂_hs ∘ U², v̂_hs the second moment
@@ -40,8 +42,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
-from hsbench.curvature import diagonal_backprop, sampled_backprop
-from hsbench.curvature.recording import tape_of
+from hsbench.curvature import loss_diagonals
 
 
 class Diverged(FloatingPointError):
@@ -215,11 +216,9 @@ class _HesScaleFamily(DiagonalAdam):
     needs_recording: ClassVar[bool] = True
 
     def curvature_backward(self, loss):
-        tape = tape_of(loss, self._parameters(), type(self).__name__)
-        with torch.no_grad():
-            grads, diags = diagonal_backprop.backpropagate(tape, self.variant)
-        _accumulate_gradients(grads)
-        return diags
+        found = loss_diagonals(loss, self.variant, parameters=self._parameters(), who=type(self).__name__)
+        _accumulate_gradients(found.gradients)
+        return found.diagonals
 
 
 def _accumulate_gradients(grads: dict[Tensor, Tensor]) -> None:
@@ -249,11 +248,9 @@ class AdaGGNMC(DiagonalAdam):
     needs_recording: ClassVar[bool] = True
 
     def curvature_backward(self, loss):
-        tape = tape_of(loss, self._parameters(), type(self).__name__)
-        with torch.no_grad():
-            grads, diags = sampled_backprop.backpropagate(tape, "ggn-mc", samples=1)
-        _accumulate_gradients(grads)
-        return diags
+        found = loss_diagonals(loss, "ggn-mc", parameters=self._parameters(), who=type(self).__name__)
+        _accumulate_gradients(found.gradients)
+        return found.diagonals
 
 
 class AdaHessian(DiagonalAdam):

@@ -3,20 +3,30 @@
 Every method returns, for each trainable parameter of the model (keyed as in
 ``model.named_parameters()``), its estimate of the diagonal of the Hessian of the loss
 ``loss_fn(model(inputs), targets)`` w.r.t. that parameter, same shape as the parameter.
+
+``loss_diagonals(loss, method)`` does the same for a loss the user computed with extended
+modules (``extend``), also a weighted sum of such losses, e.g. ``pg - 0.01 * entropy + 0.5 * v``
+over an actor and a critic network; it is what the optimizers of ``hsbench.optim`` call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+import torch
 from torch import Tensor, nn
 
+from hsbench.curvature import diagonal_backprop, hessian_backprop, sampled_backprop
+from hsbench.curvature.autograd_estimators import rademacher
 from hsbench.curvature.estimators import ESTIMATORS, Batch
-from hsbench.curvature.recording import extend
+from hsbench.curvature.recording import check_reached, extend, recorded_terms
+from hsbench.curvature.tape import Backward, Tape
 
 METHODS = tuple(ESTIMATORS)
 """Method names: exact Hessian, exact GGN, Monte-Carlo GGN, Hutchinson (AdaHessian), squared
 gradient, KFAC, HesScale, HesScaleGN, Becker & LeCun 1989 (``estimators.ESTIMATORS``)."""
 
-__all__ = ["METHODS", "diagonal", "diagonals", "extend"]
+__all__ = ["METHODS", "diagonal", "diagonals", "extend", "loss_diagonals"]
 
 
 def diagonal(
@@ -78,3 +88,92 @@ def diagonals(
         label: ESTIMATORS[method](batch, mc_samples, generator, per_sample)
         for label, (method, mc_samples) in requests.items()
     }
+
+
+TapeWalk = Callable[[Tape, int, "torch.Generator | None"], Backward]
+"""A method that walks a recorded forward pass backward: (tape, mc_samples, generator) ->
+gradients (empty where the walk has none) and diagonals, keyed by parameter."""
+
+
+def _hessian_walk(exact: bool) -> TapeWalk:
+    return lambda tape, samples, generator: Backward({}, hessian_backprop.backpropagate(tape, exact))
+
+
+def _sampled_walk(method: str) -> TapeWalk:
+    return lambda tape, samples, generator: sampled_backprop.backpropagate(tape, method, samples, generator)
+
+
+def _diagonal_walk(variant: str) -> TapeWalk:
+    return lambda tape, samples, generator: diagonal_backprop.backpropagate(tape, variant)
+
+
+_TAPE_WALKS: dict[str, TapeWalk] = {
+    "exact": _hessian_walk(True),
+    "ggn": _hessian_walk(False),
+    "ggn-mc": _sampled_walk("ggn-mc"),
+    "kfac": _sampled_walk("kfac"),
+    **{variant: _diagonal_walk(variant) for variant in diagonal_backprop.VARIANTS},
+}
+
+
+def loss_diagonals(
+    loss: Tensor,
+    method: str,
+    *,
+    parameters: Sequence[Tensor] | None = None,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    who: str = "hsbench.curvature.loss_diagonals",
+) -> Backward:
+    """Gradient and Hessian-diagonal estimate of a recorded ``loss``, keyed by parameter tensor.
+
+    ``loss`` is the output of a loss module registered with ``extend``, computed from a model
+    registered with ``extend`` with gradients enabled, or a weighted sum Σ c_k · L_k of such
+    losses with numbers c_k (``+``, ``-``, and ``*`` or ``/`` by a number), on one or several
+    networks. For the methods that walk the recording (exact, ggn, ggn-mc, kfac, hesscale,
+    hesscale-gn, bl89) the result is Σ c_k × (gradient, diagonal of L_k), Monte-Carlo draws made
+    term by term from left to right; ``hutchinson`` is z ∘ (H z) of the sum (the same probes z
+    for every term) and ``grad2`` the square of the sum's gradient. Anything else in the
+    expression (a product of losses, a loss not from extended modules) is a ``RuntimeError``
+    naming it. Keys: every trainable parameter the recorded forward passes reach; if
+    ``parameters`` is given, a ``RuntimeError`` lists those of them not reached.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown curvature method {method!r}; valid methods: {', '.join(METHODS)}")
+    terms = recorded_terms(loss, who)
+    if parameters is not None:
+        check_reached([tape for _, tape in terms], parameters, who)
+    modules = [step.module for _, tape in terms for step in tape.steps]
+    trainable = {id(p): p for m in modules for p in m.parameters(recurse=False) if p.requires_grad}
+    reached: list[Tensor] = list(trainable.values())
+    if method not in _TAPE_WALKS:  # hutchinson, grad2: autograd through the loss's own graph
+        return _autograd_diagonals(loss, reached, method, mc_samples, generator)
+    grads: dict[Tensor, Tensor] = {}
+    diags: dict[Tensor, Tensor] = {}
+    for c, tape in terms:
+        with torch.no_grad():
+            found = _TAPE_WALKS[method](tape, mc_samples, generator)
+        for into, values in ((grads, found.gradients), (diags, found.diagonals)):
+            for p, value in values.items():
+                into[p] = into[p] + c * value if p in into else c * value
+    if not grads:  # exact, ggn: the gradient from autograd
+        grads = dict(zip(reached, torch.autograd.grad(loss, reached, retain_graph=True), strict=True))
+    return Backward(grads, diags)
+
+
+def _autograd_diagonals(loss: Tensor, params: list[Tensor], method: str, samples: int, generator) -> Backward:
+    """``hutchinson`` (mean over ``samples`` Rademacher z of z ∘ Hz) or ``grad2`` (g²) of ``loss``."""
+    grads = torch.autograd.grad(loss, params, create_graph=method == "hutchinson", retain_graph=True)
+    gradients = {p: g.detach() for p, g in zip(params, grads, strict=True)}
+    if method == "grad2":
+        return Backward(gradients, {p: g.square() for p, g in gradients.items()})
+    probes = list(rademacher({str(i): p for i, p in enumerate(params)}, samples, generator).values())
+    diags = [torch.zeros_like(p) for p in params]
+    for m in range(samples):
+        z = [probe[m] for probe in probes]
+        hz = torch.autograd.grad(grads, params, z, retain_graph=True, allow_unused=True)
+        for d, z_p, h in zip(diags, z, hz, strict=True):
+            if h is not None:  # None: a parameter on which the gradient does not depend
+                d += z_p * h.detach() / samples
+    return Backward(gradients, dict(zip(params, diags, strict=True)))
+

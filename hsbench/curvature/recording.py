@@ -2,13 +2,21 @@
 
 ``extend(model)`` and ``extend(loss_fn)`` (as in BackPACK) register forward hooks. While
 gradients are enabled, every hooked module appends its context to the chain of steps carried by
-its output tensor, and the hooked loss module turns the chain into a ``Tape`` attached to the
-loss tensor; ``tape_of(loss)`` takes it back. A chain is only continued from a module's input,
-so anything computed outside the hooked modules breaks it and ``tape_of`` reports the
-parameters it cannot reach instead of returning wrong numbers.
+its output tensor, and the hooked loss module turns the chain into a ``Tape`` kept in the
+metadata of the loss's autograd node. A chain is only continued from a module's input, so
+anything computed outside the hooked modules breaks it, and the parameters it cannot reach are
+reported instead of wrong numbers returned.
+
+A loss handed to an optimizer may be a weighted sum Σ c_k · L_k of such losses, each c_k a
+number: ``recorded_terms`` reads the coefficients off the autograd graph (+, −, unary −, and *
+or / by a number), down to the nodes that carry a tape; anything else is an error naming it.
+Several losses may share one network output (a policy-gradient loss and an entropy bonus).
 """
 
 from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +26,8 @@ from hsbench.curvature.modules import layers
 from hsbench.curvature.tape import Step, Tape
 
 _STEPS = "_hsbench_steps"  # attribute of an intermediate output: the steps that produced it
-_TAPE = "_hsbench_tape"  # attribute of a loss tensor: its tape
+_SHARED = "_hsbench_chain"  # attribute of a network output: weak reference to its steps, once a loss took them
+_TAPE = "hsbench_tape"  # key in the metadata of a loss's autograd node: its tape
 
 
 def extend(module: nn.Module) -> nn.Module:
@@ -48,27 +57,88 @@ def _recorder(position, rule):
     return record
 
 
+class _Chain(list):
+    """The steps of a network output, shared by the tapes of every loss on it (weakly referable)."""
+
+
 def _record_loss(module, args, output):
     z, target = args[0], (args[1] if len(args) > 1 else None)  # a loss without target is called as loss_fn(z)
-    steps = z.__dict__.pop(_STEPS, None)
+    if not isinstance(output, Tensor) or output.grad_fn is None:
+        return
+    steps = z.__dict__.pop(_STEPS, None)  # taken: z's last step may hold z itself (no cycle stays)
     if steps is not None:
-        setattr(output, _TAPE, Tape(list(steps), z, target, loss_rule(module)))
+        chain = _Chain(steps)
+        setattr(z, _SHARED, weakref.ref(chain))  # weak: z -> chain -> z would be a cycle
+    else:  # a further loss on the same output: the chain of the tapes still alive
+        chain = z.__dict__.get(_SHARED, lambda: None)()
+        if chain is None:
+            return
+    output.grad_fn.metadata[_TAPE] = Tape(chain, z, target, loss_rule(module))  # lives as long as the loss's graph
 
 
-def tape_of(loss: Tensor, parameters: list[Tensor], who: str) -> Tape:
-    """The tape of ``loss`` (taken off it), checked to reach every tensor in ``parameters``."""
-    tape = loss.__dict__.pop(_TAPE, None) if isinstance(loss, Tensor) else None
-    if tape is None:
-        raise RuntimeError(
-            f"{who} needs the loss exactly as returned by a loss module registered with "
-            "hsbench.curvature.extend(loss_fn), computed from a model registered with extend(model) "
-            "with gradients enabled"
-        )
-    reached = {id(p) for step in tape.steps for p in step.module.parameters(recurse=False)}
+def _not_recorded(who: str, found: str) -> RuntimeError:
+    return RuntimeError(
+        f"{who} needs a loss returned by a loss module registered with hsbench.curvature.extend(loss_fn), "
+        "computed from a model registered with extend(model) with gradients enabled, or a sum of such "
+        f"losses times numbers (+, -, and * or / by a number); found {found}"
+    )
+
+
+def recorded_terms(loss: Tensor, who: str) -> list[tuple[float, Tape]]:
+    """The terms (c_k, tape of L_k) of ``loss`` = Σ c_k · L_k, each L_k the output of an extended
+    loss module and c_k a number (a loss met twice appears once, coefficients added)."""
+    if not isinstance(loss, Tensor) or loss.grad_fn is None:
+        raise _not_recorded(who, "a tensor without autograd graph" if isinstance(loss, Tensor) else type(loss).__name__)
+    if loss.numel() != 1:
+        raise _not_recorded(who, f"a loss of shape {tuple(loss.shape)}")
+    terms: dict[int, list] = {}  # id(tape) -> [coefficient, tape], in the expression's left-to-right order
+    _walk(loss.grad_fn, 1.0, terms, who)
+    return [(c, tape) for c, tape in terms.values()]
+
+
+def _walk(node, c: float, terms: dict[int, list], who: str) -> None:
+    """Add the terms below autograd node ``node``, times ``c``, to ``terms`` (a module-level function:
+    a recursive closure would be a reference cycle holding the tapes)."""
+    tape = node.metadata.get(_TAPE)
+    if tape is not None:
+        terms.setdefault(id(tape), [0.0, tape])[0] += c
+        return
+    inputs = [f for f, _ in node.next_functions]
+    kind = type(node).__name__
+    if kind in ("AddBackward0", "SubBackward0") and len(inputs) == 2:
+        alpha = node._saved_alpha * (1 if kind == "AddBackward0" else -1)
+        for f, weight in zip(inputs, (1.0, alpha), strict=True):
+            if f is not None:  # None: a constant, no derivatives
+                _walk(f, c * weight, terms, who)
+    elif kind == "NegBackward0":
+        _walk(inputs[0], -c, terms, who)
+    elif kind in ("MulBackward0", "DivBackward0") and sum(f is not None for f in inputs) == 1:
+        loss_side = 0 if inputs[0] is not None else 1
+        factor = node._saved_other if loss_side == 0 else node._saved_self
+        if factor is None or factor.numel() != 1 or (kind == "DivBackward0" and loss_side == 1):
+            raise _not_recorded(who, f"{kind} of a loss and a tensor that is not a number")
+        number = float(factor)
+        _walk(inputs[loss_side], c * (number if kind == "MulBackward0" else 1 / number), terms, who)
+    else:
+        two_losses = kind in ("MulBackward0", "DivBackward0")
+        raise _not_recorded(who, "a product or quotient of two losses" if two_losses else kind)
+
+
+def check_reached(tapes: list[Tape], parameters: Sequence[Tensor], who: str) -> None:
+    """``RuntimeError`` if a tensor in ``parameters`` is not a parameter of a recorded step."""
+    reached = {id(p) for tape in tapes for step in tape.steps for p in step.module.parameters(recurse=False)}
     missing = [tuple(p.shape) for p in parameters if id(p) not in reached]
     if missing:
         raise RuntimeError(
             f"{who}: {len(missing)} parameter(s) (shapes {missing}) are not reached by the recorded forward "
             "pass; the model must be a chain of extended modules from its input to the loss"
         )
-    return tape
+
+
+def tape_of(loss: Tensor, parameters: list[Tensor], who: str) -> Tape:
+    """The tape of ``loss``, the direct output of an extended loss module, checked to reach ``parameters``."""
+    terms = recorded_terms(loss, who)
+    if len(terms) != 1 or terms[0][0] != 1.0:
+        raise _not_recorded(who, f"a weighted sum of {len(terms)} losses where one loss is expected")
+    check_reached([terms[0][1]], parameters, who)
+    return terms[0][1]
