@@ -9,6 +9,7 @@ from hsbench.experiments.approx_quality import ApproxQuality
 from hsbench.experiments.diag_dominance import DiagDominance
 from hsbench.experiments.optimizer_benchmark import OptimizerBenchmark
 from hsbench.experiments.quadratic import Quadratic
+from hsbench.experiments.rl import RLPerformance, RLRobustness, RLStability
 from hsbench.experiments.update_time import UpdateTime
 
 KINDS: dict[str, ExperimentKind] = {
@@ -19,5 +20,8 @@ KINDS: dict[str, ExperimentKind] = {
         DiagDominance(),
         OptimizerBenchmark(),
         UpdateTime(),
+        RLPerformance(),
+        RLRobustness(),
+        RLStability(),
     )
 }
