@@ -10,6 +10,10 @@ from torch import nn
 from hsbench.curvature import diagonal
 from hsbench.curvature import extend
 from hsbench.data import embedded_mnist
+from hsbench.engine.kind import ExperimentKind
+from hsbench.engine.runner import RunOptions, execute
+from hsbench.engine.spec import Run
+from hsbench.engine.store import Store
 from hsbench.optim import OPTIMIZERS, Diverged, make, train_step
 
 CURVATURE = {"adahesscale": "hesscale", "adahesscale-gn": "hesscale-gn", "adabl89": "bl89", "adaggnmc": "ggn-mc"}
@@ -344,3 +348,27 @@ def test_invalid_hyperparameters_name_the_argument(hyper, field):
 def test_unknown_optimizer_lists_the_valid_ones():
     with pytest.raises(ValueError, match="adahesscale-gn.*scaled-adam"):
         make("adahesscale2", [torch.zeros(1, requires_grad=True)])
+
+
+class DivergingKind(ExperimentKind):
+    """A kind whose training step meets a NaN input, and which does not catch ``Diverged``."""
+
+    name = "diverging"
+    description = "one adam step on a NaN batch"
+    fields = {}
+
+    def run(self, settings, ctx):
+        model = nn.Linear(2, 1)
+        train_step(make("adam", model.parameters()), model, nn.MSELoss(), torch.full((3, 2), math.nan), torch.zeros(3, 1))
+        return {}
+
+    def plot(self, df, spec, outdir):
+        return []
+
+
+def test_the_engine_records_an_optimizers_divergence_as_diverged(tmp_path):
+    """The engine does not import hsbench.optim: it records any FloatingPointError as ``diverged``."""
+    run = Run("0123456789abcdef", "diverging", f"{__name__}:DivergingKind", {"seed": 0, "scale": "default"})
+    assert execute(run, RunOptions(tmp_path)) == "diverged"
+    record = Store(tmp_path, "diverging").read_run(run)
+    assert record["status"] == "diverged" and record["error"].startswith("Diverged: Adam.backward: the loss is nan")

@@ -121,6 +121,8 @@ def execute(run: Run, options: RunOptions) -> str:
         status = "ok" if finite(metrics) else "diverged"
     except Diverged as e:
         metrics, status = e.metrics, "diverged"
+    except FloatingPointError as e:  # e.g. hsbench.optim.Diverged: a non-finite loss or update
+        metrics, status, error = {}, "diverged", f"{type(e).__name__}: {e}"
     except Exception:
         metrics, status, error = {}, "failed", traceback.format_exc()
     store.write(
