@@ -411,7 +411,8 @@ def robustness_figure(scores: pd.DataFrame, caption: str) -> Figure:
         ax.set(xscale="log", ylim=(-0.05, 1.05), xlabel="step size", ylabel="normalized return")
         ax.legend(fontsize="x-small")
     fig.suptitle(
-        f"{caption}\nnormalized per panel over all optimizers and step sizes\nx: a seed diverged (counted as the panel's lowest)",
+        f"{caption}\nnormalized per panel over all optimizers and step sizes\n"
+        "x: a seed diverged (counted as the panel's lowest)",
         fontsize="small",
     )
     fig.tight_layout()
