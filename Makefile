@@ -46,6 +46,14 @@ figure4: $(STAMP)
 	$(HSBENCH) run figure4 --scale embedded --jobs 2 --device cpu
 	$(HSBENCH) plot figure4 --scale embedded
 
+# Figures 5, 6 and 7 (RL, section 7) on this machine's CPU: the specs' embedded scales (Hopper-v5
+# and one more task, few seeds and steps; figure 7: Reacher-v5 and Hopper-v5, 5 runs each), then
+# the figures into plots/embedded/. The paper's sweeps: `hsbench run figure5 --scale paper --executor slurm`.
+.PHONY: figure5 figure6 figure7
+figure5 figure6 figure7: $(STAMP)
+	$(HSBENCH) run $@ --scale embedded --jobs 2
+	$(HSBENCH) plot $@ --scale embedded
+
 # Figure 8 (appendix D): update time of every optimizer on this machine's CPU, both panels at
 # batch size 1, one run at a time (--jobs 1: parallel runs would share the cores), then
 # figure8a/b and the table of ratios to Adam (plots/figure8.md).
