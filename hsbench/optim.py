@@ -134,8 +134,9 @@ class DiagonalAdam(torch.optim.Optimizer):
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, trust_region=None,
         trust_region_bias_correction=True,
     ):
-        check_hyperparameters(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_region=trust_region))
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        hyper = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "trust_region": trust_region}
+        check_hyperparameters(hyper)
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self.trust_region = trust_region
         self.trust_region_bias_correction = trust_region_bias_correction
         self.last_scale = 1.0  # η of the last step (1 without step-size scaling)
@@ -181,7 +182,8 @@ class DiagonalAdam(torch.optim.Optimizer):
                     new["exp_avg_sq"] = old["exp_avg_sq"].mul(beta2).addcmul_(d, d, value=1 - beta2)
                     second = new["exp_avg_sq"]
                     if self.precondition == "gradient":
-                        second = new["exp_avg_grad_sq"] = old["exp_avg_grad_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+                        second = old["exp_avg_grad_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+                        new["exp_avg_grad_sq"] = second
                     correction2 = math.sqrt(1 - beta2**t)
                     denom = (second.sqrt() / correction2).add_(group["eps"])
                     move = new["exp_avg"].div(denom).mul_(-group["lr"] / (1 - beta1**t))  # −U
@@ -267,9 +269,9 @@ class AdaHessian(DiagonalAdam):
         grads = torch.autograd.grad(loss, params, create_graph=True)
         probes = [torch.randint_like(p, 2) * 2 - 1 for p in params]
         hz = torch.autograd.grad(grads, params, probes)
-        _accumulate_gradients({p: g.detach() for p, g in zip(params, grads)})
+        _accumulate_gradients({p: g.detach() for p, g in zip(params, grads, strict=True)})
         diags = {}
-        for p, h in zip(params, hz):
+        for p, h in zip(params, hz, strict=True):
             d = h.abs()  # |z ∘ Hz| with z = ±1
             if d.dim() >= 3:  # convolution kernel (out, in, *kernel): average over the kernel positions
                 d = d.mean(tuple(range(2, d.dim())), keepdim=True).expand_as(d)

@@ -32,10 +32,16 @@ def terms(networks: int, seed=0, sampling=False):
     MSE. ``sampling``: losses with a predictive distribution (Monte-Carlo methods), cross-entropy
     instead of the policy gradient and an MSE instead of the entropy."""
     actor, critic, x, pg_target, returns = actor_critic(seed)
-    first = (actor, extend(nn.CrossEntropyLoss()), pg_target[0]) if sampling else (actor, extend(PolicyGradientLoss()), pg_target)
+    if sampling:
+        first = (actor, extend(nn.CrossEntropyLoss()), pg_target[0])
+    else:
+        first = (actor, extend(PolicyGradientLoss()), pg_target)
     if networks == 2:
         return [first, (critic, extend(nn.MSELoss()), returns)], x
-    second = (actor, extend(nn.MSELoss()), torch.randn(7, 4, dtype=torch.float64)) if sampling else (actor, extend(Entropy()), None)
+    if sampling:
+        second = (actor, extend(nn.MSELoss()), torch.randn(7, 4, dtype=torch.float64))
+    else:
+        second = (actor, extend(Entropy()), None)
     return [first, second], x
 
 
@@ -85,7 +91,7 @@ def test_diagonal_of_a_weighted_sum_is_the_weighted_sum_of_the_diagonals(method,
         parts.append((c, by_tensor(net, diagonal(method, net, loss_fn, x, target, mc_samples=3, generator=gen))))
     assert_same(found.diagonals, combine(parts))
     params = list(found.gradients)
-    assert_same(found.gradients, dict(zip(params, torch.autograd.grad(loss, params, retain_graph=True))))
+    assert_same(found.gradients, dict(zip(params, torch.autograd.grad(loss, params, retain_graph=True), strict=True)))
 
 
 @pytest.mark.parametrize("networks", [1, 2])
@@ -99,7 +105,7 @@ def test_exact_diagonal_of_a_weighted_sum_equals_torch_func(networks):
     def expression(theta):
         chunks = iter(torch.split(theta, sizes))
         values = [{k: next(chunks).reshape(p.shape) for k, p in net.named_parameters()} for net in nets]
-        outputs = {id(net): torch.func.functional_call(net, v, (x,)) for net, v in zip(nets, values)}
+        outputs = {id(net): torch.func.functional_call(net, v, (x,)) for net, v in zip(nets, values, strict=True)}
         first = t1[1](outputs[id(t1[0])], t1[2])
         second = t2[1](outputs[id(t2[0])]) if t2[2] is None else t2[1](outputs[id(t2[0])], t2[2])
         return -0.7 * first + 2.5 * second
@@ -109,7 +115,7 @@ def test_exact_diagonal_of_a_weighted_sum_equals_torch_func(networks):
     z = t1[0](x)
     loss = -0.7 * recorded(t1, x, z) + 2.5 * recorded(t2, x, z if networks == 1 else None)
     found = loss_diagonals(loss, "exact")
-    for p, d in zip(params, exact):
+    for p, d in zip(params, exact, strict=True):
         torch.testing.assert_close(found.diagonals[p], d.reshape(p.shape), rtol=1e-9, atol=1e-12)
 
 
@@ -119,7 +125,7 @@ def test_grad2_is_the_square_of_the_weighted_sums_gradient():
     found = loss_diagonals(loss, "grad2")
     params = list(found.diagonals)
     grads = torch.autograd.grad(loss, params, retain_graph=True)
-    assert_same(found.diagonals, {p: g.square() for p, g in zip(params, grads)})
+    assert_same(found.diagonals, {p: g.square() for p, g in zip(params, grads, strict=True)})
 
 
 def test_constants_signs_and_repeated_terms():
@@ -135,7 +141,7 @@ def test_constants_signs_and_repeated_terms():
     expected = combine([(1.0, loss_diagonals(recorded(pg, x, z), "exact").diagonals),
                         (-0.01, loss_diagonals(recorded(entropy, x, z), "exact").diagonals)])
     assert_same(loss_diagonals(loss, "exact").diagonals, expected)
-    assert_same(loss_diagonals(-l1 / 4 + l1 + 3, "hesscale").diagonals, combine([(0.75, loss_diagonals(l1, "hesscale").diagonals)]))
+    assert_same(loss_diagonals(-l1 / 4 + l1 + 3, "hesscale").diagonals, combine([(0.75, d1)]))
     assert_same(loss_diagonals(0.5 * l2, "exact").diagonals, combine([(0.5, loss_diagonals(l2, "exact").diagonals)]))
 
 
@@ -182,11 +188,13 @@ def test_one_optimizer_over_actor_and_critic_equals_one_per_network(name):
         together.backward(loss)
         together.step()
         torch.manual_seed(step)
-        for opt, (net, loss_fn, target), c in zip(apart, ((twin_actor, t1[1], t1[2]), (twin_critic, t2[1], t2[2])), (1, 0.5)):
+        twins = ((twin_actor, t1[1], t1[2]), (twin_critic, t2[1], t2[2]))
+        for opt, (net, loss_fn, target), c in zip(apart, twins, (1, 0.5), strict=True):
             opt.zero_grad()
             opt.backward(c * loss_fn(net(x), target))
             opt.step()
-    for p, q in zip([*actor.parameters(), *critic.parameters()], [*twin_actor.parameters(), *twin_critic.parameters()]):
+    together_params = [*actor.parameters(), *critic.parameters()]
+    for p, q in zip(together_params, [*twin_actor.parameters(), *twin_critic.parameters()], strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
     assert not torch.equal(actor[0].weight, actor_critic()[0][0].weight)  # the steps moved it
 
