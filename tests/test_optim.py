@@ -2,13 +2,13 @@
 
 import copy
 import math
+from typing import ClassVar
 
 import pytest
 import torch
 from torch import nn
 
-from hsbench.curvature import diagonal
-from hsbench.curvature import extend
+from hsbench.curvature import diagonal, extend
 from hsbench.data import embedded_mnist
 from hsbench.engine.kind import ExperimentKind
 from hsbench.engine.runner import RunOptions, execute
@@ -22,7 +22,8 @@ CURVATURE = {"adahesscale": "hesscale", "adahesscale-gn": "hesscale-gn", "adabl8
 def small_problem(seed=0, conv=False):
     torch.manual_seed(seed)
     if conv:
-        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ELU(), nn.MaxPool2d(2, stride=1), nn.Flatten(), nn.Linear(2 * 2 * 2, 3))
+        conv = (nn.Conv2d(1, 2, 3), nn.ELU(), nn.MaxPool2d(2, stride=1))
+        model = nn.Sequential(*conv, nn.Flatten(), nn.Linear(2 * 2 * 2, 3))
         x = torch.randn(4, 1, 5, 5, dtype=torch.float64)
     else:
         model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
@@ -37,7 +38,9 @@ def train_steps(opt, model, loss_fn, x, y, steps, seed=None):
         train_step(opt, model, loss_fn, x, y)
 
 
-def adam_style_by_hand(model, loss_fn, x, y, curvature, steps, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, seed=None):
+def adam_style_by_hand(
+    model, loss_fn, x, y, curvature, steps, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, seed=None
+):
     """The shared update written out, with d from ``curvature(model)`` and g from autograd."""
     params = dict(model.named_parameters())
     m = {k: torch.zeros_like(p) for k, p in params.items()}
@@ -48,7 +51,7 @@ def adam_style_by_hand(model, loss_fn, x, y, curvature, steps, lr, betas=(0.9, 0
         d = curvature(model)
         grads = torch.autograd.grad(loss_fn(model(x), y), list(params.values()))
         with torch.no_grad():
-            for (k, p), g in zip(params.items(), grads):
+            for (k, p), g in zip(params.items(), grads, strict=True):
                 g = g + weight_decay * p
                 m[k] = betas[0] * m[k] + (1 - betas[0]) * g
                 v[k] = betas[1] * v[k] + (1 - betas[1]) * d[k] ** 2
@@ -67,7 +70,7 @@ def test_two_steps_match_the_update_by_hand(name, conv):
     )
     opt = make(name, model.parameters(), lr=0.05, weight_decay=0.01)
     train_steps(opt, model, loss_fn, x, y, 2, seed=7)
-    for (k, p), q in zip(model.named_parameters(), expected.parameters()):
+    for (k, p), q in zip(model.named_parameters(), expected.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=k)
 
 
@@ -78,8 +81,8 @@ def exact_hessian(model, loss_fn, x, y):
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
     def loss_of(theta):
-        params = dict(zip(names, torch.split(theta, [s.numel() for s in shapes])))
-        params = {k: v.reshape(s) for (k, v), s in zip(params.items(), shapes)}
+        params = dict(zip(names, torch.split(theta, [s.numel() for s in shapes]), strict=True))
+        params = {k: v.reshape(s) for (k, v), s in zip(params.items(), shapes, strict=True)}
         return loss_fn(torch.func.functional_call(model, params, (x,)), y)
 
     return torch.func.hessian(loss_of)(flat)
@@ -94,14 +97,14 @@ def test_adahessian_two_steps_match_the_exact_hessian_times_its_probe():
         hessian = exact_hessian(mdl, loss_fn, x, y)
         z = torch.cat([(torch.randint_like(p, 2) * 2 - 1).reshape(-1) for p in mdl.parameters()])
         d = (z * (hessian @ z)).abs().split([p.numel() for p in mdl.parameters()])
-        d = [di.reshape(p.shape) for di, p in zip(d, mdl.parameters())]
+        d = [di.reshape(p.shape) for di, p in zip(d, mdl.parameters(), strict=True)]
         d = [di.mean((2, 3), keepdim=True).expand_as(di) if di.dim() == 4 else di for di in d]  # conv kernels
-        return dict(zip([k for k, _ in mdl.named_parameters()], d))
+        return dict(zip([k for k, _ in mdl.named_parameters()], d, strict=True))
 
     expected = adam_style_by_hand(copy.deepcopy(model), loss_fn, x, y, hutchinson_abs, 2, lr=0.15, eps=1e-4, seed=3)
     opt = make("adahessian", model.parameters())
     train_steps(opt, model, loss_fn, x, y, 2, seed=3)
-    for p, q in zip(model.parameters(), expected.parameters()):
+    for p, q in zip(model.parameters(), expected.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
@@ -114,7 +117,7 @@ def test_adam_and_sgd_are_torch_optimizers_with_plain_backward():
         ref_opt.zero_grad()
         loss_fn(reference(x), y).backward()
         ref_opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters(), strict=True))
     assert isinstance(make("sgd", model.parameters(), lr=0.1), torch.optim.SGD)
 
 
@@ -137,7 +140,7 @@ def test_separable_quadratic_curvature_and_newton_like_step():
 def test_step_size_scaling(name):
     model, loss_fn, x, y = small_problem()
     d = diagonal("hesscale", model, loss_fn, x, y)
-    g = dict(zip(d, torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()))))
+    g = dict(zip(d, torch.autograd.grad(loss_fn(model(x), y), list(model.parameters())), strict=True))
     lr, eps = 0.1, 1e-8
     # first step: m̂ = g, v̂ = d² (AdaHesScale) or g² (Adam); h = Σ |d| U²
     updates = {k: lr * g[k] / ((d[k] if name == "scaled-adahesscale" else g[k]).abs() + eps) for k in d}
@@ -148,7 +151,7 @@ def test_step_size_scaling(name):
         train_steps(opt, trial, loss_fn, x, y, 1)
         assert opt.last_scale == pytest.approx(expected_scale, rel=1e-9)
         assert (opt.last_scale < 1) == (h > 2 * radius)
-        for (k, p), p0 in zip(trial.named_parameters(), model.parameters()):
+        for (k, p), p0 in zip(trial.named_parameters(), model.parameters(), strict=True):
             torch.testing.assert_close(p, p0 - expected_scale * updates[k], rtol=1e-9, atol=1e-12)
 
 
@@ -160,7 +163,7 @@ def algorithm3_by_hand(model, loss_fn, x, y, steps, lr, radius, precondition, be
     scales = []
     for t in range(1, steps + 1):
         d = diagonal("hesscale", model, loss_fn, x, y)
-        g = dict(zip(params, torch.autograd.grad(loss_fn(model(x), y), list(params.values()))))
+        g = dict(zip(params, torch.autograd.grad(loss_fn(model(x), y), list(params.values())), strict=True))
         u, h = {}, 0.0
         for k in params:
             m[k] = betas[0] * m[k] + (1 - betas[0]) * g[k]
@@ -193,11 +196,12 @@ def test_scaled_optimizers_follow_algorithm_3_over_several_steps(name, regime, c
     expected = copy.deepcopy(model)
     precondition = "curvature" if name == "scaled-adahesscale" else "gradient"
     scales = algorithm3_by_hand(expected, loss_fn, x, y, steps, lr, radius, precondition, betas, corrected=corrected)
-    opt = make(name, model.parameters(), lr=lr, betas=betas, trust_region=radius, trust_region_bias_correction=corrected)
+    hyper = {"lr": lr, "betas": betas, "trust_region": radius, "trust_region_bias_correction": corrected}
+    opt = make(name, model.parameters(), **hyper)
     for t in range(steps):
         train_step(opt, model, loss_fn, x, y)
         assert opt.last_scale == pytest.approx(scales[t], rel=1e-9), t
-    for (k, p), q in zip(model.named_parameters(), expected.parameters()):
+    for (k, p), q in zip(model.named_parameters(), expected.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=k)
     if regime == "sometimes":
         assert min(scales) < 1 and max(scales) == 1, scales
@@ -220,7 +224,7 @@ def test_state_dict_round_trip_continues_bit_identically(name):
     opt2 = make(name, resumed.parameters(), lr=0.01)
     opt2.load_state_dict(saved_opt)
     train_steps(opt2, resumed, loss_fn, x, y, 3, seed=100)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters(), strict=True))
 
 
 HYPER = {
@@ -262,7 +266,7 @@ def same(a, b) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(u, v) for u, v in zip(a, b, strict=True))
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and torch.equal(a, b)
     return a == b
@@ -301,7 +305,7 @@ def test_step_without_backward_is_an_error():
 def test_unextended_model_or_modified_loss_is_an_error():
     model, loss_fn, x, y = small_problem()
     opt = make("adahesscale-gn", model.parameters())
-    with pytest.raises(RuntimeError, match="extend.*found PowBackward0"):
+    with pytest.raises(RuntimeError, match=r"extend.*found PowBackward0"):
         opt.backward(loss_fn(model(x), y) ** 2)
     plain = nn.Sequential(nn.Linear(5, 3)).double()
     opt = make("adahesscale", plain.parameters())
@@ -346,7 +350,7 @@ def test_invalid_hyperparameters_name_the_argument(hyper, field):
 
 
 def test_unknown_optimizer_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="adahesscale-gn.*scaled-adam"):
+    with pytest.raises(ValueError, match=r"adahesscale-gn.*scaled-adam"):
         make("adahesscale2", [torch.zeros(1, requires_grad=True)])
 
 
@@ -355,11 +359,12 @@ class DivergingKind(ExperimentKind):
 
     name = "diverging"
     description = "one adam step on a NaN batch"
-    fields = {}
+    fields: ClassVar[dict] = {}
 
     def run(self, settings, ctx):
         model = nn.Linear(2, 1)
-        train_step(make("adam", model.parameters()), model, nn.MSELoss(), torch.full((3, 2), math.nan), torch.zeros(3, 1))
+        nan_batch = torch.full((3, 2), math.nan)
+        train_step(make("adam", model.parameters()), model, nn.MSELoss(), nan_batch, torch.zeros(3, 1))
         return {}
 
     def plot(self, df, spec, outdir):
