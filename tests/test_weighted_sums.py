@@ -213,3 +213,16 @@ def test_losses_sharing_an_output_leave_no_reference_cycle():
         assert output() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("networks,walks", [(1, 1), (2, 2)])
+def test_terms_on_one_output_share_one_backward_walk(networks, walks, monkeypatch):
+    from hsbench.curvature import diagonal_backprop
+
+    calls = []
+    walk = diagonal_backprop.backpropagate
+    monkeypatch.setattr(diagonal_backprop, "backpropagate", lambda *args: calls.append(args) or walk(*args))
+    (t1, t2), x = terms(networks)
+    z = t1[0](x)
+    loss_diagonals(recorded(t1, x, z) - 0.01 * recorded(t2, x, z if networks == 1 else None), "hesscale")
+    assert len(calls) == walks

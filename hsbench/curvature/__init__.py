@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from hsbench.curvature import diagonal_backprop, hessian_backprop, sampled_backprop
 from hsbench.curvature.autograd_estimators import rademacher
 from hsbench.curvature.estimators import ESTIMATORS, Batch
+from hsbench.curvature.loss_rules import LossRule
 from hsbench.curvature.recording import check_reached, extend, recorded_terms
 from hsbench.curvature.tape import Backward, Tape
 
@@ -148,6 +149,8 @@ def loss_diagonals(
     reached: list[Tensor] = list(trainable.values())
     if method not in _TAPE_WALKS:  # hutchinson, grad2: autograd through the loss's own graph
         return _autograd_diagonals(loss, reached, method, mc_samples, generator)
+    if method not in ("ggn-mc", "kfac"):  # linear in the output's (g, H): one walk per network output
+        terms = _combined_per_output(terms)
     grads: dict[Tensor, Tensor] = {}
     diags: dict[Tensor, Tensor] = {}
     for c, tape in terms:
@@ -176,4 +179,48 @@ def _autograd_diagonals(loss: Tensor, params: list[Tensor], method: str, samples
             if h is not None:  # None: a parameter on which the gradient does not depend
                 d += z_p * h.detach() / samples
     return Backward(gradients, dict(zip(params, diags, strict=True)))
+
+
+class _WeightedSum(LossRule):
+    """The loss rule of Σ_k c_k · L_k on one network output z: its derivatives w.r.t. z are the
+    weighted sums of the terms', each term's reduction scale folded into its weight."""
+
+    def __init__(self, parts: list[tuple[float, LossRule, object]]):
+        self.parts = parts  # (c_k · scale_k, rule of L_k, target of L_k)
+
+    def scale(self, z: Tensor) -> float:
+        return 1.0
+
+    def _sum(self, derivative: str, z: Tensor) -> Tensor:
+        values = [w * getattr(rule, derivative)(z, target) for w, rule, target in self.parts]
+        return torch.stack(values).sum(0)
+
+    def grad(self, z, target):
+        return self._sum("grad", z)
+
+    def hessian_diagonal(self, z, target):
+        return self._sum("hessian_diagonal", z)
+
+    def bl89_diagonal(self, z, target):
+        return self._sum("bl89_diagonal", z)
+
+    def hessian(self, z, target):
+        return self._sum("hessian", z)
+
+
+def _combined_per_output(terms: list[tuple[float, Tape]]) -> list[tuple[float, Tape]]:
+    """Terms on the same network output (the same recorded steps) merged into one tape with
+    coefficient 1 whose loss rule is their weighted sum (``_WeightedSum``)."""
+    groups: dict[tuple[int, int], list[tuple[float, Tape]]] = {}
+    for c, tape in terms:
+        groups.setdefault((id(tape.steps), id(tape.output)), []).append((c, tape))
+    combined = []
+    for group in groups.values():
+        if len(group) == 1:
+            combined.append(group[0])
+            continue
+        first = group[0][1]
+        parts = [(c * tape.scale(), tape.loss, tape.target) for c, tape in group]
+        combined.append((1.0, Tape(first.steps, first.output, None, _WeightedSum(parts))))
+    return combined
 
