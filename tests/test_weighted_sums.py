@@ -70,12 +70,14 @@ def assert_same(found: dict, expected: dict):
         torch.testing.assert_close(found[p], value, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("networks", [1, 2])
+# hutchinson on two networks is left out: its probes are drawn per parameter in order, so the
+# critic's drawn alone differ from those drawn after the actor's
+CASES = [(m, n) for m in METHODS if m != "grad2" for n in (1, 2) if (m, n) != ("hutchinson", 2)]
+
+
 @pytest.mark.parametrize("a,b", COEFFICIENTS)
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "grad2"])
-def test_diagonal_of_a_weighted_sum_is_the_weighted_sum_of_the_diagonals(method, a, b, networks):
-    if method == "hutchinson" and networks == 2:
-        pytest.skip("probes are drawn per parameter in order: the critic's alone differ from those after the actor's")
+@pytest.mark.parametrize("method,networks", CASES)
+def test_diagonal_of_a_weighted_sum_is_the_weighted_sum_of_the_diagonals(method, networks, a, b):
     (t1, t2), x = terms(networks, sampling=method in ("ggn-mc", "kfac"))
     z = t1[0](x)
     shared = z if networks == 1 else None
