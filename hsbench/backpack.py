@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from backpack import backpack, disable
 from backpack.extensions.backprop_extension import FAIL_ERROR, BackpropExtension
 from backpack.extensions.module_extension import ModuleExtension
 
@@ -130,9 +131,12 @@ class _RuleExtension(ModuleExtension):
                 f"{type(ext).__name__}: nothing reached module {type(module).__name__} from the loss; "
                 "compute the loss with a loss module passed through backpack.extend"
             )
-        x, y = module.input0.detach(), module.output.detach()
+        x, y, g = module.input0.detach(), module.output.detach(), g_out[0].detach().unsqueeze(1)
         need_input = module.input0.requires_grad
-        s_in, diagonals = self.pull(ext, module, self.rule.context(module, x, y), s, g_out[0].detach().unsqueeze(1), need_input)
+        # Some rules run the module itself (contracts.autograd_vjp): its hooks must not re-enter
+        # BackPACK (no extension runs, no input or output is stored or deleted).
+        with disable(), backpack(retain_graph=True):
+            s_in, diagonals = self.pull(ext, module, self.rule.context(module, x, y), s, g, need_input)
         for name, value in diagonals.items():
             parameter = getattr(module, name)
             if parameter.requires_grad:
