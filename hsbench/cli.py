@@ -1,7 +1,9 @@
 """The ``hsbench`` command: list, run, status, plot and export experiments declared in TOML specs.
 
-Exit codes: 0 success; 1 some runs failed or have no record, or nothing is stored to plot
-or export; 2 invalid spec or arguments (nothing is written). Paths (``experiments/``,
+Exit codes: 0 success; 1 some runs failed (``status``: failed or cancelled), nothing is stored
+to plot or export, or the environment refused (sbatch, squeue, a download); 2 invalid spec,
+arguments, paths, device or missing data (nothing is written or submitted); 130 interrupted
+(Ctrl-C; a rerun resumes). Every error is one line on stderr. Paths (``experiments/``,
 ``results/``, ``plots/``) are relative to the current directory, normally the repository root.
 
 This module wires the engine (``hsbench.engine``) to the registry of experiment kinds
@@ -14,22 +16,25 @@ import argparse
 import collections
 import shutil
 import sys
+import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
-from hsbench.data import TORCHVISION, torchvision_dataset
+from hsbench import data
 from hsbench.engine import executors
-from hsbench.engine.kind import Field
+from hsbench.engine.kind import Field, run_device
 from hsbench.engine.provenance import git_revision
 from hsbench.engine.runner import DEFAULT_CHECKPOINT_INTERVAL_S, DEFAULT_DATA_DIR, RunOptions
-from hsbench.engine.spec import DEFAULT_SCALE, SLURM_FIELDS, Spec, SpecError, find_spec, load_spec
+from hsbench.engine.spec import DEFAULT_SCALE, MAX_RUNS, SLURM_FIELDS, Run, Spec, SpecError, find_spec, load_spec
 from hsbench.engine.store import DEFAULT_RESULTS, FINAL, Store
 from hsbench.experiments import KINDS
 
 EXPERIMENTS_DIR = Path("experiments")
 PLOTS_DIR = Path("plots")
-STATE_ORDER = ("ok", "failed", "diverged", "pending", "running", "missing")
+STATE_ORDER = ("ok", "failed", "diverged", "pending", "running", "missing")  # always shown by status
+RARE_STATES = ("cancelled", "unknown")  # shown by status when some run is in them
 TABLE_FORMATS = ("csv", "parquet")  # every kind exports these; a kind declares others in export_formats
 
 
@@ -51,12 +56,27 @@ def main(argv: list[str] | None = None) -> int:
     except NoResults as e:
         print(f"hsbench: {e}", file=sys.stderr)
         return 1
+    except (executors.SubmitError, executors.QueueUnavailable, data.DownloadError) as e:
+        print(f"hsbench: error: {e}", file=sys.stderr)
+        return 1
+    except executors.Interrupted as e:
+        finished = _counts(e.counts.elements()) if e.counts else "no run"
+        print(f"hsbench: interrupted: {finished} finished; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("hsbench: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except OSError as e:  # e.g. a full disk or a folder that became unwritable
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"hsbench: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hsbench", description="Run and plot the experiments declared in experiments/*.toml."
     )
+    parser.add_argument("--version", action="version", version=f"hsbench {version('hsbench')}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     p = sub.add_parser("list", help="list experiments and their scales")
@@ -68,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("spec", metavar="SPEC", help="experiment name (experiments/NAME.toml) or path to a spec")
         p.add_argument("--scale", default=DEFAULT_SCALE, help="named scale of the spec (default: default)")
         p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results/)")
+        p.add_argument(
+            "--max-runs",
+            type=int,
+            default=MAX_RUNS,
+            metavar="N",
+            help=f"refuse a sweep of more than N runs (default: {MAX_RUNS:,})",
+        )
         p.set_defaults(command=command)
         return p
 
@@ -97,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "download", help="download a torchvision data set (both splits) into a data directory; needs internet"
     )
-    p.add_argument("name", choices=TORCHVISION, help="data set")
+    p.add_argument("name", choices=data.TORCHVISION, help="data set")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="data directory (default: data/)")
     p.set_defaults(command=cmd_download)
 
@@ -137,31 +164,38 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _spec(args)
-    runs = spec.runs(args.scale)
+    runs = spec.runs(args.scale, args.max_runs)
     if args.jobs < 1:
         raise UsageError(f"--jobs: expected at least 1, got {args.jobs}")
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every: expected seconds >= 0, got {args.checkpoint_every}")
+    _device(args.device)
+    params = _slurm_params(args, spec) if args.executor == "slurm" else {}
+    _check_device(spec, args.device, params)
     store = Store(args.results, spec.name)
+    data_dir = args.data_dir.resolve()
+    todo = [run for run in runs if (store.read_run(run) or {}).get("status") not in FINAL]
+    _check_data(spec, todo, data_dir)
+    _check_writable(args.results)
     options = RunOptions(
         results_dir=store.root.parent,
         checkpoint_interval_s=args.checkpoint_every,
-        device=_device(args.device),
-        data_dir=args.data_dir.resolve(),
+        device=args.device,
+        data_dir=data_dir,
     )
     header = f"{spec.name} (scale {args.scale}): {len(runs)} runs"
     if args.executor == "local":
-        todo = [run for run in runs if (store.read_run(run) or {}).get("status") not in FINAL]
         print(f"{header}, {len(runs) - len(todo)} already done; running {len(todo)} with {args.jobs} process(es)")
         counts = executors.run_local(todo, options, args.jobs)
         print(f"{spec.name}: {_counts(counts.elements())} (results in {store.root})")
         return 1 if counts["failed"] else 0
 
-    params = _slurm_params(args, spec)
     if shutil.which("sbatch") is None:
         raise UsageError("--executor slurm: sbatch not found; use a SLURM login node or start slurm/start-cluster.sh")
-    states = executors.run_states(runs, store)
-    todo = [run for run in runs if states[run.id] in ("missing", "failed")]
+    states, problem = executors.run_states(runs, store)
+    if problem:
+        raise executors.QueueUnavailable(f"cannot read the SLURM queue ({problem}); nothing submitted")
+    todo = [run for run in runs if states[run.id] in ("missing", "failed", "cancelled")]
     print(f"{header}: {_counts(states.values())}")
     if todo:
         job_ids = executors.submit_slurm(todo, store, params, options)
@@ -171,11 +205,51 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     states = executors.wait_slurm(runs, store)
     print(f"{spec.name}: {_counts(states.values())} (results in {store.root})")
-    return 1 if {"failed", "missing"} & set(states.values()) else 0
+    return 1 if {"failed", "missing", "cancelled"} & set(states.values()) else 0
+
+
+def _check_device(spec: Spec, device: str | None, slurm: dict) -> None:
+    """Reject, before anything runs, a device the kind does not compute on or that is not there."""
+    kind = spec.kind
+    if not slurm:  # local: this machine runs the runs
+        try:
+            run_device(kind, device, torch.cuda.is_available())
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return
+    gpus = slurm["gpus_per_node"]
+    if device is not None and device.partition(":")[0] not in kind.devices:
+        raise UsageError(f"--device {device}: kind {kind.name} runs on the {' or '.join(kind.devices)} only")
+    if device is not None and device.startswith("cuda") and not gpus:
+        raise UsageError(f"--device {device}: the SLURM jobs get no GPU; set --gpus-per-node (or [slurm] gpus_per_node)")
+    if gpus and "cuda" not in kind.devices:
+        raise UsageError(f"--gpus-per-node {gpus}: kind {kind.name} runs on the CPU only; its jobs need no GPU")
+
+
+def _check_data(spec: Spec, runs: list[Run], data_dir: Path) -> None:
+    """Stop with one line if a data set that ``runs`` read is missing from ``data_dir``."""
+    needed = sorted({name for run in runs for name in spec.kind.required_data(run.settings)})
+    for name in needed:
+        try:
+            data.check_available(name, data_dir)
+        except FileNotFoundError as e:
+            raise UsageError(f"{spec.name}: {e}; nothing was run") from None
+
+
+def _check_writable(results: Path) -> None:
+    """Stop with one line unless ``results`` is (or can be made) a folder this process can write to."""
+    if results.exists() and not results.is_dir():
+        raise UsageError(f"--results {results}: not a folder")
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=results):
+            pass
+    except OSError as e:
+        raise UsageError(f"--results {results}: cannot write there ({e.strerror})") from None
 
 
 def _device(device: str | None) -> str | None:
-    """``--device`` checked as a torch device; None leaves the choice to each run (cuda if available)."""
+    """``--device`` checked as a torch device; None leaves the choice to each run (``kind.run_device``)."""
     if device is not None:
         try:
             torch.device(device)
@@ -202,13 +276,15 @@ def _check(field: Field, value, option: str):
 
 def cmd_status(args: argparse.Namespace) -> int:
     spec = _spec(args)
-    runs = spec.runs(args.scale)
+    runs = spec.runs(args.scale, args.max_runs)
     store = Store(args.results, spec.name)
-    states = executors.run_states(runs, store)
+    states, problem = executors.run_states(runs, store)
     print(f"{spec.name} (scale {args.scale}): {len(runs)} runs")
     counts = collections.Counter(states.values())
-    for state in STATE_ORDER:
+    for state in STATE_ORDER + tuple(s for s in RARE_STATES if counts[s]):
         print(f"  {state:9} {counts[state]}")
+    if problem:
+        print(f"  the SLURM queue could not be read ({problem}): submitted runs without a record are unknown")
     revision = git_revision()
     records = {run.id: store.read_run(run) for run in runs}
     stale = [i for i, rec in records.items() if rec is not None and rec["git_revision"] != revision]
@@ -216,15 +292,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {len(stale)} record(s) from another git revision than {revision}: {' '.join(stale)}")
     for run in runs:
         record = records[run.id]
-        if states[run.id] == "failed" and record is not None:  # a record, as its state is not "missing"
+        if states[run.id] in ("failed", "cancelled") and record is not None:
             settings = " ".join(f"{k}={v}" for k, v in run.settings.items())
-            print(f"  failed {run.id} [{settings}]: {record['error'].strip().splitlines()[-1]}")
-    return 0
+            print(f"  {states[run.id]} {run.id} [{settings}]: {(record['error'] or '?').strip().splitlines()[-1]}")
+    return 1 if counts["failed"] or counts["cancelled"] else 0
 
 
 def _frame(args: argparse.Namespace, spec: Spec):
     store = Store(args.results, spec.name)
-    df = store.frame(args.scale, {run.id for run in spec.runs(args.scale) if store.read_run(run) is not None})
+    runs = spec.runs(args.scale, args.max_runs)
+    df = store.frame(args.scale, {run.id for run in runs if store.read_run(run) is not None})
     if df.empty:
         raise NoResults(f"{spec.name}: no stored results at scale {args.scale} in {store.root}; run it first")
     return store, df
@@ -233,7 +310,10 @@ def _frame(args: argparse.Namespace, spec: Spec):
 def cmd_plot(args: argparse.Namespace) -> int:
     spec = _spec(args)
     store, df = _frame(args, spec)
-    store.compact(df, args.scale, "parquet")
+    try:
+        store.compact(df, args.scale, "parquet")
+    except OSError as e:  # the table is a by-product: plotting needs no write access to results/
+        print(f"hsbench: note: compacted table not written ({e.strerror})", file=sys.stderr)
     outdir = args.plots if args.scale == DEFAULT_SCALE else args.plots / args.scale
     for path in spec.kind.plot(df, spec, outdir):
         print(path)
@@ -246,6 +326,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         formats = ", ".join(TABLE_FORMATS + spec.kind.export_formats)
         raise UsageError(f"--format {args.format}: kind {spec.kind.name} exports only {formats}")
     store, df = _frame(args, spec)
+    _check_writable(store.root)
     if args.format in TABLE_FORMATS:
         print(store.compact(df, args.scale, args.format))
         return 0
@@ -254,7 +335,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    for train in (True, False):
-        torchvision_dataset(args.name, args.data_dir, train, download=True)
+    data.download(args.name, args.data_dir)
     print(f"{args.name} in {args.data_dir.resolve()}")
     return 0

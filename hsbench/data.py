@@ -7,6 +7,9 @@ download at all.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -42,6 +45,38 @@ def torchvision_dataset(name: str, data_dir: str | Path, train: bool, download: 
             f"{name} not found in {data_dir}: run `hsbench download {name} --data-dir {data_dir}` "
             "on a machine with internet (or copy the torchvision files there)"
         ) from None
+
+
+class DownloadError(Exception):
+    """A download that failed (e.g. no internet); one line. Nothing it created is left behind."""
+
+
+def check_available(name: str, data_dir: str | Path) -> None:
+    """Raise the one-line FileNotFoundError of :func:`torchvision_dataset` unless both splits of ``name`` are there."""
+    for train in (True, False):
+        torchvision_dataset(name, data_dir, train)
+
+
+def download(name: str, data_dir: str | Path) -> None:
+    """Download both splits of the torchvision data set ``name`` into ``data_dir`` (needs internet).
+
+    Raises :class:`DownloadError` naming the data set and the cause; files and folders the
+    failed attempt created are removed, those that were there before are kept.
+    """
+    data_dir = Path(data_dir)
+    new = next((p for p in reversed((data_dir, *data_dir.parents)) if not p.exists()), None)  # outermost
+    before = set(data_dir.rglob("*")) if new is None else set()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints each mirror it tries
+            for train in (True, False):
+                torchvision_dataset(name, data_dir, train, download=True)
+    except Exception as e:
+        if new is not None:
+            shutil.rmtree(new, ignore_errors=True)
+        for path in sorted(set(data_dir.rglob("*")) - before, reverse=True) if new is None else ():
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise DownloadError(f"download of {name} into {data_dir} failed: {cause}; is there internet access?") from None
 
 
 def as_tensors(dataset) -> tuple[Tensor, Tensor]:

@@ -99,6 +99,16 @@ class ExperimentKind(ABC):
     fields: Mapping[str, Field]
     export_formats: tuple[str, ...] = ()
     """Formats besides csv and parquet that :meth:`export` writes (``hsbench export --format``)."""
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    """Device types (``torch.device(...).type``) the computation of a run can use; a kind that
+    computes on the CPU whatever the device sets ``("cpu",)``, and ``--device cuda`` is then rejected."""
+
+    def required_data(self, settings: Mapping[str, Any]) -> list[str]:
+        """Data sets (``hsbench download`` names) a run with ``settings`` reads from the data directory.
+
+        ``hsbench run`` checks them once, before anything runs or is submitted; default: none.
+        """
+        return []
 
     @abstractmethod
     def run(self, settings: Mapping[str, Any], ctx: RunContext) -> dict[str, Any]:
@@ -111,6 +121,22 @@ class ExperimentKind(ABC):
     def export(self, df: pd.DataFrame, spec: Spec, fmt: str, outdir: Path) -> Path:
         """Write the stored results ``df`` in ``fmt``, one of ``export_formats``, to ``outdir``; return the path."""
         raise ValueError(f"kind {self.name} exports no format {fmt!r}; only csv and parquet")
+
+
+def run_device(kind: ExperimentKind, requested: str | None, cuda_available: bool) -> str:
+    """The device a run of ``kind`` computes on, given ``--device`` (None: cuda if available and used).
+
+    Raises ValueError with a one-line reason when the kind cannot run on the requested device.
+    """
+    if requested is None:
+        return "cuda" if cuda_available and "cuda" in kind.devices else "cpu"
+    device_type = requested.partition(":")[0]
+    if device_type not in kind.devices:
+        where = " or ".join(d.upper() if d == "cpu" else d for d in kind.devices)
+        raise ValueError(f"--device {requested}: kind {kind.name} runs on the {where} only")
+    if device_type == "cuda" and not cuda_available:
+        raise ValueError(f"--device {requested}: cuda requested but not available")
+    return requested
 
 
 def import_path(kind: ExperimentKind) -> str:

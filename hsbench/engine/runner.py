@@ -5,7 +5,9 @@ SLURM job; both arguments are pickled there, so everything a run depends on (its
 path, device, data directory) travels in them, never in the environment. It is idempotent: a
 run already recorded ``ok`` or ``diverged`` is not run again, and a run interrupted at any
 point (SIGKILL, preemption) has no record and continues from its last checkpoint when
-executed again.
+executed again. A run being executed is claimed (``Store.claim``): another process asked to
+execute it meanwhile skips it. A run stopped by :class:`Cancelled` (SLURM's SIGTERM, e.g.
+``scancel``) is recorded ``cancelled``, keeps its checkpoint and runs again next time.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hsbench.engine.kind import Diverged, load_kind
+from hsbench.engine.kind import Diverged, load_kind, run_device
 from hsbench.engine.provenance import git_revision, versions
 from hsbench.engine.spec import Run
 from hsbench.engine.store import FINAL, Store, atomic_write
@@ -34,12 +36,17 @@ DEFAULT_CHECKPOINT_INTERVAL_S = 60.0
 DEFAULT_DATA_DIR = Path("data")
 
 
+class Cancelled(BaseException):
+    """Raised in a run when its job is cancelled (SLURM's SIGTERM); a BaseException so that no kind catches it."""
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """How one ``hsbench run`` executes its runs, the same for all of them.
 
     ``results_dir`` holds the records (one folder per experiment); ``device`` is a torch device
-    (None: ``cuda`` if available, else ``cpu``); ``data_dir`` holds the torchvision data sets.
+    (None: ``cuda`` if available and the kind uses it, else ``cpu``; see ``kind.run_device``);
+    ``data_dir`` holds the torchvision data sets.
     """
 
     results_dir: Path
@@ -95,11 +102,24 @@ def finite(value: Any) -> bool:
 
 
 def execute(run: Run, options: RunOptions) -> str:
-    """Run ``run`` unless already recorded ok/diverged, write its record, return its status."""
+    """Run ``run`` unless already recorded ok/diverged, write its record, return its status.
+
+    Returns ``running`` without running it when another process holds its claim.
+    """
     store = Store(options.results_dir, run.experiment)
     done = store.read_run(run)
     if done is not None and done["status"] in FINAL:
         return done["status"]
+    with store.claim(run.id) as claimed:
+        if not claimed:
+            return "running"
+        done = store.read_run(run)  # the previous claimant may have finished it meanwhile
+        if done is not None and done["status"] in FINAL:
+            return done["status"]
+        return _execute(run, options, store)
+
+
+def _execute(run: Run, options: RunOptions, store: Store) -> str:
     kind = load_kind(run.kind_path)
     seed = run.settings["seed"]
     random.seed(seed)
@@ -108,7 +128,7 @@ def execute(run: Run, options: RunOptions) -> str:
     ctx = RunContext(
         run_id=run.id,
         seed=seed,
-        device=options.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=options.device or "cpu",
         data_dir=options.data_dir,
         checkpoint_path=store.checkpoint_path(run.id),
         checkpoint_interval_s=options.checkpoint_interval_s,
@@ -116,6 +136,7 @@ def execute(run: Run, options: RunOptions) -> str:
     start = time.perf_counter()
     error = None
     try:
+        ctx.device = run_device(kind, options.device, torch.cuda.is_available())
         metrics = kind.run(dict(run.settings), ctx)
         json.dumps(metrics)  # a metric JSON cannot store fails the run here, not the record's write
         status = "ok" if finite(metrics) else "diverged"
@@ -123,6 +144,8 @@ def execute(run: Run, options: RunOptions) -> str:
         metrics, status = e.metrics, "diverged"
     except FloatingPointError as e:  # e.g. hsbench.optim.Diverged: a non-finite loss or update
         metrics, status, error = {}, "diverged", f"{type(e).__name__}: {e}"
+    except Cancelled as e:
+        metrics, status, error = {}, "cancelled", f"Cancelled: {e}"
     except Exception:
         metrics, status, error = {}, "failed", traceback.format_exc()
     store.write(

@@ -30,9 +30,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ TOP_KEYS = ("kind", "description", "settings", "grid", "seeds", "slurm", "scales
 SCALE_KEYS = ("settings", "grid", "seeds", "slurm")
 RESERVED = ("seed", "scale")  # set by the engine, not by specs
 DEFAULT_SCALE = "default"
+MAX_RUNS = 100_000  # a sweep larger than this is refused unless the caller raises the limit (--max-runs)
 
 SLURM_FIELDS = {
     "partition": Field(str, "partition to submit to; empty: the cluster's default", default=""),
@@ -93,8 +95,12 @@ class Scaled:
 
     settings: dict[str, Any]
     grid: dict[str, list[Any]]
-    seeds: list[int]
+    seeds: Sequence[int]  # a range for `count = N`, so that a huge count costs nothing until expanded
     slurm: dict[str, Any]
+
+    def size(self) -> int:
+        """Number of runs: grid points times seeds."""
+        return math.prod(len(values) for values in self.grid.values()) * len(self.seeds)
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,7 @@ class Spec:
     description: str
     settings: dict[str, Any]
     grid: dict[str, list[Any]]
-    seeds: list[int]
+    seeds: Sequence[int]
     slurm: dict[str, Any]
     scales: dict[str, dict[str, Any]]  # scale name -> validated overrides (SCALE_KEYS)
 
@@ -133,9 +139,17 @@ class Spec:
         slurm = {k: f.default for k, f in SLURM_FIELDS.items()} | self.slurm | over.get("slurm", {})
         return Scaled(settings, grid, over.get("seeds", self.seeds), slurm)
 
-    def runs(self, scale: str = DEFAULT_SCALE) -> list[Run]:
-        """Expand into runs: the grid's Cartesian product (in declared order) times the seeds."""
+    def runs(self, scale: str = DEFAULT_SCALE, max_runs: int = MAX_RUNS) -> list[Run]:
+        """Expand into runs: the grid's Cartesian product (in declared order) times the seeds.
+
+        Raise SpecError, before expanding, if there would be more than ``max_runs``.
+        """
         scaled = self.resolve(scale)
+        if scaled.size() > max_runs:
+            raise SpecError(
+                f"{self.path}: scale {scale}: {scaled.size():,} runs, more than the limit of {max_runs:,}; "
+                "reduce the grid or seeds, or raise the limit with --max-runs"
+            )
         fields = self.kind.fields
         path = import_path(self.kind)
         runs = []
@@ -177,9 +191,11 @@ def load_spec(path: str | Path, kinds: Mapping[str, ExperimentKind]) -> Spec:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", path.stem):
         raise SpecError(f"{path}: file name: experiment names use letters, digits, '_', '-', '.'")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise SpecError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: invalid TOML: {e}") from None
     v = _Validator(path)
@@ -250,14 +266,14 @@ class _Validator:
             grid[name] = checked
         return grid
 
-    def seeds(self, table: dict[str, Any], prefix: str) -> list[int] | None:
+    def seeds(self, table: dict[str, Any], prefix: str) -> Sequence[int] | None:
         self.keys(table, SEED_KEYS, prefix + ".")
         if not table:
             return None
         if len(table) != 1:
             raise self.fail(prefix, "give either count or list, not both")
         if "count" in table:
-            return list(range(self.value(Field(int, "seed count", low=1), table["count"], f"{prefix}.count")))
+            return range(self.value(Field(int, "seed count", low=1), table["count"], f"{prefix}.count"))
         seeds = table["list"]
         seed = Field(int, "seed", low=0)
         if not isinstance(seeds, list) or not seeds:

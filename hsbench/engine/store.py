@@ -3,25 +3,34 @@
 Layout of ``<results>/<experiment>/``:
 
 - ``runs/<run_id>.json``: the record of a finished run: ``id``, ``experiment``, ``kind``,
-  ``scale``, ``settings`` (resolved, with seed and scale), ``status`` (ok, failed, diverged),
+  ``scale``, ``settings`` (resolved, with seed and scale), ``status`` (ok, failed, diverged,
+  cancelled),
   ``metrics`` (series as lists), ``error`` (traceback of a failed run, else null),
   ``wall_time_s`` (of the last attempt), ``resumed`` (whether it continued from a checkpoint),
   ``finished_at`` (UTC ISO), ``host``, ``device``, ``versions``, ``git_revision``.
 - ``checkpoints/<run_id>.pt``: latest checkpoint of a run that has not finished.
+- ``claims/<run_id>.lock``: exists while a process executes the run (an exclusive ``flock``,
+  released by the OS when that process dies), so that two ``hsbench run`` never run it twice.
 - ``submissions/<job_id>.json``: SLURM array submissions (run id -> array task id).
 - ``logs/<task_id>/``: SLURM job logs written by submitit.
 - ``<experiment>-<scale>.parquet`` / ``.csv``: compacted tables (``hsbench export`` / ``plot``).
 
 Every file is written to a temporary file in the same folder and moved into place with
 ``os.replace``, so a crash or SIGKILL leaves either the old file or the new one, never a torn one.
-Temporary files start with ``.`` and are never read.
+Temporary files start with ``.`` and are never read. A record that cannot be read (e.g. a
+file truncated by a full disk or copied in part) is reported on stderr, naming the file, and
+counts as missing, so that the next ``hsbench run`` replaces it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +40,10 @@ if TYPE_CHECKING:
     from hsbench.engine.spec import Run
 
 DEFAULT_RESULTS = Path("results")
-FINAL = ("ok", "diverged")  # statuses that a rerun skips; a failed run runs again
-STATUSES = ("ok", "failed", "diverged")
+FINAL = ("ok", "diverged")  # statuses that a rerun skips; a failed or cancelled run runs again
+STATUSES = ("ok", "failed", "diverged", "cancelled")
+RECORD_KEYS = ("id", "scale", "settings", "status", "metrics")  # what every reader of a record relies on
+_reported: set[Path] = set()  # unreadable records already reported by this process
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -66,10 +77,8 @@ class Store:
         atomic_write(self.runs_dir / f"{record['id']}.json", json.dumps(record).encode())
 
     def read(self, run_id: str) -> dict[str, Any] | None:
-        try:
-            return json.loads((self.runs_dir / f"{run_id}.json").read_text())
-        except FileNotFoundError:
-            return None
+        """The record stored for ``run_id``; None if there is none or it is unreadable (reported once)."""
+        return read_record(self.runs_dir / f"{run_id}.json")
 
     def read_run(self, run: Run) -> dict[str, Any] | None:
         """The record of ``run``, or None if none is stored or it ran other settings (``Run.matches``)."""
@@ -80,10 +89,42 @@ class Store:
         """All records, sorted by run id."""
         if not self.runs_dir.is_dir():
             return []
-        return [json.loads(p.read_text()) for p in sorted(self.runs_dir.glob("[!.]*.json"))]
+        records = (read_record(p) for p in sorted(self.runs_dir.glob("[!.]*.json")))
+        return [r for r in records if r is not None]
 
     def checkpoint_path(self, run_id: str) -> Path:
         return self.checkpoints_dir / f"{run_id}.pt"
+
+    @contextlib.contextmanager
+    def claim(self, run_id: str) -> Iterator[bool]:
+        """Hold the exclusive claim on ``run_id`` while in the block; yields False if another process holds it.
+
+        The claim is an ``flock`` on ``claims/<run_id>.lock``: the OS releases it when its holder
+        dies (even by SIGKILL). The file is removed on release; a claimant that locked a file
+        removed meanwhile tries again on the new one.
+        """
+        path = self.root / "claims" / f"{run_id}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                yield False
+                return
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the previous holder removed the file after we opened it
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)
+            os.close(fd)
 
     def write_submission(self, job_id: str, tasks: dict[str, str]) -> None:
         """Remember that SLURM array ``job_id`` runs each run id as the given array task id."""
@@ -128,6 +169,23 @@ class Store:
             data = df.assign(**{c: df[c].map(json.dumps) for c in lists}).to_csv(index=False).encode()
         atomic_write(path, data)
         return path
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The record in ``path``; None if there is none, or if it is unreadable, reported once on stderr."""
+    try:
+        record = json.loads(path.read_bytes())
+        if isinstance(record, dict) and all(key in record for key in RECORD_KEYS):
+            return record
+        problem = "not a run record"
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if path not in _reported:
+        _reported.add(path)
+        print(f"hsbench: warning: {path}: unreadable record ({problem}); counted as missing", file=sys.stderr)
+    return None
 
 
 def is_series(column) -> bool:

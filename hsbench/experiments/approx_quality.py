@@ -21,7 +21,7 @@ from torch import nn
 
 from hsbench.activations import ACTIVATIONS
 from hsbench.curvature import diagonals
-from hsbench.data import mnist_like
+from hsbench.data import TORCHVISION, mnist_like
 from hsbench.engine.kind import ExperimentKind, Field
 from hsbench.experiments.networks import mlp, small_cnn
 from hsbench.experiments.plotting import save_figure
@@ -77,6 +77,11 @@ class ApproxQuality(ExperimentKind):
         "sgd_lr": Field(float, "SGD step size of the run along which examples are met", default=0.01, low=0.0),
         "mc_large": Field(int, "Monte-Carlo samples of the many-sample variants", default=50, low=2),
     }
+
+    devices = ("cpu",)  # float64 on the CPU, whatever --device says
+
+    def required_data(self, settings: dict[str, Any]) -> list[str]:
+        return [settings["data"]] if settings["data"] in TORCHVISION else []
 
     def run(self, settings: dict[str, Any], ctx) -> dict[str, Any]:
         data_gen = torch.Generator().manual_seed(ctx.seed)

@@ -24,7 +24,7 @@ from hsbench.activations import ACTIVATIONS
 from hsbench.curvature import extend
 from hsbench.curvature.hessian_backprop import output_hessians
 from hsbench.curvature.tape import record
-from hsbench.data import MNIST_LIKE, mnist_like
+from hsbench.data import MNIST_LIKE, TORCHVISION, mnist_like
 from hsbench.engine.kind import Diverged, ExperimentKind, Field
 from hsbench.experiments.networks import INITS, mlp
 from hsbench.experiments.plotting import save_figure, save_markdown
@@ -62,6 +62,11 @@ class DiagDominance(ExperimentKind):
         "eval_examples": Field(int, "examples whose Hessians are measured before and after training", default=32, low=1),
         "store_matrices": Field(bool, "keep the first example's matrices (figure 3 heat maps)", default=False),
     }
+
+    devices = ("cpu",)  # trained and measured on the CPU, whatever --device says
+
+    def required_data(self, settings: dict[str, Any]) -> list[str]:
+        return [settings["data"]] if settings["data"] in TORCHVISION else []
 
     def run(self, settings: dict[str, Any], ctx) -> dict[str, Any]:
         x_all, y_all, provenance = mnist_like(settings["data"], ctx.data_dir)

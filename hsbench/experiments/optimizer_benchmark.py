@@ -43,6 +43,7 @@ from matplotlib.figure import Figure
 from hsbench import optim, problems
 from hsbench.activations import ACTIVATIONS
 from hsbench.curvature import extend
+from hsbench.data import TORCHVISION
 from hsbench.engine.kind import Diverged, ExperimentKind, Field
 from hsbench.experiments.plotting import save_figure
 from hsbench.timing import synchronize
@@ -69,6 +70,10 @@ class OptimizerBenchmark(ExperimentKind):
         "batch_size": Field(int, "training batch size; 0: the problem's default", default=0, low=0),
         "selection": Field(str, "criterion choosing each optimizer's best configuration (plots only)", default="final-valid-loss", choices=SELECTIONS),
     }
+
+    def required_data(self, settings: dict[str, Any]) -> list[str]:
+        dataset = problems.get(settings["problem"]).dataset
+        return [dataset] if dataset in TORCHVISION else []
 
     def run(self, settings: dict[str, Any], ctx) -> dict[str, Any]:
         problem = problems.get(settings["problem"])

@@ -43,6 +43,8 @@ class Quadratic(ExperimentKind):
         ),
     }
 
+    devices = ("cpu",)  # a 20-dimensional problem: the CPU only
+
     def run(self, settings: dict[str, Any], ctx) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(ctx.seed)
         dim = settings["dim"]
