@@ -26,11 +26,10 @@ in-place operations on the outputs of modules with full backward hooks.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
-
 from backpack import backpack, disable
 from backpack.extensions.backprop_extension import FAIL_ERROR, BackpropExtension
 from backpack.extensions.module_extension import ModuleExtension
+from torch import Tensor, nn
 
 from hsbench.curvature.contracts import Context, Elementwise, LinearMap, ParametrizedRule, Rule
 from hsbench.curvature.loss_rules import LOSS_RULES, loss_rule

@@ -10,9 +10,9 @@ import pytest
 import torch
 from backpack import backpack, extend
 from backpack.extensions import DiagGGNExact, DiagHessian
+from cases import problem
 from torch import nn
 
-from cases import problem
 from hsbench.backpack import BL89, HesScale, HesScaleGN
 from hsbench.curvature import diagonal
 
@@ -101,7 +101,9 @@ def test_two_losses_on_one_output_add_up():
 
 def test_unsupported_module_is_named():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-    with pytest.raises(NotImplementedError, match=r"HesScale does not support module BatchNorm1d \(supported: .*Linear"):
+    with pytest.raises(
+        NotImplementedError, match=r"HesScale does not support module BatchNorm1d \(supported: .*Linear"
+    ):
         _backward(model, nn.CrossEntropyLoss(), torch.randn(5, 3), torch.zeros(5, dtype=torch.long), HesScale())
 
 
@@ -114,12 +116,18 @@ def test_unsupported_loss_is_named():
     "model, loss_fn, x, targets, message",
     [
         (
-            nn.Conv1d(1, 2, 3, padding=1, padding_mode="reflect"), nn.MSELoss(), torch.randn(4, 1, 5),
-            torch.randn(4, 2, 5), "padding_mode='reflect' is not supported",
+            nn.Conv1d(1, 2, 3, padding=1, padding_mode="reflect"),
+            nn.MSELoss(),
+            torch.randn(4, 1, 5),
+            torch.randn(4, 2, 5),
+            "padding_mode='reflect' is not supported",
         ),
         (
-            nn.Linear(3, 2), nn.CrossEntropyLoss(label_smoothing=0.1), torch.randn(4, 3),
-            torch.zeros(4, dtype=torch.long), "label smoothing is not supported",
+            nn.Linear(3, 2),
+            nn.CrossEntropyLoss(label_smoothing=0.1),
+            torch.randn(4, 3),
+            torch.zeros(4, dtype=torch.long),
+            "label smoothing is not supported",
         ),
     ],
 )
@@ -131,6 +139,5 @@ def test_unsupported_configuration_is_named(model, loss_fn, x, targets, message)
 def test_loss_from_a_module_not_extended_is_an_error():
     model = extend(nn.Sequential(nn.Linear(3, 2)))
     loss = nn.functional.cross_entropy(model(torch.randn(4, 3)), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(RuntimeError, match="nothing reached module Linear from the loss"):
-        with backpack(HesScale()):
-            loss.backward()
+    with pytest.raises(RuntimeError, match="nothing reached module Linear from the loss"), backpack(HesScale()):
+        loss.backward()

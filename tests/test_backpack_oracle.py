@@ -16,9 +16,9 @@ import pytest
 import torch
 from backpack import backpack, extend
 from backpack.extensions import KFLR, BatchDiagGGNExact, BatchDiagHessian, DiagGGNExact, DiagHessian
+from cases import BATCH, problem
 from torch import nn
 
-from cases import BATCH, problem
 from hsbench.curvature import diagonal
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -29,8 +29,13 @@ def _pooled_cnn():
 
     In float32: BackPACK 1.7.1's average pooling fails on float64 ("expected scalar type Double")."""
     return nn.Sequential(
-        nn.ZeroPad2d(1), nn.Conv2d(2, 3, 3, stride=2), nn.Sigmoid(), nn.AvgPool2d(2), nn.Dropout(0.2),
-        nn.Flatten(), nn.Linear(12, 4),
+        nn.ZeroPad2d(1),
+        nn.Conv2d(2, 3, 3, stride=2),
+        nn.Sigmoid(),
+        nn.AvgPool2d(2),
+        nn.Dropout(0.2),
+        nn.Flatten(),
+        nn.Linear(12, 4),
     )
 
 
@@ -107,7 +112,9 @@ SAMPLES = 1000
 def test_ggn_mc_converges_to_diag_ggn_exact(model_name, loss_name):
     model, loss_fn, x, targets = _problem(model_name, loss_name, "mean")
     generator = torch.Generator().manual_seed(0)
-    few, many = (diagonal("ggn-mc", model, loss_fn, x, targets, mc_samples=m, generator=generator) for m in (5, SAMPLES))
+    few, many = (
+        diagonal("ggn-mc", model, loss_fn, x, targets, mc_samples=m, generator=generator) for m in (5, SAMPLES)
+    )
     exact = _field(_backpack_fields(model, loss_fn, x, targets, DiagGGNExact()), "diag_ggn_exact")
     assert max(_relative_error(many, exact).values()) < 0.05
     assert max(_relative_error(few, exact).values()) > 0.1  # a Monte-Carlo estimate, not the exact GGN
@@ -144,7 +151,9 @@ def test_kfac_of_a_convolution_follows_kfc_and_backpack_sums_over_positions():
     model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.Flatten(), nn.Linear(27, 4)).double()
     loss_fn = nn.MSELoss(reduction="sum")
     x, targets = torch.randn(BATCH, 2, 4, 4, dtype=torch.float64), torch.randn(BATCH, 4, dtype=torch.float64)
-    kfac = diagonal("kfac", model, loss_fn, x, targets, mc_samples=4 * SAMPLES, generator=torch.Generator().manual_seed(1))
+    kfac = diagonal(
+        "kfac", model, loss_fn, x, targets, mc_samples=4 * SAMPLES, generator=torch.Generator().manual_seed(1)
+    )
     model = _backpack_fields(model, loss_fn, x, targets, KFLR(), DiagGGNExact())
     conv, linear = model[0], model[2]
     positions = 9
@@ -162,7 +171,8 @@ def test_kfac_of_a_convolution_follows_kfc_and_backpack_sums_over_positions():
     torch.testing.assert_close(
         per_bias(kfac["0.weight"], kfac["0.bias"]),
         per_bias(_kflr_diagonal(conv.weight), _kflr_diagonal(conv.bias)) / positions,
-        rtol=1e-9, atol=1e-12,
+        rtol=1e-9,
+        atol=1e-12,
     )
     for name in ("weight", "bias"):
         assert _relative_error({name: kfac[f"2.{name}"]}, {name: _kflr_diagonal(getattr(linear, name))})[name] < 0.05
