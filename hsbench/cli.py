@@ -172,11 +172,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     _device(args.device)
     params = _slurm_params(args, spec) if args.executor == "slurm" else {}
     _check_device(spec, args.device, params)
+    if args.results.exists() and not args.results.is_dir():
+        raise UsageError(f"--results {args.results}: not a folder")
     store = Store(args.results, spec.name)
     data_dir = args.data_dir.resolve()
     todo = [run for run in runs if (store.read_run(run) or {}).get("status") not in FINAL]
     _check_data(spec, todo, data_dir)
-    _check_writable(args.results)
+    if todo:
+        _check_writable(args.results)
     options = RunOptions(
         results_dir=store.root.parent,
         checkpoint_interval_s=args.checkpoint_every,

@@ -178,7 +178,7 @@ def read_record(path: Path) -> dict[str, Any] | None:
         if isinstance(record, dict) and all(key in record for key in RECORD_KEYS):
             return record
         problem = "not a run record"
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__
