@@ -53,6 +53,10 @@ def test_missing_data_stops_the_sweep_before_anything_runs(write_spec, tmp_path,
     assert "mnist not found in" in line and str(empty) in line
     assert f"hsbench download mnist --data-dir {empty}" in line
     assert not (tmp_path / "res").exists()
+    slurm = ["--executor", "slurm", "--partition", "any"]  # checked before sbatch is looked for
+    assert main(["run", str(spec), "--results", str(tmp_path / "res"), "--data-dir", str(empty), *slurm]) == 2
+    assert "mnist not found in" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "res").exists()
 
 
 # 2. --device is honest

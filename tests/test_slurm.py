@@ -125,3 +125,60 @@ def test_preempted_job_is_requeued_and_continues_from_its_checkpoint(slurm_clust
     assert log.count("Starting with JobEnvironment") == 2
     record = json.loads(next((on_slurm / "preempted" / "runs").glob("*.json")).read_text())
     assert record["resumed"] and record["status"] == "ok"
+
+
+def test_sbatch_refusal_is_one_line_and_leaves_nothing(slurm_cluster, write_spec, tmp_path):
+    spec = write_spec(SPEC, name="refused")
+    res = tmp_path / "res"
+    refused = hsbench("run", spec, "--scale", "smoke", "--results", res, "--executor", "slurm", "--partition", "nosuch", check_rc=1)
+    (line,) = refused.stderr.strip().splitlines()
+    assert line == "hsbench: error: sbatch refused the job array: invalid partition specified: nosuch"
+    assert not res.exists() or not list(res.rglob("*"))  # no pickles, scripts or submissions
+
+
+def stop_controller() -> None:
+    state = os.environ.get("HSBENCH_SLURM_STATE", "/var/spool/hsbench-slurm")
+    pid = int(open(f"{state}/slurmctld.pid").read())
+    os.kill(pid, 15)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "slurmctld exit", timeout_s=20)
+
+
+def test_status_without_the_controller_shows_the_records(slurm_cluster, write_spec, tmp_path):
+    spec = write_spec(SPEC, name="noctld")
+    res = tmp_path / "res"
+    hsbench("run", spec, "--scale", "smoke", "--results", res, check_rc=1)  # records, stored locally
+    runs = sorted((res / "noctld" / "runs").glob("*.json"))
+    runs[0].unlink()  # ... but one of them was submitted and has no record yet
+    submission = {"job_id": "999999", "tasks": {runs[0].stem: "999999_0"}}
+    (res / "noctld" / "submissions").mkdir()
+    (res / "noctld" / "submissions" / "999999.json").write_text(json.dumps(submission))
+    stop_controller()
+    try:
+        status = hsbench("status", spec, "--scale", "smoke", "--results", res, check_rc=None)
+    finally:
+        start = subprocess.run(["bash", REPO / "slurm" / "start-cluster.sh"], capture_output=True, text=True)
+        assert start.returncode == 0, start.stdout + start.stderr
+    assert "Traceback" not in status.stderr
+    assert "unknown   1" in status.stdout and "missing   0" in status.stdout
+    assert "the SLURM queue could not be read (squeue: " in status.stdout
+    assert status.returncode == 1  # one stored run failed
+
+
+def test_a_cancelled_job_is_shown_cancelled_and_runs_again(slurm_cluster, write_spec, tmp_path):
+    spec = write_spec(LONG, name="cancelled")
+    res = tmp_path / "res"
+    hsbench("run", spec, "--results", res, "--executor", "slurm", "--checkpoint-every", "0.2")
+    (submission,) = (res / "cancelled" / "submissions").glob("*.json")
+    (task,) = json.loads(submission.read_text())["tasks"].values()
+    wait_for(lambda: any((res / "cancelled" / "checkpoints").glob("*.pt")), "a first checkpoint")
+    subprocess.run(["scancel", task], check=True)
+    records = res / "cancelled" / "runs"
+    wait_for(lambda: any(records.glob("*.json")), "the record of the cancelled run", timeout_s=30)
+    (record,) = [json.loads(p.read_text()) for p in records.glob("*.json")]
+    assert record["status"] == "cancelled" and "SIGTERM" in record["error"]
+    wait_for(lambda: task not in executors.queue_states(), "the job to leave the queue", timeout_s=40)
+    status = hsbench("status", spec, "--results", res, check_rc=1)
+    assert "cancelled 1" in status.stdout
+    rerun = hsbench("run", spec, "--results", res, "--executor", "slurm")
+    assert "submitted SLURM array job(s)" in rerun.stdout
+    subprocess.run(["scancel", "--name", "hsbench-cancelled"], check=True)

@@ -14,7 +14,9 @@ Pool workers watch the process that started them and exit when it is gone, so th
 from __future__ import annotations
 
 import collections
+import contextlib
 import getpass
+import io
 import multiprocessing
 import os
 import re
@@ -139,7 +141,8 @@ def submit_slurm(runs: list[Run], store: Store, params: dict[str, Any], options:
         n = len(chunk)
         created = _new_paths(store.root)
         try:
-            jobs = executor.map_array(SlurmRun(), chunk, [options] * n)
+            with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's errors; ours is one line
+                jobs = executor.map_array(SlurmRun(), chunk, [options] * n)
         except Exception as e:  # submitit's FailedJobError with sbatch's message, or OSError
             for path in sorted(created(), reverse=True):  # the pickles and script of the refused array
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
