@@ -15,8 +15,7 @@ import pytest
 from hsbench import cli
 from hsbench.engine.runner import RunContext, RunOptions, execute
 from hsbench.engine.spec import load_spec
-from hsbench.experiments import KINDS
-from hsbench.experiments import rl
+from hsbench.experiments import KINDS, rl
 from hsbench.experiments.rl import RLPerformance
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -48,14 +47,22 @@ def smoke(tmp_path_factory):
 def test_smoke_runs_are_ok_with_returns_on_the_cpu(smoke):
     _, records = smoke
     assert {name: len(found) for name, found in records.items()} == {
-        "figure5": 4, "figure10": 2, "figure6": 4, "figure11": 2, "figure12": 2, "figure13": 2, "figure7": 2,
-    }  # fmt: skip
+        "figure5": 4,
+        "figure10": 2,
+        "figure6": 4,
+        "figure11": 2,
+        "figure12": 2,
+        "figure13": 2,
+        "figure7": 2,
+    }
     for found in records.values():
         for rec in found:
             metrics = rec["metrics"]
             assert rec["status"] == "ok", rec["error"]
-            assert rec["device"] == "cpu" and "device_note" not in metrics
-            assert metrics["diverged_at_step"] is None and len(metrics["episode_returns"]) >= 2  # Swimmer: 1000-step episodes
+            assert rec["device"] == "cpu"
+            assert (
+                metrics["diverged_at_step"] is None and len(metrics["episode_returns"]) >= 2
+            )  # Swimmer: 1000-step episodes
             assert metrics["episode_steps"][-1] <= rec["settings"]["total_steps"] == 2048
             assert metrics["time_env_s"] > 0 and metrics["time_update_s"] > 0
             assert (len(metrics["eta_actor"]) > 0) == rec["settings"]["optimizer"].startswith("scaled-")
@@ -94,16 +101,23 @@ total_steps = 2048
 def test_diverging_run_is_recorded_with_its_step_and_plotted(write_spec, tmp_path):
     spec = write_spec(DIVERGING, name="diverging")
     (run,) = load_spec(spec, KINDS).runs()
-    assert execute(run, RunOptions(tmp_path, device="cuda")) == "diverged"
+    assert execute(run, RunOptions(tmp_path)) == "diverged"
     rec = json.loads((tmp_path / "diverging" / "runs" / f"{run.id}.json").read_text())
     metrics = rec["metrics"]
     assert rec["status"] == "diverged" and rec["error"] is None
     assert 0 < metrics["diverged_at_step"] <= 2048 and metrics["diverged"]
     assert all(step <= metrics["diverged_at_step"] for step in metrics["episode_steps"])
-    assert rec["device"] == "cpu" and "--device cuda ignored" in metrics["device_note"]
+    assert rec["device"] == "cpu"
     plots = tmp_path / "plots"
     assert cli.main(["plot", str(spec), "--results", str(tmp_path), "--plots", str(plots)]) == 0
     assert "| a2c | Hopper-v5 | adam | 1e+30 | -inf | 1 | 1 |" in (plots / "diverging-best.md").read_text()
+
+
+def test_cuda_is_rejected_before_anything_runs(write_spec, tmp_path, capsys):
+    spec = write_spec(DIVERGING, name="diverging")
+    assert cli.main(["run", str(spec), "--device", "cuda", "--results", str(tmp_path)]) == 2
+    assert "--device cuda: kind rl-performance runs on the CPU only" in capsys.readouterr().err
+    assert not (tmp_path / "diverging").exists()
 
 
 class Stop(Exception):
@@ -120,9 +134,16 @@ class StoppingContext(RunContext):
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     settings = {
-        "algorithm": "a2c", "env": "InvertedPendulum-v5", "optimizer": "scaled-adam", "lr": 1e-3,
-        "total_steps": 6144, "trust_region": 1e-8, "trust_region_bias_correction": True, "summary": "mean", "seed": 0,
-    }  # fmt: skip
+        "algorithm": "a2c",
+        "env": "InvertedPendulum-v5",
+        "optimizer": "scaled-adam",
+        "lr": 1e-3,
+        "total_steps": 6144,
+        "trust_region": 1e-8,
+        "trust_region_bias_correction": True,
+        "summary": "mean",
+        "seed": 0,
+    }
     kind = RLPerformance()
     straight = kind.run(settings, RunContext("straight", 0, "cpu", tmp_path / "straight.pt"))
     with pytest.raises(Stop):
@@ -131,7 +152,9 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     resumed = kind.run(settings, resumed_ctx)
     assert resumed_ctx.resumed
     timing = ("time_env_s", "time_policy_s", "time_update_s")
-    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in straight.items() if k not in timing}
+    assert {k: v for k, v in resumed.items() if k not in timing} == {
+        k: v for k, v in straight.items() if k not in timing
+    }
     assert len(straight["eta_steps"]) == 3 and len(straight["episode_returns"]) > 20
 
 
@@ -159,13 +182,20 @@ def runs_table(rows) -> pd.DataFrame:
 
 
 def test_best_step_size_by_hand():
-    runs = runs_table([
-        ("ppo", "Hopper-v5", "adam", 1e-4, 0, "ok", 12.0), ("ppo", "Hopper-v5", "adam", 1e-4, 1, "ok", 14.0),  # 13
-        ("ppo", "Hopper-v5", "adam", 1e-3, 0, "ok", 10.0), ("ppo", "Hopper-v5", "adam", 1e-3, 1, "ok", 20.0),  # 15
-        ("ppo", "Hopper-v5", "adam", 1e-2, 0, "ok", 90.0), ("ppo", "Hopper-v5", "adam", 1e-2, 1, "diverged", math.nan),
-        ("ppo", "Hopper-v5", "adahesscale", 1e-2, 0, "ok", 6.0), ("ppo", "Hopper-v5", "adahesscale", 1e-3, 0, "ok", 6.0),
-        ("a2c", "Hopper-v5", "adam", 1.0, 0, "diverged", math.nan), ("a2c", "Hopper-v5", "adam", 1e-1, 0, "diverged", math.nan),
-    ])  # fmt: skip
+    runs = runs_table(
+        [
+            ("ppo", "Hopper-v5", "adam", 1e-4, 0, "ok", 12.0),
+            ("ppo", "Hopper-v5", "adam", 1e-4, 1, "ok", 14.0),  # 13
+            ("ppo", "Hopper-v5", "adam", 1e-3, 0, "ok", 10.0),
+            ("ppo", "Hopper-v5", "adam", 1e-3, 1, "ok", 20.0),  # 15
+            ("ppo", "Hopper-v5", "adam", 1e-2, 0, "ok", 90.0),
+            ("ppo", "Hopper-v5", "adam", 1e-2, 1, "diverged", math.nan),
+            ("ppo", "Hopper-v5", "adahesscale", 1e-2, 0, "ok", 6.0),
+            ("ppo", "Hopper-v5", "adahesscale", 1e-3, 0, "ok", 6.0),
+            ("a2c", "Hopper-v5", "adam", 1.0, 0, "diverged", math.nan),
+            ("a2c", "Hopper-v5", "adam", 1e-1, 0, "diverged", math.nan),
+        ]
+    )
     best = rl.best_step_sizes(runs)
     found = {(r.algorithm, r.optimizer): (r.lr, r.score, r.seeds, r.diverged) for r in best.itertuples()}
     assert found == {
@@ -176,13 +206,20 @@ def test_best_step_size_by_hand():
 
 
 def test_normalization_by_hand():
-    runs = runs_table([
-        ("ppo", "Hopper-v5", "scaled-adam", 1e-4, 0, "ok", 10.0), ("ppo", "Hopper-v5", "scaled-adam", 1e-4, 1, "ok", 20.0),
-        ("ppo", "Hopper-v5", "scaled-adam", 1.0, 0, "diverged", math.nan), ("ppo", "Hopper-v5", "scaled-adam", 1.0, 1, "ok", 4.0),
-        ("ppo", "Hopper-v5", "scaled-adahesscale", 1e-4, 0, "ok", 30.0), ("ppo", "Hopper-v5", "scaled-adahesscale", 1e-4, 1, "ok", 30.0),
-        ("ppo", "Hopper-v5", "scaled-adahesscale", 1.0, 0, "ok", 20.0), ("ppo", "Hopper-v5", "scaled-adahesscale", 1.0, 1, "ok", 22.0),
-        ("ppo", "Reacher-v5", "scaled-adam", 1e-4, 0, "ok", -5.0), ("ppo", "Reacher-v5", "scaled-adam", 1.0, 0, "ok", -5.0),
-    ])  # fmt: skip
+    runs = runs_table(
+        [
+            ("ppo", "Hopper-v5", "scaled-adam", 1e-4, 0, "ok", 10.0),
+            ("ppo", "Hopper-v5", "scaled-adam", 1e-4, 1, "ok", 20.0),
+            ("ppo", "Hopper-v5", "scaled-adam", 1.0, 0, "diverged", math.nan),
+            ("ppo", "Hopper-v5", "scaled-adam", 1.0, 1, "ok", 4.0),
+            ("ppo", "Hopper-v5", "scaled-adahesscale", 1e-4, 0, "ok", 30.0),
+            ("ppo", "Hopper-v5", "scaled-adahesscale", 1e-4, 1, "ok", 30.0),
+            ("ppo", "Hopper-v5", "scaled-adahesscale", 1.0, 0, "ok", 20.0),
+            ("ppo", "Hopper-v5", "scaled-adahesscale", 1.0, 1, "ok", 22.0),
+            ("ppo", "Reacher-v5", "scaled-adam", 1e-4, 0, "ok", -5.0),
+            ("ppo", "Reacher-v5", "scaled-adam", 1.0, 0, "ok", -5.0),
+        ]
+    )
     scores = rl.normalized_scores(runs).set_index(["env", "optimizer", "lr"])
     hopper = scores.loc["Hopper-v5"]  # the diverged run counts as the panel's lowest value, 4: lo 4, hi 30
     expected = {  # (mean, se, normalized, normalized se, diverged)
@@ -203,10 +240,14 @@ def test_normalization_by_hand():
 def test_eta_table_by_hand():
     runs = pd.DataFrame(
         {
-            "algorithm": ["ppo"] * 3, "env": ["Hopper-v5"] * 3, "optimizer": ["scaled-adam", "scaled-adam", "adam"],
-            "lr": [1e-3] * 3, "eta_actor": [[1.0, 0.5], [0.5, 0.5], []], "eta_critic": [[0.2, 0.2], [0.1, 0.3], []],
+            "algorithm": ["ppo"] * 3,
+            "env": ["Hopper-v5"] * 3,
+            "optimizer": ["scaled-adam", "scaled-adam", "adam"],
+            "lr": [1e-3] * 3,
+            "eta_actor": [[1.0, 0.5], [0.5, 0.5], []],
+            "eta_critic": [[0.2, 0.2], [0.1, 0.3], []],
         }
-    )  # fmt: skip
+    )
     eta = rl.eta_table(runs)
     assert len(eta) == 1 and eta["optimizer"][0] == "scaled-adam"
     assert eta["eta_actor"][0] == pytest.approx(0.625) and eta["eta_critic"][0] == pytest.approx(0.2)
@@ -215,12 +256,27 @@ def test_eta_table_by_hand():
 def test_with_curves_summarizes_by_the_runs_setting():
     runs = pd.DataFrame(
         {
-            "algorithm": ["ppo", "ppo"], "env": ["Hopper-v5", "Humanoid-v5"], "total_steps": [100, 0],
-            "status": ["ok", "diverged"], "summary": ["final", "final"], "diverged_at_step": [None, 5_000_000],
-            "episode_steps": [[10, 88], [100_000]], "episode_returns": [[1.0, 8.0], [7.0]],
+            "algorithm": ["ppo", "ppo"],
+            "env": ["Hopper-v5", "Humanoid-v5"],
+            "total_steps": [100, 0],
+            "status": ["ok", "diverged"],
+            "summary": ["final", "final"],
+            "diverged_at_step": [None, 5_000_000],
+            "episode_steps": [[10, 88], [100_000]],
+            "episode_returns": [[1.0, 8.0], [7.0]],
         }
-    )  # fmt: skip
+    )
     found = rl.with_curves(runs)
     assert list(found["total"]) == [100, 10_000_000]  # 0: the paper's budget, 10M for Humanoid
     assert found["value"][0] == 8.0 and math.isnan(found["value"][1])  # a diverged run has no value
     assert np.isnan(found["curve"][1][50:]).all() and (found["curve"][1][:50] == 7.0).all()
+
+
+def test_progress_line_says_step_and_speed(monkeypatch, capsys):
+    monkeypatch.setattr(rl, "PROGRESS_EVERY_S", 0.0)
+    progress = rl.Progress("ppo Hopper-v5 adam lr=0.0003 seed=0", 8192)
+    progress(2048)  # the first call only starts the clock (a resumed run starts later)
+    assert capsys.readouterr().err == ""
+    progress(4096)
+    line = capsys.readouterr().err
+    assert line.startswith("ppo Hopper-v5 adam lr=0.0003 seed=0: 4,096/8,192 steps (50 %), ") and "steps/s" in line

@@ -12,9 +12,9 @@ Metrics are those of ``hsbench.rl.training`` (``episode_steps``, ``episode_retur
 ``diverged``), with its ``time_s`` split into ``time_env_s``, ``time_policy_s`` and
 ``time_update_s``. A run whose loss or update became non-finite stops there and is recorded
 ``diverged`` with the step in ``diverged_at_step``. Runs checkpoint through the run context
-and resume to the same returns. RL runs on the CPU whatever ``hsbench run --device`` says (the
-networks are 2×64 MLPs), in one thread: the record's device is ``cpu``, and ``device_note``
-says when another device was asked for. A long run prints a line with its progress every minute.
+and resume to the same returns. RL runs on the CPU, in one thread (the networks are 2×64 MLPs):
+the kinds declare ``devices = ("cpu",)``, so ``hsbench run --device cuda`` stops with one line
+before anything runs. A long run prints a line with its progress every minute.
 
 Figures (stored results only). Returns are put on a common step grid: the mean undiscounted
 return of the episodes that ended in each of ``BINS`` equal intervals of the run's steps, an
@@ -74,6 +74,8 @@ COLORS = {"adahesscale": "C0", "adam": "C1", "adahessian": "C2", "scaled-adahess
 class RLTraining(ExperimentKind):
     """The run shared by the three RL kinds; subclasses draw their figures."""
 
+    devices = ("cpu",)  # 2x64 networks: hsbench run --device cuda is rejected before anything runs
+
     fields = {
         "algorithm": Field(str, "ppo or a2c (hsbench.rl)", choices=list(ALGORITHMS)),
         "env": Field(str, "gymnasium MuJoCo v5 task", choices=ENVIRONMENTS),
@@ -99,10 +101,6 @@ class RLTraining(ExperimentKind):
     }
 
     def run(self, settings: Mapping[str, Any], ctx) -> dict[str, Any]:
-        note = None
-        if ctx.device != "cpu":
-            note = f"--device {ctx.device} ignored: RL runs on the CPU"
-            ctx.device = "cpu"  # the record states where the run ran
         options = {}
         if settings["optimizer"].startswith("scaled-"):
             options = {k: settings[k] for k in ("trust_region", "trust_region_bias_correction")}
@@ -118,8 +116,6 @@ class RLTraining(ExperimentKind):
             torch.set_num_threads(threads)
         clock = found.pop("time_s")
         metrics = found | {f"time_{part}_s": seconds for part, seconds in clock.items()}
-        if note is not None:
-            metrics["device_note"] = note
         if metrics["diverged_at_step"] is not None:
             raise Diverged(f"step {metrics['diverged_at_step']}: {metrics['diverged']}", metrics)
         return metrics
