@@ -174,6 +174,8 @@ def test_summaries_by_hand():
     assert rl.summarize(curve, "mean") == 6.0
     assert rl.summarize(curve, "final") == 10.5  # the last ceil(10 % of 12) = 2 bins
     assert math.isnan(rl.summarize(np.full(3, np.nan), "mean"))
+    curve = np.array([np.nan, 1.0, 3.0, 5.0, 7.0, *[2.0] * 14, 0.0])  # 20 bins: windows of 2
+    assert rl.peak(curve) == 6.0 and rl.summarize(curve, "final") == 1.0
 
 
 def runs_table(rows) -> pd.DataFrame:
