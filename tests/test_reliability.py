@@ -14,7 +14,9 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 from conftest import HSBENCH, REPO, hsbench
@@ -330,3 +332,49 @@ def test_version(capsys):
     assert exit.value.code == 0
     assert capsys.readouterr().out.startswith("hsbench ")
 
+
+
+# 7. Figures drawn from the committed results say what they show
+
+
+def drawn_figures(monkeypatch, module) -> list:
+    """Capture the figures ``module``'s plot function saves."""
+    figures = []
+    monkeypatch.setattr(module, "save_figure", lambda fig, outdir, name: figures.append(fig) or [])
+    monkeypatch.setattr(module, "save_markdown", lambda *args: Path("unused"), raising=False)
+    return figures
+
+
+def test_figure2a_says_what_its_colours_are(monkeypatch, tmp_path):
+    from hsbench.experiments import approx_quality
+
+    figures = drawn_figures(monkeypatch, approx_quality)
+    df = results.load("figure2", REPO / "results")
+    approx_quality.ApproxQuality().plot(df, SimpleNamespace(name="figure2"), tmp_path)
+    labels = [ax.get_ylabel() for ax in figures[0].axes]
+    assert any(label.startswith("initialization (seed)") for label in labels), labels
+
+
+def test_figure8b_reference_labels_sit_right_of_the_curves():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from hsbench.experiments.update_time import panel_figure
+
+    df = results.load("figure8", REPO / "results")
+    ok = df[(df["status"] == "ok") & (df["panel"] == "b")]
+    fig = panel_figure("b", ok)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    ratio_axes = fig.axes[1]
+    labels = [t for t in ratio_axes.texts if t.get_text().startswith("paper")]
+    assert labels
+    for label in labels:
+        assert label.get_window_extent(renderer).x0 >= ratio_axes.get_window_extent(renderer).x1
+
+
+def test_table_of_one_run_shows_no_nan_standard_error():
+    from hsbench.experiments.diag_dominance import rho_table
+
+    table = rho_table(pd.DataFrame({"rho_before": [[0.9, 0.8]], "rho_after": [[0.3, 0.4]]}))
+    assert not table.isna().any().any() and "se_before" not in table
+    two = rho_table(pd.DataFrame({"rho_before": [[0.9, 0.8], [0.7, 0.8]], "rho_after": [[0.3, 0.4]] * 2}))
+    assert two["se_before"].tolist() == [0.1, 0.0]

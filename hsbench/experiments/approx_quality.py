@@ -6,6 +6,11 @@ loss, and its L1 distance to the exact diagonal is summed over each layer's para
 per run: the mean over examples of the total L1 error per method (``l1/<method>``) and per layer
 (``l1_layers/<method>``), and the mean L1 norm of the exact diagonal (``norm_diag``). The
 figures normalize each method's error by HesScale's error of the same initialization.
+
+During training (not in the paper): with ``measure_every`` = k the estimates are computed at every
+k-th example only (the run still trains on all ``examples``), and with ``record_every`` = b the mean
+errors are also stored per block of b SGD steps (``trace_iterations``: each block's first step;
+``l1_trace/<method>``, ``norm_diag_trace``), so that a run can follow several epochs.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from hsbench.activations import ACTIVATIONS
 from hsbench.curvature import diagonals
 from hsbench.data import TORCHVISION, mnist_like
 from hsbench.engine.kind import ExperimentKind, Field
-from hsbench.experiments.networks import mlp, small_cnn
+from hsbench.experiments.networks import INITS, mlp, small_cnn
 from hsbench.experiments.plotting import save_figure
 from hsbench.optim import make, train_step
 
@@ -46,7 +51,7 @@ def compared_methods(mc_large: int) -> dict[str, tuple[str, int]]:
 
 def build_model(settings: dict[str, Any], inputs: int, classes: int) -> nn.Sequential:
     if settings["model"] == "mlp":
-        return mlp(inputs, settings["width"], settings["depth"], classes, settings["activation"])
+        return mlp(inputs, settings["width"], settings["depth"], classes, settings["activation"], settings["init"])
     return small_cnn(classes, settings["activation"])
 
 
@@ -71,11 +76,14 @@ class ApproxQuality(ExperimentKind):
         "width": Field(int, "hidden units per layer (mlp)", default=32, low=1),
         "depth": Field(int, "hidden layers (mlp)", default=3, low=1),
         "activation": Field(str, "hidden activation", default="tanh", choices=tuple(ACTIVATIONS)),
+        "init": Field(str, "initialization (mlp; the cnn is Kaiming with zero biases)", default="kaiming", choices=INITS),
         "inputs": Field(int, "input dimension of random data", default=6, low=1),
         "classes": Field(int, "classes of random data", default=10, low=2),
         "examples": Field(int, "examples per initialization (SGD steps of batch size 1)", default=1000, low=1),
         "sgd_lr": Field(float, "SGD step size of the run along which examples are met", default=0.01, low=0.0),
         "mc_large": Field(int, "Monte-Carlo samples of the many-sample variants", default=50, low=2),
+        "measure_every": Field(int, "estimate at every k-th example met (the run trains on all)", default=1, low=1),
+        "record_every": Field(int, "also store mean errors per block of this many SGD steps (0: none)", default=0, low=0),
     }
 
     devices = ("cpu",)  # float64 on the CPU, whatever --device says
@@ -102,54 +110,79 @@ class ApproxQuality(ExperimentKind):
         mc_gen = torch.Generator().manual_seed(ctx.seed + 1)
 
         sums = torch.zeros(len(requests), len(layers), dtype=torch.float64)  # row 0: |exact|
+        every, block = settings["measure_every"], settings["record_every"]
+        blocks = -(-settings["examples"] // block) if block else 0
+        trace = torch.zeros(blocks, len(requests), dtype=torch.float64)  # per block: summed totals over layers
+        counts = torch.zeros(blocks, dtype=torch.float64)  # examples measured per block
         start = 0
         state = ctx.load_checkpoint()
         if state is not None:
             model.load_state_dict(state["model"])
             mc_gen.set_state(state["mc_generator"])
             sums, start = state["sums"], state["done"]
+            trace, counts = state.get("trace", trace), state.get("counts", counts)
         for i in range(start, settings["examples"]):
             x, y = x_all[order[i] : order[i] + 1], y_all[order[i] : order[i] + 1]
-            found = diagonals(requests, model, loss_fn, x, y, generator=mc_gen)
-            flat = {label: torch.cat([found[label][name].reshape(-1) for name in names]) for label in requests}
-            for row, label in enumerate(requests):
-                error = flat["exact"] if row == 0 else flat[label] - flat["exact"]
-                sums[row].index_add_(0, layer_index, error.abs())
+            if i % every == 0:
+                found = diagonals(requests, model, loss_fn, x, y, generator=mc_gen)
+                flat = {label: torch.cat([found[label][name].reshape(-1) for name in names]) for label in requests}
+                totals = torch.zeros(len(requests), dtype=torch.float64)
+                for row, label in enumerate(requests):
+                    error = (flat["exact"] if row == 0 else flat[label] - flat["exact"]).abs()
+                    sums[row].index_add_(0, layer_index, error)
+                    totals[row] = error.sum()
+                if block:
+                    trace[i // block] += totals
+                    counts[i // block] += 1
             train_step(sgd, model, loss_fn, x, y)
             if ctx.checkpoint_due():
-                ctx.save_checkpoint({"model": model.state_dict(), "mc_generator": mc_gen.get_state(), "sums": sums, "done": i + 1})
-        means = sums / settings["examples"]
+                ctx.save_checkpoint({"model": model.state_dict(), "mc_generator": mc_gen.get_state(), "sums": sums,
+                                     "done": i + 1, "trace": trace, "counts": counts})
+        means = sums / len(range(0, settings["examples"], every))
         metrics: dict[str, Any] = {"data_source": provenance, "norm_diag": float(means[0].sum()), "norm_diag_layers": means[0].tolist()}
         for row, label in enumerate(requests):
             if row:
                 metrics[f"l1/{label}"] = float(means[row].sum())
                 metrics[f"l1_layers/{label}"] = means[row].tolist()
+        if block:
+            block_means = trace / counts.unsqueeze(1)  # a block without a measured example: NaN
+            metrics["trace_iterations"] = list(range(0, settings["examples"], block))
+            metrics["norm_diag_trace"] = block_means[:, 0].tolist()
+            metrics |= {f"l1_trace/{label}": block_means[:, row].tolist() for row, label in enumerate(requests) if row}
         return metrics
 
     def plot(self, df: pd.DataFrame, spec, outdir: Path) -> list[Path]:
         ok = df[df["status"] == "ok"].sort_values("seed")
         if ok.empty:
             return []
+        if "trace_iterations" in ok.columns and ok["trace_iterations"].notna().all():
+            return training_plots(ok, [c for c in self.fields if c in ok.columns and ok[c].nunique() > 1], spec.name, outdir)
         labels = [c[len("l1/"):] for c in ok.columns if c.startswith("l1/")]
         normalized = pd.DataFrame({label: ok[f"l1/{label}"] / ok["l1/hesscale"] for label in labels})
         reference = ok["norm_diag"] / ok["l1/hesscale"]
         caption = f"{len(ok)} initializations x {int(ok['examples'].iloc[0])} examples; data: {ok['data_source'].iloc[0]}"
         name = spec.name + ("-" if "-" in spec.name else "")
         return [
-            *save_figure(_normalized_figure(normalized, reference, caption), outdir, f"{name}a"),
+            *save_figure(_normalized_figure(normalized, reference, ok["seed"], caption), outdir, f"{name}a"),
             *save_figure(_layer_figure(ok, labels, caption), outdir, f"{name}b"),
         ]
 
 
-def _normalized_figure(normalized: pd.DataFrame, reference: pd.Series, caption: str) -> Figure:
+def _normalized_figure(normalized: pd.DataFrame, reference: pd.Series, seeds: pd.Series, caption: str) -> Figure:
+    """One dot per initialization and method; an initialization's colour (its seed) is the same for every method."""
+    from matplotlib import cm, colormaps, colors
+
     fig = Figure(figsize=(9, 4.2), layout="constrained")
     ax = fig.subplots()
-    from matplotlib import colormaps
-
-    colors = colormaps["turbo"](np.linspace(0.05, 0.95, len(normalized)))  # one per initialization, same across methods
+    cmap = colormaps["turbo"].resampled(max(len(seeds), 2))
+    norm = colors.BoundaryNorm(np.arange(len(seeds) + 1) - 0.5, cmap.N)
     jitter = np.linspace(-0.25, 0.25, len(normalized)) if len(normalized) > 1 else np.zeros(1)
     for i, label in enumerate(normalized.columns):
-        ax.scatter(i + jitter, normalized[label], c=colors, s=14, alpha=0.8)
+        ax.scatter(i + jitter, normalized[label], c=np.arange(len(seeds)), cmap=cmap, norm=norm, s=14, alpha=0.8)
+    bar = fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.01, aspect=30)
+    ticks = np.unique(np.linspace(0, len(seeds) - 1, min(len(seeds), 6)).round().astype(int))
+    bar.set_ticks(ticks, labels=[str(seeds.iloc[k]) for k in ticks])
+    bar.set_label("initialization (seed); dots left to right", fontsize=8)
     ax.axhline(1.0, color="k", lw=1, label="HesScale")
     ax.axhline(float(reference.mean()), color="gray", ls="--", lw=1, label="|diag(H)|")
     ax.set_yscale("log")
