@@ -282,3 +282,21 @@ def test_progress_line_says_step_and_speed(monkeypatch, capsys):
     progress(4096)
     line = capsys.readouterr().err
     assert line.startswith("ppo Hopper-v5 adam lr=0.0003 seed=0: 4,096/8,192 steps (50 %), ") and "steps/s" in line
+
+
+def test_every_run_its_own_line_one_colour_per_optimizer():
+    curves = [np.full(rl.BINS, float(i)) for i in range(4)]
+    runs = pd.DataFrame(
+        {
+            "algorithm": ["ppo"] * 4,
+            "env": ["Reacher-v5"] * 4,
+            "optimizer": ["adam", "adam", "scaled-adam", "scaled-adam"],
+            "lr": [3e-4] * 4,
+            "status": ["ok"] * 4,
+            "total": [1000] * 4,
+            "curve": curves,
+        }
+    )
+    (ax,) = rl.curves_figure(runs, "caption", spread=False).axes
+    lines = {tuple(line.get_ydata())[0]: line.get_color() for line in ax.get_lines()}
+    assert len(lines) == 4 and lines[0.0] == lines[1.0] != lines[2.0] == lines[3.0]

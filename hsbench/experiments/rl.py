@@ -69,7 +69,7 @@ SUMMARIES = ("mean", "final")
 BINS = 100  # points of the common step grid of the return curves
 FINAL_FRACTION = 0.1  # ``final``: the last 10 % of the bins
 PROGRESS_EVERY_S = 60.0
-COLORS = {"adahesscale": "C0", "adam": "C1", "adahessian": "C2", "scaled-adahesscale": "C0", "scaled-adam": "C1"}
+COLORS = {"adahesscale": "C0", "adam": "C1", "adahessian": "C2", "scaled-adahesscale": "C3", "scaled-adam": "C4"}
 
 
 class RLTraining(ExperimentKind):
