@@ -298,5 +298,5 @@ def test_every_run_its_own_line_one_colour_per_optimizer():
         }
     )
     (ax,) = rl.curves_figure(runs, "caption", spread=False).axes
-    lines = {tuple(line.get_ydata())[0]: line.get_color() for line in ax.get_lines()}
+    lines = {float(line.get_ydata()[0]): line.get_color() for line in ax.get_lines()}
     assert len(lines) == 4 and lines[0.0] == lines[1.0] != lines[2.0] == lines[3.0]
