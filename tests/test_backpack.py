@@ -35,7 +35,8 @@ def _assert_fields(model, field, expected, factor=1.0):
     found = {name: getattr(p, field) for name, p in model.named_parameters()}
     assert found.keys() == expected.keys()
     for name, value in expected.items():
-        torch.testing.assert_close(found[name], factor * value, rtol=1e-10, atol=1e-12, msg=f"{field} of {name}")
+        message = lambda m, name=name: f"{field} of {name}: {m}"  # noqa: E731
+        torch.testing.assert_close(found[name], factor * value, rtol=1e-10, atol=1e-12, msg=message)
 
 
 CASES = [
