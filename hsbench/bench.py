@@ -13,6 +13,7 @@ every optimizer's update, side by side in one process, as one table.
 
 Within each network all methods are interleaved round-robin in random order (``hsbench.timing``);
 the table gives the median and the interquartile range over ``--rounds`` calls after ``--warmup``.
+The table is printed and written to ``--out`` (default ``plots/bench.md``, which the README links).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import os
 import platform
 from collections.abc import Callable
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -136,6 +138,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--batch-3c3d", type=int, default=32, help="batch size of the cifar100_3c3d update (default 32)")
     p.add_argument("--tiny", action="store_true", help="smallest networks only (a quick check that everything runs)")
+    p.add_argument("--out", type=Path, default=Path("plots/bench.md"), help="markdown file of the table (default plots/bench.md)")
     args = p.parse_args(argv)
     for name in ("rounds", "threads", "batch_3c3d"):
         if getattr(args, name) < (2 if name == "rounds" else 1):
@@ -149,9 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     table = measure(args)
-    print(header(args))
-    print()
-    print(table.to_markdown(index=False))
+    text = f"{header(args)}\n\n{table.to_markdown(index=False)}\n"
+    print(text, end="")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"(written to {args.out})")
 
 
 if __name__ == "__main__":

@@ -378,3 +378,19 @@ def test_table_of_one_run_shows_no_nan_standard_error():
     assert not table.isna().any().any() and "se_before" not in table
     two = rho_table(pd.DataFrame({"rho_before": [[0.9, 0.8], [0.7, 0.8]], "rho_after": [[0.3, 0.4]] * 2}))
     assert two["se_before"].tolist() == [0.1, 0.0]
+
+
+def test_make_bench_writes_the_table_the_readme_links(tmp_path):
+    from hsbench import bench
+
+    out = tmp_path / "bench.md"
+    bench.main(["--tiny", "--rounds", "2", "--warmup", "0", "--out", str(out)])
+    text = out.read_text()
+    assert text.startswith("machine: ") and "| backward |" in text.replace("  ", " ")
+    assert bench.parse([]).out == Path("plots/bench.md") and "(plots/bench.md)" in (REPO / "README.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(), reason="needs the git checkout")
+def test_smoke_plots_and_run_claims_are_not_committed():
+    for path in ("plots/smoke/figure2a.png", "results/figure2/claims/0123456789abcdef.lock"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
