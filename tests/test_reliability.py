@@ -394,3 +394,29 @@ def test_make_bench_writes_the_table_the_readme_links(tmp_path):
 def test_smoke_plots_and_run_claims_are_not_committed():
     for path in ("plots/smoke/figure2a.png", "results/figure2/claims/0123456789abcdef.lock"):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
+
+
+def documented_commands(path: Path) -> list[str]:
+    """The hsbench command lines in the bash blocks of a markdown file, comments removed."""
+    commands, in_bash = [], False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            in_bash = line.strip() == "```bash"
+        elif in_bash and "hsbench " in line.split("#")[0] and "make " not in line:
+            commands.append(line.split("#")[0].strip())
+    return commands
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/experiments.md"])
+def test_documented_commands_run_as_written_from_the_repository_root(doc):
+    """Each runs the venv's hsbench, without sudo, with options the parser accepts, on a spec that exists."""
+    from hsbench.cli import _parser
+
+    commands = documented_commands(REPO / doc)
+    assert commands
+    for command in commands:
+        words = command.split()
+        assert words[0] == ".venv/bin/hsbench" and "sudo" not in words, command
+        args = _parser().parse_args(words[1:]) if words[1:] != ["--version"] else None
+        if args is not None and hasattr(args, "spec"):
+            assert (REPO / "experiments" / f"{args.spec}.toml").exists(), command
