@@ -275,6 +275,7 @@ def test_killing_the_main_process_leaves_no_pool_worker(write_spec, tmp_path, si
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    workers: list[int] = []
     try:
         checkpoints = tmp_path / "res" / "orphans" / "checkpoints"
         deadline = time.monotonic() + 120
@@ -289,8 +290,8 @@ def test_killing_the_main_process_leaves_no_pool_worker(write_spec, tmp_path, si
         while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not [pid for pid in workers if alive(pid)], "pool workers survived the main process"
-    finally:
-        for pid in [proc.pid, *children(proc.pid)]:
+    finally:  # whatever the outcome, leave no process of this test behind
+        for pid in {proc.pid, *workers, *children(proc.pid)}:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
