@@ -138,7 +138,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--batch-3c3d", type=int, default=32, help="batch size of the cifar100_3c3d update (default 32)")
     p.add_argument("--tiny", action="store_true", help="smallest networks only (a quick check that everything runs)")
-    p.add_argument("--out", type=Path, default=Path("plots/bench.md"), help="markdown file of the table (default plots/bench.md)")
+    p.add_argument("--out", type=Path, default=Path("plots/bench.md"), help="markdown file of the table")
     args = p.parse_args(argv)
     for name in ("rounds", "threads", "batch_3c3d"):
         if getattr(args, name) < (2 if name == "rounds" else 1):

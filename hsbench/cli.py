@@ -224,7 +224,9 @@ def _check_device(spec: Spec, device: str | None, slurm: dict) -> None:
     if device is not None and device.partition(":")[0] not in kind.devices:
         raise UsageError(f"--device {device}: kind {kind.name} runs on the {' or '.join(kind.devices)} only")
     if device is not None and device.startswith("cuda") and not gpus:
-        raise UsageError(f"--device {device}: the SLURM jobs get no GPU; set --gpus-per-node (or [slurm] gpus_per_node)")
+        raise UsageError(
+            f"--device {device}: the SLURM jobs get no GPU; set --gpus-per-node (or [slurm] gpus_per_node)"
+        )
     if gpus and "cuda" not in kind.devices:
         raise UsageError(f"--gpus-per-node {gpus}: kind {kind.name} runs on the CPU only; its jobs need no GPU")
 

@@ -46,7 +46,8 @@ def files_under(folder: Path) -> list[Path]:
 
 def test_missing_data_stops_the_sweep_before_anything_runs(write_spec, tmp_path, capsys):
     spec = write_spec(
-        'kind = "optimizer-benchmark"\n[settings]\nproblem = "mnist_mlp"\noptimizer = "sgd"\n[grid]\nlr = [0.1, 0.01]\n',
+        'kind = "optimizer-benchmark"\n[settings]\nproblem = "mnist_mlp"\noptimizer = "sgd"\n'
+        "[grid]\nlr = [0.1, 0.01]\n",
         name="needs-mnist",
     )
     empty = tmp_path / "data"
@@ -200,7 +201,7 @@ def test_ctrl_c_says_what_finished_and_a_rerun_resumes(write_spec, tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     finished = len(list(runs.glob("*.json")))
     assert 1 <= finished < 4, "the sweep finished before Ctrl-C; make its runs longer"
@@ -269,7 +270,17 @@ def alive(pid: int) -> bool:
 def test_killing_the_main_process_leaves_no_pool_worker(write_spec, tmp_path, sig):
     spec = write_spec(SLOW, name="orphans")
     proc = subprocess.Popen(
-        [str(HSBENCH), "run", str(spec), "--jobs", "2", "--checkpoint-every", "0.05", "--results", str(tmp_path / "res")],
+        [
+            str(HSBENCH),
+            "run",
+            str(spec),
+            "--jobs",
+            "2",
+            "--checkpoint-every",
+            "0.05",
+            "--results",
+            str(tmp_path / "res"),
+        ],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -332,7 +343,6 @@ def test_version(capsys):
         main(["--version"])
     assert exit.value.code == 0
     assert capsys.readouterr().out.startswith("hsbench ")
-
 
 
 # 7. Figures drawn from the committed results say what they show

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO, hsbench, outcomes
@@ -130,7 +131,9 @@ def test_preempted_job_is_requeued_and_continues_from_its_checkpoint(slurm_clust
 def test_sbatch_refusal_is_one_line_and_leaves_nothing(slurm_cluster, write_spec, tmp_path):
     spec = write_spec(SPEC, name="refused")
     res = tmp_path / "res"
-    refused = hsbench("run", spec, "--scale", "smoke", "--results", res, "--executor", "slurm", "--partition", "nosuch", check_rc=1)
+    refused = hsbench(
+        "run", spec, "--scale", "smoke", "--results", res, "--executor", "slurm", "--partition", "nosuch", check_rc=1
+    )
     (line,) = refused.stderr.strip().splitlines()
     assert line == "hsbench: error: sbatch refused the job array: invalid partition specified: nosuch"
     assert not res.exists() or not list(res.rglob("*"))  # no pickles, scripts or submissions
@@ -138,7 +141,7 @@ def test_sbatch_refusal_is_one_line_and_leaves_nothing(slurm_cluster, write_spec
 
 def stop_controller() -> None:
     state = os.environ.get("HSBENCH_SLURM_STATE", "/var/spool/hsbench-slurm")
-    pid = int(open(f"{state}/slurmctld.pid").read())
+    pid = int(Path(state, "slurmctld.pid").read_text())
     os.kill(pid, 15)
     wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "slurmctld exit", timeout_s=20)
 

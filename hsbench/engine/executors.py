@@ -135,7 +135,7 @@ def submit_slurm(runs: list[Run], store: Store, params: dict[str, Any], options:
         slurm_array_parallelism=params["array_parallelism"],
         **({"slurm_partition": params["partition"]} if params["partition"] else {}),
     )
-    job_ids = []
+    job_ids: list[str] = []
     for first in range(0, len(runs), ARRAY_LIMIT):
         chunk = runs[first : first + ARRAY_LIMIT]
         n = len(chunk)
