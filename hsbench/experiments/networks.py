@@ -6,20 +6,21 @@ from torch import nn
 
 from hsbench.activations import ACTIVATIONS
 
-INITS = ("kaiming", "torch-default")
+INITS = ("kaiming", "kaiming-bias", "torch-default")
 
 
 def mlp(inputs: int, width: int, depth: int, classes: int, activation: str, init: str = "kaiming") -> nn.Sequential:
     """Flatten, then ``depth`` hidden layers of ``width`` units with ``activation``, then a linear output.
 
-    ``init``: "kaiming" (see ``kaiming``) or "torch-default" (PyTorch's Linear initialization,
-    uniform with bound 1/√fan_in)."""
+    ``init``: "kaiming" (see ``kaiming``), "kaiming-bias" (the same, biases drawn like the weights:
+    normal with the weights' standard deviation gain/√fan_in, as the paper states for figure 2) or
+    "torch-default" (PyTorch's Linear initialization, uniform with bound 1/√fan_in)."""
     widths = [inputs] + [width] * depth
     layers: list[nn.Module] = [nn.Flatten()]
     for a, b in zip(widths[:-1], widths[1:]):
         layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
     model = nn.Sequential(*layers, nn.Linear(widths[-1], classes))
-    return kaiming(model, activation) if init == "kaiming" else model
+    return model if init == "torch-default" else kaiming(model, activation, biases=init == "kaiming-bias")
 
 
 def small_cnn(classes: int, activation: str) -> nn.Sequential:
@@ -32,11 +33,16 @@ def small_cnn(classes: int, activation: str) -> nn.Sequential:
     return kaiming(model, activation)
 
 
-def kaiming(model: nn.Sequential, activation: str) -> nn.Sequential:
-    """Kaiming-normal weights (fan-in, gain of the activation; ELU uses ReLU's), zero biases."""
+def kaiming(model: nn.Sequential, activation: str, biases: bool = False) -> nn.Sequential:
+    """Kaiming-normal weights (fan-in, gain of the activation; ELU uses ReLU's); biases zero, or with
+    ``biases`` normal with the weights' standard deviation."""
     gain = "relu" if activation in ("relu", "elu") else activation
     for module in model:
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             nn.init.kaiming_normal_(module.weight, nonlinearity=gain)
-            nn.init.zeros_(module.bias)
+            if biases:
+                std = nn.init.calculate_gain(gain) / module.weight[0].numel() ** 0.5  # kaiming_normal_'s, fan-in
+                nn.init.normal_(module.bias, std=std)
+            else:
+                nn.init.zeros_(module.bias)
     return model
