@@ -186,7 +186,7 @@ SLOW = 'kind = "quadratic"\n[settings]\ndim = 20\nsteps = 20000\nnoise = 0.1\n[s
 
 
 def test_ctrl_c_says_what_finished_and_a_rerun_resumes(write_spec, tmp_path):
-    spec = write_spec(SLOW, name="interrupted")
+    spec = write_spec(SLOW.replace("steps = 20000", "steps = 6000"), name="interrupted")
     res = tmp_path / "res"
     proc = subprocess.Popen(
         [str(HSBENCH), "run", str(spec), "--results", str(res)],

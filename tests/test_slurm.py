@@ -79,7 +79,7 @@ def test_slurm_sweep_equals_local_run(slurm_cluster, write_spec, tmp_path, monke
     for err in (submitted.err, waited.stderr):
         assert "sacct" not in err  # no accounting on this cluster, and no warnings about it
 
-    status = hsbench("status", spec, *common, "--results", on_slurm).stdout
+    status = hsbench("status", spec, *common, "--results", on_slurm, check_rc=1).stdout  # 1: a run failed
     assert "ok        1" in status and "failed    1" in status and "missing   0" in status
     assert "RuntimeError: fail_at_step=10 reached" in status
     assert list((on_slurm / "onslurm" / "logs").glob("*_0/*_log.out"))
