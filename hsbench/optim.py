@@ -86,7 +86,27 @@ def check_finite_loss(loss: Tensor, who: str) -> None:
 
 def _all_finite(tensors: list[Tensor]) -> bool:
     """Whether every entry of every tensor is finite (one synchronization)."""
-    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    return not tensors or math.isfinite(torch.stack([_total(t) for t in tensors]).sum())
+
+
+def _total(t: Tensor) -> Tensor:
+    """The sum of ``t`` accumulated in float64: finite exactly when every entry is (float32
+    entries cannot overflow it; float64 ones only from about 1e304 on), so one pass without writes
+    checks finiteness, where ``torch.isfinite(t).all()`` costs several passes and a boolean tensor."""
+    return t.sum(dtype=torch.float64)
+
+
+def _finiteness_witnesses(new: dict, move: Tensor, h_covers_move: bool) -> list[Tensor]:
+    """Sums (``_total``) that are all finite exactly when the new state ``new`` and ``move`` are.
+
+    The new first moment m needs none of its own: −U = −α m̂ ⊘ (√v̂ + ε) has a non-finite entry
+    wherever m has one (an infinite numerator over any denominator, or NaN). A second moment v
+    does (an infinite v only zeroes the move). With step-size scaling the term Σ √v̂ ∘ U² of h is
+    non-finite wherever U or the HesScale second moment is, so it already witnesses both."""
+    tensors = [new["exp_avg_grad_sq"]] if "exp_avg_grad_sq" in new else []  # Scaled Adam's preconditioner
+    if not h_covers_move:
+        tensors += [move, new["exp_avg_sq"]]
+    return [_total(t) for t in tensors]
 
 
 def check_hyperparameters(hyper: dict) -> None:
@@ -168,7 +188,7 @@ class DiagonalAdam(torch.optim.Optimizer):
             )
         with flush_denormals():
             # first every new state and move, out of place; written only once all are finite
-            updates, h = [], 0.0
+            updates, sums, h_terms = [], [], []
             for group in self.param_groups:
                 beta1, beta2 = group["betas"]
                 for p in group["params"]:
@@ -191,14 +211,16 @@ class DiagonalAdam(torch.optim.Optimizer):
                         curvature = new["exp_avg_sq"].sqrt()  # √v̂ (or √v) of the HesScale diagonal
                         if self.trust_region_bias_correction:
                             curvature.div_(correction2)
-                        h += float(curvature.mul_(move.square()).sum())
+                        h_terms.append(_total(curvature.mul_(move.square())))
+                    sums += _finiteness_witnesses(new, move, self.trust_region is not None)
                     updates.append((p, new, move))
+            values = torch.stack(h_terms + sums).tolist() if updates else []  # one synchronization
+            h = math.fsum(values[: len(h_terms)])
+            if not all(math.isfinite(v) for v in values):
+                raise Diverged(f"{type(self).__name__}.step: the update is not finite; nothing was changed")
             scale = 1.0
             if self.trust_region is not None and h > 0:
                 scale = min(1.0, math.sqrt(2 * self.trust_region / h))
-            changes = [t for _, new, move in updates for t in (move, *list(new.values())[1:])]
-            if not (math.isfinite(h) and _all_finite(changes)):
-                raise Diverged(f"{type(self).__name__}.step: the update is not finite; nothing was changed")
             self.last_scale = scale
             for p, new, move in updates:
                 self.state[p].update(new)

@@ -377,3 +377,21 @@ def test_the_engine_records_an_optimizers_divergence_as_diverged(tmp_path):
     assert execute(run, RunOptions(tmp_path)) == "diverged"
     record = Store(tmp_path, "diverging").read_run(run)
     assert record["status"] == "diverged" and record["error"].startswith("Diverged: Adam.backward: the loss is nan")
+
+
+@pytest.mark.parametrize("name", ["adahesscale", "scaled-adahesscale", "scaled-adam"])
+def test_an_overflowing_second_moment_alone_is_divergence(name):
+    """In float32, a loss scaled by 1e25 has finite gradients (so finite first moments) but squared
+    curvatures or gradients beyond 3.4e38: v̂ = inf makes the move m̂ / (√v̂ + ε) a finite zero, so
+    only a check of v itself sees it; nothing may change."""
+    model, loss_fn, x, y = small_problem()
+    model.float()
+    opt = make(name, model.parameters(), lr=0.01)
+    train_steps(opt, model, loss_fn, x.float(), y, 1)
+    params, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    opt.backward(1e25 * loss_fn(model(x.float()), y))
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.raises(Diverged, match="not finite"):
+        opt.step()
+    assert same(model.state_dict(), params) and same(opt.state_dict(), state)
