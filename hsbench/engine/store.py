@@ -100,13 +100,16 @@ class Store:
         """Hold the exclusive claim on ``run_id`` while in the block; yields False if another process holds it.
 
         The claim is an ``flock`` on ``claims/<run_id>.lock``: the OS releases it when its holder
-        dies (even by SIGKILL). The file is removed on release; a claimant that locked a file
-        removed meanwhile tries again on the new one.
+        dies (even by SIGKILL). The file (and the folder, once empty) is removed on release; a
+        claimant that locked a file removed meanwhile tries again on a new one.
         """
         path = self.root / "claims" / f"{run_id}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the folder was removed by a releasing claimant meanwhile
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -125,6 +128,8 @@ class Store:
         finally:
             path.unlink(missing_ok=True)
             os.close(fd)
+            with contextlib.suppress(OSError):  # the last claim leaves no empty folder; others may remain
+                path.parent.rmdir()
 
     def write_submission(self, job_id: str, tasks: dict[str, str]) -> None:
         """Remember that SLURM array ``job_id`` runs each run id as the given array task id."""
