@@ -144,8 +144,7 @@ def loss_diagonals(
     terms = recorded_terms(loss, who)
     if parameters is not None:
         check_reached([tape for _, tape in terms], parameters, who)
-    modules = [step.module for _, tape in terms for step in tape.steps]
-    trainable = {id(p): p for m in modules for p in m.parameters(recurse=False) if p.requires_grad}
+    trainable = {id(p): p for _, tape in terms for step in tape.steps for p in step.parameters if p.requires_grad}
     reached: list[Tensor] = list(trainable.values())
     if method not in _TAPE_WALKS:  # hutchinson, grad2: autograd through the loss's own graph
         return _autograd_diagonals(loss, reached, method, mc_samples, generator)
@@ -158,7 +157,8 @@ def loss_diagonals(
             found = _TAPE_WALKS[method](tape, mc_samples, generator)
         for into, values in ((grads, found.gradients), (diags, found.diagonals)):
             for p, value in values.items():
-                into[p] = into[p] + c * value if p in into else c * value
+                value = value if c == 1.0 else c * value
+                into[p] = into[p] + value if p in into else value
     if not grads:  # exact, ggn: the gradient from autograd
         grads = dict(zip(reached, torch.autograd.grad(loss, reached, retain_graph=True), strict=True))
     return Backward(grads, diags)
@@ -193,7 +193,7 @@ class _WeightedSum(LossRule):
 
     def _sum(self, derivative: str, z: Tensor) -> Tensor:
         values = [w * getattr(rule, derivative)(z, target) for w, rule, target in self.parts]
-        return torch.stack(values).sum(0)
+        return values[0] if len(values) == 1 else torch.stack(values).sum(0)
 
     def grad(self, z, target):
         return self._sum("grad", z)
@@ -210,13 +210,14 @@ class _WeightedSum(LossRule):
 
 def _combined_per_output(terms: list[tuple[float, Tape]]) -> list[tuple[float, Tape]]:
     """Terms on the same network output (the same recorded steps) merged into one tape with
-    coefficient 1 whose loss rule is their weighted sum (``_WeightedSum``)."""
+    coefficient 1 whose loss rule is their weighted sum (``_WeightedSum``); a single term c · L
+    with c ≠ 1 too, so that c multiplies the output's derivatives, not every parameter's results."""
     groups: dict[tuple[int, int], list[tuple[float, Tape]]] = {}
     for c, tape in terms:
         groups.setdefault((id(tape.steps), id(tape.output)), []).append((c, tape))
     combined = []
     for group in groups.values():
-        if len(group) == 1:
+        if len(group) == 1 and group[0][0] == 1.0:
             combined.append(group[0])
             continue
         first = group[0][1]

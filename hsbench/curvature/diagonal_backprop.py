@@ -25,9 +25,12 @@ def backpropagate(tape: Tape, variant: str, per_sample: bool = False) -> Backwar
     leading batch dimension and belong to each sample's own loss ℓ_n (unscaled)."""
     z, target, loss = tape.output, tape.target, tape.loss
     scale = 1.0 if per_sample else tape.scale()  # everything below is linear in (g, ŝ) at the output
-    g = (scale * loss.grad(z, target)).reshape(z.shape[0], 1, *z.shape[1:])
-    start = loss.bl89_diagonal if variant == "bl89" else loss.hessian_diagonal
-    s = (scale * start(z, target)).reshape(g.shape)
+    if variant == "bl89":
+        g, s = loss.grad(z, target), loss.bl89_diagonal(z, target)
+    else:
+        g, s = loss.grad_and_hessian_diagonal(z, target)
+    g = (scale * g).reshape(z.shape[0], 1, *z.shape[1:])
+    s = (scale * s).reshape(g.shape)
     grads, diags = {}, {}
     for step, need_input in tape.backward_steps():
         module, rule, ctx = step.module, step.rule, step.ctx

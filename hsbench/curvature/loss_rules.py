@@ -57,6 +57,11 @@ class LossRule:
     def bl89_diagonal(self, z, target) -> Tensor:
         return self.hessian_diagonal(z, target)
 
+    def grad_and_hessian_diagonal(self, z, target) -> tuple[Tensor, Tensor]:
+        """``(grad, hessian_diagonal)`` in one call, for HesScale's walk; rules whose two share
+        their work (the policy losses) compute it once."""
+        return self.grad(z, target), self.hessian_diagonal(z, target)
+
     def mc_factor(self, z, target, samples: int, generator) -> Tensor:
         raise ValueError(
             f"{type(self.loss_fn).__name__} has no predictive distribution to sample from; Monte-Carlo GGN methods "
@@ -165,6 +170,10 @@ class PolicyGradient(LossRule):
         _, h, a = self._derivatives(z, target)
         return -a * h
 
+    def grad_and_hessian_diagonal(self, z, target):
+        g, h, a = self._derivatives(z, target)
+        return -a * g, -a * h
+
     def bl89_diagonal(self, z, target):
         if self.loss_fn.distribution == "gaussian":
             return self.hessian_diagonal(z, target)
@@ -192,6 +201,10 @@ class PPO(LossRule):
     def hessian_diagonal(self, z, target):
         g, h, c = self._derivatives(z, target)
         return c * (g.square() + h)
+
+    def grad_and_hessian_diagonal(self, z, target):
+        g, h, c = self._derivatives(z, target)
+        return c * g, c * (g.square() + h)
 
     def bl89_diagonal(self, z, target):
         """Categorical: ∂ℓ/∂q_a = −A/π_old, ∂²ℓ/∂q_a² = 0, so only the softmax's second derivative

@@ -126,7 +126,7 @@ def _walk(node, c: float, terms: dict[int, list], who: str) -> None:
 
 def check_reached(tapes: list[Tape], parameters: Sequence[Tensor], who: str) -> None:
     """``RuntimeError`` if a tensor in ``parameters`` is not a parameter of a recorded step."""
-    reached = {id(p) for tape in tapes for step in tape.steps for p in step.module.parameters(recurse=False)}
+    reached = {id(p) for tape in tapes for step in tape.steps for p in step.parameters}
     missing = [tuple(p.shape) for p in parameters if id(p) not in reached]
     if missing:
         raise RuntimeError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -30,9 +31,14 @@ class Step:
             if p.requires_grad:
                 into[p] = into[p] + value if p in into else value
 
-    @property
+    @functools.cached_property
+    def parameters(self) -> tuple[Tensor, ...]:
+        """The module's own parameters (read once per recorded step: the walks ask several times)."""
+        return tuple(self.module.parameters(recurse=False))
+
+    @functools.cached_property
     def has_parameters(self) -> bool:
-        return any(p.requires_grad for p in self.module.parameters(recurse=False))
+        return any(p.requires_grad for p in self.parameters)
 
 
 @dataclass
