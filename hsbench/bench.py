@@ -10,6 +10,10 @@ every optimizer's update, side by side in one process, as one table.
   networks of figure 8 (a) and (b) at batch size 1 and on DeepOBS's cifar100_3c3d network (ELU)
   at ``--batch-3c3d``, divided by ``torch.optim.Adam``'s (defaults, plain ``loss.backward()``);
   measured as in the ``update-time`` kind (``hsbench.experiments.update_time``).
+* ``rl update``: one PPO minibatch update as ``hsbench.rl.ppo`` makes it (clipped surrogate of the
+  actor and 0.5·MSE of the critic, then per network zero_grad, backward, step; one optimizer per
+  network from ``hsbench.rl.training.make_optimizer``), minibatch 64, CleanRL's 2×64 tanh networks
+  at Hopper-v5's sizes, for Adam, AdaHesScale, Scaled AdaHesScale and Scaled Adam, divided by Adam's.
 
 Within each network all methods are interleaved round-robin in random order (``hsbench.timing``);
 the table gives the median and the interquartile range over ``--rounds`` calls after ``--warmup``.
@@ -33,8 +37,11 @@ from hsbench.curvature.diagonal_backprop import VARIANTS, backpropagate
 from hsbench.curvature.tape import record
 from hsbench.engine.provenance import git_revision, versions
 from hsbench.experiments.update_time import INPUTS, OUTPUTS_B, panel_network, twin_models, update_tasks
+from hsbench.losses import PPOLoss, log_prob
 from hsbench.optim import OPTIMIZERS
 from hsbench.problems import get as get_problem
+from hsbench.rl import networks, ppo
+from hsbench.rl.training import make_optimizer
 from hsbench.timing import CLOCKS, Task, interleaved, summary
 
 AUTOGRAD_METHODS = ("exact", "ggn", "ggn-mc", "hutchinson", "kfac")  # through hsbench.curvature.diagonal
@@ -81,6 +88,42 @@ def update_networks(tiny: bool, batch_3c3d: int) -> list[tuple[str, Callable[[],
     return found
 
 
+RL_OPTIMIZERS = ("adam", "adahesscale", "scaled-adahesscale", "scaled-adam")
+OBS_DIM, ACT_DIM, MINIBATCH = 11, 3, 64  # Hopper-v5's observation and action sizes; PPO's minibatch
+
+
+def ppo_update_tasks(gen: torch.Generator) -> tuple[dict[str, Task], int]:
+    """Per optimizer of ``RL_OPTIMIZERS``: (restore the initial weights, one PPO minibatch update of
+    actor and critic), all from the same networks and minibatch; and the number of parameters."""
+    obs, actions = torch.randn(MINIBATCH, OBS_DIM, generator=gen), torch.randn(MINIBATCH, ACT_DIM, generator=gen)
+    advantages, returns = torch.randn(MINIBATCH, generator=gen), torch.randn(MINIBATCH, generator=gen)
+    tasks: dict[str, Task] = {}
+    for name in RL_OPTIMIZERS:
+        torch.manual_seed(0)
+        actor, critic = networks.actor(OBS_DIM, ACT_DIM), networks.critic(OBS_DIM)
+        with torch.no_grad():  # the rollout's policy: the ratio starts at 1
+            old_logprobs = log_prob(actor(obs), actions, "gaussian", "log")
+        pg_loss_fn, mse_fn = PPOLoss("gaussian", clip=0.2, variance="log"), nn.MSELoss()
+        opts = make_optimizer(name, actor, pg_loss_fn, 3e-4), make_optimizer(name, critic, mse_fn, 3e-4)
+        both = nn.ModuleList([actor, critic])
+        initial = [p.detach().clone() for p in both.parameters()]
+
+        @torch.no_grad()
+        def restore(both=both, initial=initial) -> None:
+            for p, p0 in zip(both.parameters(), initial, strict=True):
+                p.copy_(p0)
+
+        def update(actor=actor, critic=critic, pg_loss_fn=pg_loss_fn, mse_fn=mse_fn, opts=opts, old=old_logprobs):
+            batch = (obs, actions, old, advantages, returns)
+            for opt, loss in zip(opts, ppo.losses(actor, critic, pg_loss_fn, mse_fn, *batch), strict=True):
+                opt.zero_grad()
+                opt.backward(loss)
+                opt.step()
+
+        tasks[name] = (restore, update)
+    return tasks, sum(p.numel() for p in both.parameters())
+
+
 def rows_of(part: str, network: str, params: int, times: dict[str, list[float]], baseline: str) -> list[dict]:
     stats = {name: summary(values) for name, values in times.items()}
     return [
@@ -113,6 +156,9 @@ def measure(args: argparse.Namespace) -> pd.DataFrame:
         params = sum(p.numel() for p in plain.parameters())
         rows += rows_of("update", label, params, run(update_tasks(plain, extended, x, y, list(OPTIMIZERS))), "adam")
         del plain, extended  # free the optimizer states before the next network
+    tasks, params = ppo_update_tasks(gen)
+    label = f"PPO minibatch {MINIBATCH}: actor + critic, 2x64 tanh"
+    rows += rows_of("rl update", label, params, run(tasks), "adam")
     return pd.DataFrame(rows)
 
 
@@ -124,7 +170,8 @@ def header(args: argparse.Namespace) -> str:
             f"device: {args.device}; torch threads: {torch.get_num_threads()}; clock: {args.clock}; "
             f"{args.rounds} timed rounds after {args.warmup} warm-up rounds",
             f"versions: {lib}; git {git_revision()}",
-            "ratio: median / median of the gradient-only backward (part backward) or of Adam's update (part update)",
+            "ratio: median / median of the gradient-only backward (part backward) or of Adam's update "
+            "(parts update, rl update)",
         ]
     )
 

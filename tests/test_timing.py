@@ -72,3 +72,11 @@ def test_bench_prints_one_table_with_every_method(capsys):
         "fig. 8(b), depth 1, batch 1",
         "cifar100_3c3d (ELU), batch 2",
     }
+
+
+def test_bench_measures_the_ppo_update_of_every_rl_optimizer_against_adam(capsys):
+    bench.main(["--tiny", "--rounds", "2", "--warmup", "0", "--batch-3c3d", "2"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| rl update")]
+    assert [cells[4].strip() for cells in rows] == list(bench.RL_OPTIMIZERS)  # Adam, the baseline, first
+    assert {cells[2].strip() for cells in rows} == {"PPO minibatch 64: actor + critic, 2x64 tanh"}
+    assert float(rows[0][7]) == 1.0 and all(float(cells[7]) > 0 for cells in rows)
