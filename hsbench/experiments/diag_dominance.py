@@ -34,7 +34,7 @@ from hsbench.curvature.tape import record
 from hsbench.data import MNIST_LIKE, TORCHVISION, mnist_like
 from hsbench.engine.kind import Diverged, ExperimentKind, Field
 from hsbench.experiments.networks import INITS, mlp
-from hsbench.experiments.plotting import save_figure, save_markdown
+from hsbench.experiments.plotting import mark_epochs, save_figure, save_markdown
 from hsbench import optim
 
 
@@ -252,10 +252,8 @@ def training_plots(ok: pd.DataFrame, varying: list[str], name: str, outdir: Path
                     ax.fill_between(steps, mean[:, layer] - se[:, layer], mean[:, layer] + se[:, layer], color=line.get_color(), alpha=0.2)
             ax.set_xscale("symlog", linthresh=1)
             ax.set_xlim(0, steps[-1])
-            top = ax.secondary_xaxis("top", functions=(lambda s, e=epochs[-1] / max(steps[-1], 1): s * e, lambda e, r=epochs[-1] / max(steps[-1], 1): e / r))
-            top.set_xlabel("epochs", fontsize=7)
-            ax.axvline(PAPER_EPOCHS / (epochs[-1] / max(steps[-1], 1)), color="gray", lw=0.8, ls="--")
-            ax.set_title(f"{titles[col]}\n{label}", fontsize=8)
+            mark_epochs(ax, int(runs["train_size"].iloc[0]) / int(runs["batch_size"].iloc[0]), steps[-1], PAPER_EPOCHS)
+            ax.set_title(f"{titles[col]}\n{label}", fontsize=8, pad=10)
             ax.set_xlabel("iterations")
             if row == 0 and col in (0, 3):
                 ax.legend(fontsize=7)
@@ -267,7 +265,7 @@ def training_plots(ok: pd.DataFrame, varying: list[str], name: str, outdir: Path
                          **{f"rho_gn_{k + 1}": round(float(v), 3) for k, v in enumerate(means["rho_gauss_newton"])},
                          "loss": round(float(means["loss"]), 4), "held_out_loss": round(float(held), 4)})
     fig.suptitle(f"ρ of pre-activation Hessians during training, mean ± standard error over runs (solid: training examples, "
-                 f"dotted: held out; dashed vertical line: the paper's {PAPER_EPOCHS:.1f} epochs)", fontsize=9)
+                 f"dotted: held out; vertical lines: 1, 10, 100 epochs, dashed: the paper's {PAPER_EPOCHS:.1f} epochs)", fontsize=9)
     table = pd.DataFrame(rows)
     paths = [*save_figure(fig, outdir, name), outdir / f"{name}.csv"]
     table.to_csv(paths[-1], index=False)

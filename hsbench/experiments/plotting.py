@@ -23,3 +23,15 @@ def save_markdown(text: str, outdir: Path, stem: str) -> Path:
     path.write_text(text)
     print(text)
     return path
+
+
+def mark_epochs(ax, steps_per_epoch: float, last_step: float, paper_epochs: float | None = None) -> None:
+    """Dotted vertical lines at 1, 10, 100, ... epochs (labelled at the top) on an axis of steps, up to
+    ``last_step``; with ``paper_epochs`` a dashed line there ("paper")."""
+    epochs = 1.0
+    while epochs * steps_per_epoch <= last_step:
+        ax.axvline(epochs * steps_per_epoch, color="gray", lw=0.6, ls=":")
+        ax.text(epochs * steps_per_epoch, 1.0, f"{epochs:g} ep", transform=ax.get_xaxis_transform(), fontsize=6, ha="center", va="bottom")
+        epochs *= 10
+    if paper_epochs is not None:
+        ax.axvline(paper_epochs * steps_per_epoch, color="gray", lw=0.8, ls="--")
