@@ -21,6 +21,7 @@ state-independent log standard deviation; ``Entropy`` is the policy's entropy as
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +77,10 @@ class _Reduced(nn.Module):
         super().__init__()
         _check_choice("reduction", reduction, ("mean", "sum"))
         self.reduction = reduction
+
+    def per_sample(self, output: Tensor, target: Any) -> Tensor:
+        """The loss of each sample, shape (N,)."""
+        raise NotImplementedError
 
     def forward(self, output: Tensor, target) -> Tensor:
         per_sample = self.per_sample(output, target)

@@ -28,4 +28,3 @@ def series(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     long["step"] = long.groupby(level=0).cumcount()
     long[metric] = long[metric].astype(float)
     return long.reset_index(drop=True)
-

@@ -24,7 +24,12 @@ Task = tuple[Callable[[], object], Callable[[], object]]
 
 
 def interleaved(
-    tasks: dict[str, Task], rounds: int, warmup: int, generator: torch.Generator, device: torch.device, clock: str = "wall"
+    tasks: dict[str, Task],
+    rounds: int,
+    warmup: int,
+    generator: torch.Generator,
+    device: torch.device,
+    clock: str = "wall",
 ) -> dict[str, list[float]]:
     """``rounds`` recorded times (seconds) of each task's ``timed`` call, keyed like ``tasks``."""
     if clock not in CLOCKS:

@@ -18,6 +18,7 @@ def images(n: int, shape: tuple[int, ...], offset: int) -> np.ndarray:
 
 def write_cifar(root, classes: int) -> dict[str, np.ndarray]:
     """CIFAR-10 or -100 python pickles as torchvision reads them; returns the flat test images."""
+
     def dump(path, obj):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(pickle.dumps(obj))
@@ -33,7 +34,9 @@ def write_cifar(root, classes: int) -> dict[str, np.ndarray]:
     else:
         folder = root / "cifar-100-python"
         for split, x, seed in (("train", train, 1), ("test", test, 9)):
-            dump(folder / split, {"data": x, "fine_labels": labels(len(x), seed), "coarse_labels": labels(len(x), seed)})
+            dump(
+                folder / split, {"data": x, "fine_labels": labels(len(x), seed), "coarse_labels": labels(len(x), seed)}
+            )
         dump(folder / "meta", {"fine_label_names": [f"c{i}" for i in range(100)]})
     return test
 
@@ -46,6 +49,8 @@ def write_mnist(root) -> np.ndarray:
         header = np.array([2051, len(x), 28, 28], dtype=">i4").tobytes()
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + x.tobytes())
         labels = np.random.default_rng(len(x)).integers(0, 10, len(x)).astype(np.uint8)
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([2049, len(x)], dtype=">i4").tobytes() + labels.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            np.array([2049, len(x)], dtype=">i4").tobytes() + labels.tobytes()
+        )
         test = x
     return test

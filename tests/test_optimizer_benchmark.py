@@ -16,6 +16,7 @@ from hsbench import cli
 from hsbench.engine.runner import RunContext
 from hsbench.experiments import optimizer_benchmark as ob
 from hsbench.experiments.optimizer_benchmark import OptimizerBenchmark, best_configs
+
 SPEC = Path(__file__).resolve().parents[1] / "experiments" / "figure4.toml"
 
 
@@ -59,7 +60,7 @@ def test_smoke_plots_and_best_step_size(smoke):
 
 
 def test_deepobs_export_is_read_by_deepobs_analyzer(smoke):
-    root, records = smoke
+    root, _ = smoke
     results = root / "results"
     assert cli.main(["export", str(SPEC), "--scale", "smoke", "--results", str(results), "--format", "deepobs"]) == 0
     out = results / "figure4" / "figure4-smoke-deepobs" / "embedded_mnist_mlp_elu"
@@ -88,7 +89,9 @@ def test_resume_repeats_uninterrupted_run(tmp_path, monkeypatch):
 
     def context(name: str) -> RunContext:
         torch.manual_seed(7)  # as the engine does before every attempt
-        return RunContext(run_id=name, seed=7, device="cpu", checkpoint_path=tmp_path / f"{name}.pt", checkpoint_interval_s=0)
+        return RunContext(
+            run_id=name, seed=7, device="cpu", checkpoint_path=tmp_path / f"{name}.pt", checkpoint_interval_s=0
+        )
 
     uninterrupted = kind.run(dict(settings), context("a"))
     train_epoch = ob.train_epoch
@@ -111,9 +114,14 @@ def test_resume_repeats_uninterrupted_run(tmp_path, monkeypatch):
 
 def _table(rows: list[tuple]) -> pd.DataFrame:
     """Hand-made results: (optimizer, lr, seed, status, valid_loss curve, test_loss curve)."""
-    base = {name: f.default for name, f in OptimizerBenchmark.fields.items() if not f.required} | {"problem": "mnist_mlp"}
+    base = {name: f.default for name, f in OptimizerBenchmark.fields.items() if not f.required} | {
+        "problem": "mnist_mlp"
+    }
     return pd.DataFrame(
-        [base | {"optimizer": o, "lr": lr, "seed": s, "status": st, "valid_loss": v, "test_loss": t} for o, lr, s, st, v, t in rows]
+        [
+            base | {"optimizer": o, "lr": lr, "seed": s, "status": st, "valid_loss": v, "test_loss": t}
+            for o, lr, s, st, v, t in rows
+        ]
     )
 
 

@@ -4,6 +4,7 @@ on-disk formats, the augmentation."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +15,8 @@ from fake_data import N_TEST, N_TRAIN, write_cifar, write_mnist
 from torch import nn
 
 from hsbench import problems
-from hsbench.problems import pipelines
 from hsbench.activations import ACTIVATIONS
+from hsbench.problems import pipelines
 
 DEEPOBS = {  # our problem -> (DeepOBS network constructor, DeepOBS test problem, input shape)
     "cifar100_3c3d": (lambda m: m.net_cifar10_3c3d(num_outputs=100), "cifar100_3c3d", (3, 32, 32)),
@@ -48,7 +49,7 @@ def test_network_matches_deepobs(name, activation):
     assert [p.shape for p in ours.parameters()] == [p.shape for p in theirs.parameters()]
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
     with torch.no_grad():
-        for mine, reference in zip(ours.parameters(), theirs.parameters()):
+        for mine, reference in zip(ours.parameters(), theirs.parameters(), strict=True):
             mine.copy_(reference)
     x = torch.randn(3, *DEEPOBS[name][2])
     torch.testing.assert_close(ours(x), theirs(x))
@@ -59,7 +60,7 @@ def test_initialisation_matches_deepobs(name):
     """Biases equal, weights of the same scale (same initialiser, different random draws)."""
     torch.manual_seed(0)
     ours, theirs = problems.get(name).model(), deepobs_network(name, "relu")
-    for (label, mine), reference in zip(ours.named_parameters(), theirs.parameters()):
+    for (label, mine), reference in zip(ours.named_parameters(), theirs.parameters(), strict=True):
         if label.endswith("bias"):
             torch.testing.assert_close(mine, reference)
         else:
@@ -77,10 +78,12 @@ def test_training_defaults_match_deepobs(name):
     testproblem.regularization_groups = testproblem.get_regularization_groups()
     ours = problem.model()
     with torch.no_grad():
-        for mine, reference in zip(ours.parameters(), testproblem.net.parameters()):
+        for mine, reference in zip(ours.parameters(), testproblem.net.parameters(), strict=True):
             mine.copy_(reference)
     with torch.no_grad():
-        assert float(problem.regularization(ours)) == pytest.approx(float(testproblem.get_regularization_loss()), rel=1e-6)
+        assert float(problem.regularization(ours)) == pytest.approx(
+            float(testproblem.get_regularization_loss()), rel=1e-6
+        )
     assert problem.weight_decay == (testproblem._weight_decay or 0.0)
     if name in config:  # DeepOBS gives no defaults for cifar100_3c3d (ours: the ICML paper's 200 epochs, batch 128)
         assert (problem.batch_size, problem.epochs) == (config[name]["batch_size"], config[name]["num_epochs"])
@@ -94,9 +97,13 @@ def test_pipeline_constants_match_deepobs():
         pad, crop, flip, jitter, _, normalize = deepobs_data.training_transform_augmented.transforms
         assert pad.padding == pipelines.PAD and crop.size == (32, 32) and flip.p == 0.5
         assert jitter.brightness == pytest.approx((1 - pipelines.BRIGHTNESS, 1 + pipelines.BRIGHTNESS))
-        assert (tuple(jitter.contrast), tuple(jitter.saturation), jitter.hue) == (pipelines.CONTRAST, pipelines.SATURATION, None)
+        assert (tuple(jitter.contrast), tuple(jitter.saturation), jitter.hue) == (
+            pipelines.CONTRAST,
+            pipelines.SATURATION,
+            None,
+        )
     mnist = module("pytorch.datasets.mnist")
-    assert "Normalize" not in open(mnist.__file__).read() and "mnist" not in pipelines.NORMALIZATION
+    assert "Normalize" not in Path(mnist.__file__).read_text() and "mnist" not in pipelines.NORMALIZATION
     assert module("pytorch.datasets.cifar100").cifar100.__init__.__defaults__ == (True, pipelines.EVAL_SIZE)
 
 
@@ -119,9 +126,17 @@ def test_loaders_read_real_formats(name, tmp_path, small_eval):
     data = problem.data(seed=3, data_dir=tmp_path)
     shape = (1, 28, 28) if problem.dataset == "mnist" else (3, 32, 32)
     sizes = {s: tuple(getattr(data, s)[0].shape) for s in ("train", "train_eval", "valid", "test")}
-    assert sizes == {"train": (N_TRAIN - EVAL, *shape), "train_eval": (EVAL, *shape), "valid": (EVAL, *shape), "test": (N_TEST, *shape)}
+    assert sizes == {
+        "train": (N_TRAIN - EVAL, *shape),
+        "train_eval": (EVAL, *shape),
+        "valid": (EVAL, *shape),
+        "test": (N_TEST, *shape),
+    }
     assert data.augment == (problem.dataset != "mnist") and str(tmp_path) in data.description
-    ids = {s: set(((getattr(data, s)[0].flatten(1)[:, :2] * 255).round().long() @ torch.tensor([1, 256])).tolist()) for s in sizes}
+    ids = {
+        s: set(((getattr(data, s)[0].flatten(1)[:, :2] * 255).round().long() @ torch.tensor([1, 256])).tolist())
+        for s in sizes
+    }
     assert ids["train"] | ids["valid"] == set(range(N_TRAIN)) and not ids["train"] & ids["valid"]
     assert ids["train_eval"] <= ids["train"] and ids["test"] == set(range(N_TRAIN, N_TRAIN + N_TEST))
     images = written.reshape(N_TEST, *shape) if problem.dataset == "mnist" else written.reshape(N_TEST, 3, 32, 32)
@@ -162,7 +177,7 @@ def test_crop_and_flip_take_a_padded_window(monkeypatch):
     x = torch.rand(16, 3, 32, 32)
     out = pipelines.augment(x, torch.Generator().manual_seed(0))
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
-    for image, source in zip(out, padded):
+    for image, source in zip(out, padded, strict=True):
         windows = [source[:, i : i + 32, j : j + 32] for i in range(5) for j in range(5)]
         assert any(torch.equal(image, w) or torch.equal(image, w.flip(-1)) for w in windows)
     again = pipelines.augment(x, torch.Generator().manual_seed(0))
@@ -175,7 +190,11 @@ def test_color_jitter_matches_torchvision_operations():
     out = pipelines.color_jitter(x, torch.Generator().manual_seed(1))
     gen = torch.Generator().manual_seed(1)
     draw = lambda low, high: low + (high - low) * torch.rand(6, generator=gen)  # noqa: E731
-    factors = (draw(1 - pipelines.BRIGHTNESS, 1 + pipelines.BRIGHTNESS), draw(*pipelines.CONTRAST), draw(*pipelines.SATURATION))
+    factors = (
+        draw(1 - pipelines.BRIGHTNESS, 1 + pipelines.BRIGHTNESS),
+        draw(*pipelines.CONTRAST),
+        draw(*pipelines.SATURATION),
+    )
     order = torch.argsort(torch.rand(6, 3, generator=gen), dim=1)
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
     for i in range(6):

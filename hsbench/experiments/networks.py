@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+from typing import Literal
+
 from torch import nn
 
 from hsbench.activations import ACTIVATIONS
 
 INITS = ("kaiming", "kaiming-bias", "torch-default")
+GAINS: dict[str, Literal["relu", "tanh", "sigmoid"]] = {
+    "relu": "relu",
+    "elu": "relu",
+    "tanh": "tanh",
+    "sigmoid": "sigmoid",
+}
+"""torch.nn.init's gain name for each activation in ``ACTIVATIONS`` (ELU uses ReLU's)."""
 
 
 def mlp(inputs: int, width: int, depth: int, classes: int, activation: str, init: str = "kaiming") -> nn.Sequential:
@@ -17,7 +27,7 @@ def mlp(inputs: int, width: int, depth: int, classes: int, activation: str, init
     "torch-default" (PyTorch's Linear initialization, uniform with bound 1/√fan_in)."""
     widths = [inputs] + [width] * depth
     layers: list[nn.Module] = [nn.Flatten()]
-    for a, b in zip(widths[:-1], widths[1:]):
+    for a, b in pairwise(widths):
         layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
     model = nn.Sequential(*layers, nn.Linear(widths[-1], classes))
     return model if init == "torch-default" else kaiming(model, activation, biases=init == "kaiming-bias")
@@ -27,8 +37,13 @@ def small_cnn(classes: int, activation: str) -> nn.Sequential:
     """For 1x28x28 inputs: conv 1→4 5x5 stride 2, pool 2, conv 4→8 3x3, flatten, linear 128 → classes."""
     act = ACTIVATIONS[activation]
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 5, stride=2), act(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 8, 3), act(), nn.Flatten(), nn.Linear(8 * 4 * 4, classes),
+        nn.Conv2d(1, 4, 5, stride=2),
+        act(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3),
+        act(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, classes),
     )
     return kaiming(model, activation)
 
@@ -36,10 +51,12 @@ def small_cnn(classes: int, activation: str) -> nn.Sequential:
 def kaiming(model: nn.Sequential, activation: str, biases: bool = False) -> nn.Sequential:
     """Kaiming-normal weights (fan-in, gain of the activation; ELU uses ReLU's); biases zero, or with
     ``biases`` normal with the weights' standard deviation."""
-    gain = "relu" if activation in ("relu", "elu") else activation
+    gain = GAINS[activation]
     for module in model:
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             nn.init.kaiming_normal_(module.weight, nonlinearity=gain)
+            if module.bias is None:
+                continue
             if biases:
                 std = nn.init.calculate_gain(gain) / module.weight[0].numel() ** 0.5  # kaiming_normal_'s, fan-in
                 nn.init.normal_(module.bias, std=std)

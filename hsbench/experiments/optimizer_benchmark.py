@@ -28,9 +28,10 @@ final test loss against the step size, best betas per step size (figure 9).
 from __future__ import annotations
 
 import json
-import shutil
 import math
+import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +54,22 @@ SPLITS = ("train_eval", "valid", "test")
 SERIES = ("train_loss", "train_acc", "valid_loss", "valid_acc", "test_loss", "test_acc", "time_s")
 HYPER = ("lr", "beta1", "beta2")  # searched hyperparameters; the other settings identify the curve
 SELECTIONS = ("final-valid-loss", "valid-loss-auc")
+DEEPOBS_CURVES = (
+    ("train_loss", "train_losses"),
+    ("valid_loss", "valid_losses"),
+    ("test_loss", "test_losses"),
+    ("train_acc", "train_accuracies"),
+    ("valid_acc", "valid_accuracies"),
+    ("test_acc", "test_accuracies"),
+)
+"""Our metric and DeepOBS's name for it in its per-seed JSON (``export --format deepobs``)."""
 
 
 class OptimizerBenchmark(ExperimentKind):
     name = "optimizer-benchmark"
     description = "train a DeepOBS problem with one optimizer and step size; learning curves, best step size"
     export_formats = ("deepobs",)  # hsbench export --format deepobs: DeepOBS's per-seed JSON layout
-    fields = {
+    fields: Mapping[str, Field] = {
         "problem": Field(str, "test problem (hsbench.problems)", choices=lambda: list(problems.PROBLEMS)),
         "activation": Field(str, "activation of every hidden layer", default="relu", choices=lambda: list(ACTIVATIONS)),
         "optimizer": Field(str, "optimizer (hsbench.optim)", choices=lambda: list(optim.OPTIMIZERS)),
@@ -68,14 +78,19 @@ class OptimizerBenchmark(ExperimentKind):
         "beta2": Field(float, "second-moment decay (ignored by sgd)", default=0.999, low=0.0, high=0.999999),
         "epochs": Field(int, "training epochs; 0: the problem's default", default=0, low=0),
         "batch_size": Field(int, "training batch size; 0: the problem's default", default=0, low=0),
-        "selection": Field(str, "criterion choosing each optimizer's best configuration (plots only)", default="final-valid-loss", choices=SELECTIONS),
+        "selection": Field(
+            str,
+            "criterion choosing each optimizer's best configuration (plots only)",
+            default="final-valid-loss",
+            choices=SELECTIONS,
+        ),
     }
 
-    def required_data(self, settings: dict[str, Any]) -> list[str]:
+    def required_data(self, settings: Mapping[str, Any]) -> list[str]:
         dataset = problems.get(settings["problem"]).dataset
         return [dataset] if dataset in TORCHVISION else []
 
-    def run(self, settings: dict[str, Any], ctx) -> dict[str, Any]:
+    def run(self, settings: Mapping[str, Any], ctx) -> dict[str, Any]:
         problem = problems.get(settings["problem"])
         epochs, batch_size = resolved(settings)
         device = torch.device(ctx.device)
@@ -127,7 +142,9 @@ class OptimizerBenchmark(ExperimentKind):
         selection = runs["selection"].iloc[0]
         best = best_configs(runs, selection)
         chosen = runs.merge(best[self.curve_keys() + list(HYPER)], on=self.curve_keys() + list(HYPER))
-        caption = f"{spec.name} (scale {runs['scale'].iloc[0]}); data: {'; '.join(sorted(runs['data'].dropna().unique()))}"
+        caption = (
+            f"{spec.name} (scale {runs['scale'].iloc[0]}); data: {'; '.join(sorted(runs['data'].dropna().unique()))}"
+        )
         outdir.mkdir(parents=True, exist_ok=True)
         table = outdir / f"{spec.name}-best.csv"
         best.to_csv(table, index=False)
@@ -150,7 +167,7 @@ class OptimizerBenchmark(ExperimentKind):
         return [f for f in self.fields if f not in HYPER]
 
 
-def resolved(settings: dict[str, Any]) -> tuple[int, int]:
+def resolved(settings: Mapping[str, Any]) -> tuple[int, int]:
     """(epochs, batch size) of a run, the problem's defaults filling in zeros."""
     problem = problems.get(settings["problem"])
     return int(settings["epochs"] or problem.epochs), int(settings["batch_size"] or problem.batch_size)
@@ -192,7 +209,7 @@ def evaluate(model, problem, data) -> dict[str, tuple[float, float]]:
 
 
 def record(metrics: dict[str, Any], evaluation: dict[str, tuple[float, float]], seconds: float) -> None:
-    for split, prefix in zip(SPLITS, ("train", "valid", "test")):
+    for split, prefix in zip(SPLITS, ("train", "valid", "test"), strict=True):
         loss, acc = evaluation[split]
         metrics[f"{prefix}_loss"].append(loss)
         metrics[f"{prefix}_acc"].append(acc)
@@ -222,14 +239,21 @@ def config_scores(runs: pd.DataFrame, selection: str) -> pd.DataFrame:
     scored = runs.assign(
         score=[
             math.inf if status == "diverged" else run_score(curve, selection)
-            for status, curve in zip(runs["status"], runs["valid_loss"])
+            for status, curve in zip(runs["status"], runs["valid_loss"], strict=True)
         ],
-        final_test_loss=[c[-1] if s == "ok" else math.nan for s, c in zip(runs["status"], runs["test_loss"])],
+        final_test_loss=[
+            c[-1] if s == "ok" else math.nan for s, c in zip(runs["status"], runs["test_loss"], strict=True)
+        ],
         is_diverged=runs["status"] == "diverged",
     )
     return (
         scored.groupby(keys, as_index=False)
-        .agg(score=("score", "mean"), seeds=("seed", "count"), diverged=("is_diverged", "sum"), test_loss=("final_test_loss", "mean"))
+        .agg(
+            score=("score", "mean"),
+            seeds=("seed", "count"),
+            diverged=("is_diverged", "sum"),
+            test_loss=("final_test_loss", "mean"),
+        )
         .sort_values(keys)
     )
 
@@ -255,7 +279,7 @@ def _curves_figure(chosen: pd.DataFrame, caption: str, selection: str) -> Figure
     panels = sorted({(_label(r), r["problem"], r["activation"]) for _, r in chosen.iterrows()})
     fig = Figure(figsize=(10, 3.6 * len(panels) + 0.6))
     axes = fig.subplots(len(panels), 2, squeeze=False)
-    for (title, problem, activation), (by_epoch, by_time) in zip(panels, axes):
+    for (title, problem, activation), (by_epoch, by_time) in zip(panels, axes, strict=True):
         here = chosen[(chosen["problem"] == problem) & (chosen["activation"] == activation)]
         for optimizer, runs in here.groupby("optimizer", sort=True):
             if (runs["status"] != "ok").any():
@@ -274,7 +298,10 @@ def _curves_figure(chosen: pd.DataFrame, caption: str, selection: str) -> Figure
         by_epoch.set(title=title, xlabel="epoch", ylabel="test accuracy")
         by_time.set(title=title, xlabel="training time (s, measured)", ylabel="test accuracy")
         by_epoch.legend(fontsize="x-small")
-    fig.suptitle(f"{caption}\nbest configuration per optimizer by {selection}; mean ± standard error over seeds", fontsize="small")
+    fig.suptitle(
+        f"{caption}\nbest configuration per optimizer by {selection}; mean ± standard error over seeds",
+        fontsize="small",
+    )
     fig.tight_layout()
     return fig
 
@@ -283,18 +310,27 @@ def _step_size_figure(runs: pd.DataFrame, selection: str, caption: str) -> Figur
     """Per problem: mean final test loss against step size, one line per optimizer (best betas per step size)."""
     scores = config_scores(runs, selection)
     curve = OptimizerBenchmark().curve_keys()
-    per_lr = scores.sort_values(["score", "beta1", "beta2"], kind="stable").groupby(curve + ["lr"], as_index=False).head(1)
+    per_lr = (
+        scores.sort_values(["score", "beta1", "beta2"], kind="stable").groupby([*curve, "lr"], as_index=False).head(1)
+    )
     panels = sorted({(_label(r), r["problem"], r["activation"]) for _, r in per_lr.iterrows()})
     fig = Figure(figsize=(max(8.0, 5.5 * len(panels)), 4.4))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (title, problem, activation) in zip(axes, panels):
+    for ax, (title, problem, activation) in zip(axes, panels, strict=True):
         here = per_lr[(per_lr["problem"] == problem) & (per_lr["activation"] == activation)]
         for optimizer, points in here.groupby("optimizer", sort=True):
             points = points.sort_values("lr")
             finite = points[points["diverged"] == 0]
             (line,) = ax.plot(finite["lr"], finite["test_loss"], marker="o", label=optimizer)
             diverged = points[points["diverged"] > 0]
-            ax.plot(diverged["lr"], [1.0] * len(diverged), "x", color=line.get_color(), transform=ax.get_xaxis_transform(), clip_on=False)
+            ax.plot(
+                diverged["lr"],
+                [1.0] * len(diverged),
+                "x",
+                color=line.get_color(),
+                transform=ax.get_xaxis_transform(),
+                clip_on=False,
+            )
         ax.set(title=title, xscale="log", yscale="log", xlabel="step size", ylabel="final test loss (mean over seeds)")
         ax.legend(fontsize="x-small")
     fig.suptitle(f"{caption}\nbest betas per step size by {selection}; x on the top edge: diverged", fontsize="small")
@@ -322,14 +358,15 @@ def write_deepobs(runs: pd.DataFrame, outdir: Path) -> list[Path]:
     for _, run in runs.iterrows():
         settings = run.to_dict()
         epochs, batch_size = resolved(settings)
-        hyper = {"lr": run["lr"]} | ({} if run["optimizer"] == "sgd" else {"beta1": run["beta1"], "beta2": run["beta2"]})
+        hyper = {"lr": run["lr"]} | (
+            {} if run["optimizer"] == "sgd" else {"beta1": run["beta1"], "beta2": run["beta2"]}
+        )
         folder = f"num_epochs__{epochs}__batch_size__{batch_size}" + "".join(
             f"__{name}__{_float2str(value)}" for name, value in sorted(hyper.items())
         )
         testproblem = run["problem"] if run["activation"] == "relu" else f"{run['problem']}_{run['activation']}"
         curves = {}
-        for ours, theirs in (("train_loss", "train_losses"), ("valid_loss", "valid_losses"), ("test_loss", "test_losses"),
-                             ("train_acc", "train_accuracies"), ("valid_acc", "valid_accuracies"), ("test_acc", "test_accuracies")):  # fmt: skip
+        for ours, theirs in DEEPOBS_CURVES:
             values = list(run[ours])
             curves[theirs] = values + [values[0]] * (epochs + 1 - len(values))
         output = {

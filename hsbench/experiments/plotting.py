@@ -31,7 +31,15 @@ def mark_epochs(ax, steps_per_epoch: float, last_step: float, paper_epochs: floa
     epochs = 1.0
     while epochs * steps_per_epoch <= last_step:
         ax.axvline(epochs * steps_per_epoch, color="gray", lw=0.6, ls=":")
-        ax.text(epochs * steps_per_epoch, 1.0, f"{epochs:g} ep", transform=ax.get_xaxis_transform(), fontsize=6, ha="center", va="bottom")
+        ax.text(
+            epochs * steps_per_epoch,
+            1.0,
+            f"{epochs:g} ep",
+            transform=ax.get_xaxis_transform(),
+            fontsize=6,
+            ha="center",
+            va="bottom",
+        )
         epochs *= 10
     if paper_epochs is not None:
         ax.axvline(paper_epochs * steps_per_epoch, color="gray", lw=0.8, ls="--")

