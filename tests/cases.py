@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from torch import nn
 
@@ -26,7 +28,7 @@ ACTIVATION_CASES = {
 
 def mlp(activation="tanh", widths=(5, 4, 3)):
     layers = []
-    for a, b in zip(widths[:-1], widths[1:]):
+    for a, b in pairwise(widths):
         layers += [nn.Linear(a, b), ACTIVATION_CASES[activation]()]
     return nn.Sequential(*layers, nn.Linear(widths[-1], OUT))
 
@@ -53,30 +55,49 @@ MODELS = {
     ),
     "conv2d": (
         lambda: nn.Sequential(
-            nn.Conv2d(2, 4, 3, padding=1), nn.ELU(), nn.MaxPool2d(2),
-            nn.Conv2d(4, 4, 2, groups=2, stride=1, dilation=1), nn.Tanh(), nn.Flatten(), nn.Linear(16, OUT),
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.ELU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 4, 2, groups=2, stride=1, dilation=1),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(16, OUT),
         ),
         (2, 6, 6),
     ),
     "conv2d-strided": (
         lambda: nn.Sequential(
-            nn.ZeroPad2d((1, 0, 2, 1)), nn.Conv2d(2, 3, 3, stride=2, dilation=2), nn.LeakyReLU(0.2),
-            nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False), nn.Dropout(0.3),
-            nn.Flatten(), nn.Identity(), nn.Linear(18, OUT),
+            nn.ZeroPad2d((1, 0, 2, 1)),
+            nn.Conv2d(2, 3, 3, stride=2, dilation=2),
+            nn.LeakyReLU(0.2),
+            nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+            nn.Dropout(0.3),
+            nn.Flatten(),
+            nn.Identity(),
+            nn.Linear(18, OUT),
         ),
         (2, 9, 8),
     ),
     "conv1d": (
         lambda: nn.Sequential(
-            nn.Conv1d(2, 4, 3, stride=2, padding=1, groups=2), nn.Sigmoid(), nn.AvgPool1d(2),
-            nn.MaxPool1d(2, stride=1, padding=1, dilation=1), nn.Flatten(), nn.Linear(12, OUT),
+            nn.Conv1d(2, 4, 3, stride=2, padding=1, groups=2),
+            nn.Sigmoid(),
+            nn.AvgPool1d(2),
+            nn.MaxPool1d(2, stride=1, padding=1, dilation=1),
+            nn.Flatten(),
+            nn.Linear(12, OUT),
         ),
         (2, 9),
     ),
     "conv3d": (
         lambda: nn.Sequential(
-            nn.Conv3d(1, 2, 2, padding=1, dilation=(1, 2, 1)), nn.Softplus(), nn.AvgPool3d(2, padding=1),
-            nn.MaxPool3d(2, stride=1), nn.SELU(), nn.Flatten(), nn.Linear(16, OUT),
+            nn.Conv3d(1, 2, 2, padding=1, dilation=(1, 2, 1)),
+            nn.Softplus(),
+            nn.AvgPool3d(2, padding=1),
+            nn.MaxPool3d(2, stride=1),
+            nn.SELU(),
+            nn.Flatten(),
+            nn.Linear(16, OUT),
         ),
         (1, 3, 4, 3),
     ),
@@ -101,35 +122,46 @@ def _ppo_target(loss, z, generator):
 
 LOSSES = {
     # name: (loss builder(reduction), target builder(loss, z, generator), needs positive outputs)
-    "ce": (lambda r: nn.CrossEntropyLoss(reduction=r), lambda l, z, g: torch.randint(0, OUT, (z.shape[0],), generator=g), False),
-    "ce-soft": (
+    "ce": (
         lambda r: nn.CrossEntropyLoss(reduction=r),
-        lambda l, z, g: torch.softmax(torch.randn(z.shape, generator=g, dtype=z.dtype), 1),
+        lambda loss, z, g: torch.randint(0, OUT, (z.shape[0],), generator=g),
         False,
     ),
-    "mse": (lambda r: nn.MSELoss(reduction=r), lambda l, z, g: torch.randn(z.shape, generator=g, dtype=z.dtype), False),
-    "gauss-log": (lambda r: losses.GaussianNLLLoss("log", r), lambda l, z, g: _gaussian_target(z, g), False),
-    "gauss-raw": (lambda r: losses.GaussianNLLLoss("raw", r), lambda l, z, g: _gaussian_target(z, g), True),
+    "ce-soft": (
+        lambda r: nn.CrossEntropyLoss(reduction=r),
+        lambda loss, z, g: torch.softmax(torch.randn(z.shape, generator=g, dtype=z.dtype), 1),
+        False,
+    ),
+    "mse": (
+        lambda r: nn.MSELoss(reduction=r),
+        lambda loss, z, g: torch.randn(z.shape, generator=g, dtype=z.dtype),
+        False,
+    ),
+    "gauss-log": (lambda r: losses.GaussianNLLLoss("log", r), lambda loss, z, g: _gaussian_target(z, g), False),
+    "gauss-raw": (lambda r: losses.GaussianNLLLoss("raw", r), lambda loss, z, g: _gaussian_target(z, g), True),
     "pg-cat": (
         lambda r: losses.PolicyGradientLoss("categorical", reduction=r),
-        lambda l, z, g: (torch.randint(0, OUT, (z.shape[0],), generator=g), torch.randn(z.shape[0], generator=g, dtype=z.dtype)),
+        lambda loss, z, g: (
+            torch.randint(0, OUT, (z.shape[0],), generator=g),
+            torch.randn(z.shape[0], generator=g, dtype=z.dtype),
+        ),
         False,
     ),
     "pg-gauss": (
         lambda r: losses.PolicyGradientLoss("gaussian", "raw", reduction=r),
-        lambda l, z, g: (_gaussian_target(z, g), torch.randn(z.shape[0], generator=g, dtype=z.dtype)),
+        lambda loss, z, g: (_gaussian_target(z, g), torch.randn(z.shape[0], generator=g, dtype=z.dtype)),
         True,
     ),
     "pg-gauss-log": (
         lambda r: losses.PolicyGradientLoss("gaussian", "log", reduction=r),
-        lambda l, z, g: (_gaussian_target(z, g), torch.randn(z.shape[0], generator=g, dtype=z.dtype)),
+        lambda loss, z, g: (_gaussian_target(z, g), torch.randn(z.shape[0], generator=g, dtype=z.dtype)),
         False,
     ),
     "ppo-cat": (lambda r: losses.PPOLoss("categorical", reduction=r), _ppo_target, False),
     "ppo-gauss": (lambda r: losses.PPOLoss("gaussian", variance="log", reduction=r), _ppo_target, False),
-    "entropy-cat": (lambda r: losses.Entropy("categorical", reduction=r), lambda l, z, g: None, False),
-    "entropy-gauss": (lambda r: losses.Entropy("gaussian", "log", reduction=r), lambda l, z, g: None, False),
-    "entropy-gauss-raw": (lambda r: losses.Entropy("gaussian", "raw", reduction=r), lambda l, z, g: None, True),
+    "entropy-cat": (lambda r: losses.Entropy("categorical", reduction=r), lambda loss, z, g: None, False),
+    "entropy-gauss": (lambda r: losses.Entropy("gaussian", "log", reduction=r), lambda loss, z, g: None, False),
+    "entropy-gauss-raw": (lambda r: losses.Entropy("gaussian", "raw", reduction=r), lambda loss, z, g: None, True),
 }
 
 

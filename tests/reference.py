@@ -100,9 +100,9 @@ def hesscale_recursion(model, loss_fn, x, t, gauss_newton=False, start=None, mas
         loss = loss_of_one(loss_fn, t, n)
         z = h[0]
         g = torch.func.grad(loss)(z).reshape(h.shape)
-        s = (torch.diagonal(hessian(loss)(z).reshape(z.numel(), z.numel())) if start is None else start(n, z))
+        s = torch.diagonal(hessian(loss)(z).reshape(z.numel(), z.numel())) if start is None else start(n, z)
         s = s.reshape(h.shape)
-        for m, inp in zip(reversed(mods), reversed(inputs)):
+        for m, inp in zip(reversed(mods), reversed(inputs), strict=True):
             own = {k: p.detach() for k, p in m.named_parameters(recurse=False)}
             for k, p in own.items():
                 jp = jacrev(lambda q: apply(m, inp, {**own, k: q}))(p).reshape(s.numel(), p.numel())

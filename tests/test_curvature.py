@@ -217,7 +217,9 @@ def _loss_of_probabilities(loss_name, loss_fn, t, n):
         return lambda q: -(q * q.log()).sum()
     actions, advantages, old = (u[n] for u in t)
     ratio = lambda q: q[actions] / old.exp()  # noqa: E731
-    return lambda q: -torch.minimum(ratio(q) * advantages, ratio(q).clamp(1 - loss_fn.clip, 1 + loss_fn.clip) * advantages)
+    return lambda q: (
+        -torch.minimum(ratio(q) * advantages, ratio(q).clamp(1 - loss_fn.clip, 1 + loss_fn.clip) * advantages)
+    )
 
 
 @pytest.mark.parametrize("loss_name", ["ce", "ce-soft", "pg-cat", "ppo-cat", "entropy-cat"])
@@ -252,7 +254,10 @@ def test_hesscale_is_exact_for_square_diagonal_weights():
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.ELU(), nn.Linear(3, 3)).double()
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     loss_fn = nn.MSELoss()
-    assert max_difference(diagonal("hesscale", model, loss_fn, x, y), reference.hessian_diagonal(model, loss_fn, x, y)) > 1e-4
+    assert (
+        max_difference(diagonal("hesscale", model, loss_fn, x, y), reference.hessian_diagonal(model, loss_fn, x, y))
+        > 1e-4
+    )
     with torch.no_grad():
         for layer in model[::2]:
             layer.weight.copy_(torch.diag(torch.diagonal(layer.weight)))
@@ -302,12 +307,13 @@ def test_monte_carlo_estimators_converge(method, target, model_name, loss_name):
 def test_ggn_mc_for_gaussian_nll_samples_the_fisher():
     model, loss_fn, x, t = problem("mlp-tanh", "gauss-log")
     z = model(x).detach()
-    mean, var = losses.gaussian_split(z, "log")
+    _, var = losses.gaussian_split(z, "log")
+
     # Fisher of N(μ, e^ν) in (μ, ν): diag(1/σ², 1/2) per dimension, so Jᵀ F J from the reference GGN
     # of a loss whose output Hessian is that Fisher: 0.5 Σ (μ - c)²/σ² + 0.25 Σ (ν - d)² at fixed σ².
-    fisher_loss = lambda out, _: (  # noqa: E731
-        0.5 * ((out[:, :2] ** 2) / var).sum() + 0.25 * (out[:, 2:] ** 2).sum()
-    ) / out.shape[0]
+    def fisher_loss(out, _):
+        return (0.5 * ((out[:, :2] ** 2) / var).sum() + 0.25 * (out[:, 2:] ** 2).sum()) / out.shape[0]
+
     expected = reference.ggn_diagonal(model, fisher_loss, x, t)
     found = diagonal("ggn-mc", model, loss_fn, x, t, mc_samples=20000, generator=torch.Generator().manual_seed(1))
     spread = _single_draw_spread("ggn-mc", model, loss_fn, x, t)
@@ -402,7 +408,7 @@ def test_per_sample_with_sum_reduction_sums_to_the_batch():
 
 def test_unknown_method_lists_the_valid_ones():
     model, loss_fn, x, t = problem()
-    with pytest.raises(ValueError, match="hesscale-gn.*bl89"):
+    with pytest.raises(ValueError, match=r"hesscale-gn.*bl89"):
         diagonal("hesscale2", model, loss_fn, x, t)
 
 
@@ -460,13 +466,18 @@ def test_unsupported_loss_and_policy_losses_without_sampling():
 
 def test_in_place_activations_work():
     torch.manual_seed(0)
-    layers = lambda inplace: [nn.Linear(5, 4), nn.ReLU(inplace), nn.Linear(4, 4), nn.ELU(inplace=inplace), nn.Linear(4, 3)]  # noqa: E731
+
+    def layers(inplace):
+        return [nn.Linear(5, 4), nn.ReLU(inplace), nn.Linear(4, 4), nn.ELU(inplace=inplace), nn.Linear(4, 3)]
+
     plain = nn.Sequential(*layers(False)).double()
     inplace = nn.Sequential(*layers(True)).double()
     inplace.load_state_dict(plain.state_dict())
     x, y = torch.randn(3, 5, dtype=torch.float64), torch.tensor([0, 2, 1])
     for method in ("hesscale", "exact"):
-        assert_close(diagonal(method, inplace, nn.CrossEntropyLoss(), x, y), diagonal(method, plain, nn.CrossEntropyLoss(), x, y))
+        assert_close(
+            diagonal(method, inplace, nn.CrossEntropyLoss(), x, y), diagonal(method, plain, nn.CrossEntropyLoss(), x, y)
+        )
 
 
 def test_float32_agrees_with_float64():
@@ -482,7 +493,9 @@ def test_results_are_detached_and_shaped_like_parameters():
     for method in METHODS:
         found = diagonal(method, model, loss_fn, x, t)
         assert list(found) == [k for k, _ in model.named_parameters()]
-        assert all(v.shape == p.shape and not v.requires_grad for v, p in zip(found.values(), model.parameters()))
+        assert all(
+            v.shape == p.shape and not v.requires_grad for v, p in zip(found.values(), model.parameters(), strict=True)
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -493,4 +506,3 @@ def test_cuda_matches_cpu():
         found = diagonal(method, model.cuda(), loss_fn, x.cuda(), t.cuda())
         assert_close({k: v.cpu() for k, v in found.items()}, expected)
         model.cpu()
-

@@ -61,7 +61,9 @@ def diagonal(
         ``{parameter name: Tensor}``, each of the parameter's shape (with a leading batch
         dimension if ``per_sample``), for the parameters with ``requires_grad``.
     """
-    return diagonals({method: (method, mc_samples)}, model, loss_fn, inputs, targets, per_sample=per_sample, generator=generator)[method]
+    return diagonals(
+        {method: (method, mc_samples)}, model, loss_fn, inputs, targets, per_sample=per_sample, generator=generator
+    )[method]
 
 
 def diagonals(
@@ -224,4 +226,3 @@ def _combined_per_output(terms: list[tuple[float, Tape]]) -> list[tuple[float, T
         parts = [(c * tape.scale(), tape.loss, tape.target) for c, tape in group]
         combined.append((1.0, Tape(first.steps, first.output, None, _WeightedSum(parts))))
     return combined
-

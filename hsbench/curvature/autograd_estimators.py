@@ -29,6 +29,7 @@ def _target_dim(targets) -> int | None:
 
 def _of_one(loss):
     """The loss of one sample as a batch of one: ℓ_n, for vmap over samples."""
+
     def of_one(params, x, t):
         return loss(params, x.unsqueeze(0), None if t is None else tree_map(lambda u: u.unsqueeze(0), t))
 

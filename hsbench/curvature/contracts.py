@@ -23,6 +23,7 @@ naming the missing methods, not in the middle of a backward pass.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TypeAlias
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +35,7 @@ class Context:
     Built from the input and output alone, so that a forward hook can record it. After an
     in-place module the input tensor holds the output; rules of such modules use ``y`` only."""
 
-    __slots__ = ("x", "y", "extra")
+    __slots__ = ("extra", "x", "y")
 
     def __init__(self, x: Tensor, y: Tensor, extra=None):
         self.x, self.y, self.extra = x, y, extra
@@ -98,6 +99,11 @@ class LinearMap(Rule):
     @abstractmethod
     def vjp_squared(self, module: nn.Module, ctx: Context, s: Tensor) -> Tensor:
         """Σ_o J_oi² s_o, the diagonal of Jᵀ diag(s) J: (N, K, *out) -> (N, K, *in)."""
+
+
+ModuleRule: TypeAlias = Elementwise | LinearMap
+"""The rule of a recorded module: elementwise or linear in its input (``ParametrizedRule`` is a
+``LinearMap``); the walks tell the two apart with ``isinstance``."""
 
 
 def autograd_vjp(module: nn.Module, ctx: Context, v: Tensor) -> Tensor:

@@ -13,21 +13,22 @@ Cost grows with D², so this is meant for the small networks where the exact val
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-from hsbench.curvature.tape import Step, Tape, elementwise
+from hsbench.curvature.contracts import Elementwise, LinearMap, ParametrizedRule
+from hsbench.curvature.tape import Step, Tape
 
 
-def _sandwich(step, h: Tensor) -> Tensor:
-    """Jᵀ H J for per-sample H (N, D_out, D_out) -> (N, D_in, D_in)."""
+def _sandwich(rule: LinearMap, step: Step, h: Tensor) -> Tensor:
+    """Jᵀ H J for per-sample H (N, D_out, D_out) -> (N, D_in, D_in), J the Jacobian of ``step``'s linear map."""
     n, d_out = h.shape[:2]
     out_shape = step.ctx.y.shape[1:]
-    hj = step.rule.vjp(step.module, step.ctx, h.reshape(n, d_out, *out_shape)).reshape(n, d_out, -1)
+    hj = rule.vjp(step.module, step.ctx, h.reshape(n, d_out, *out_shape)).reshape(n, d_out, -1)
     d_in = hj.shape[2]
-    return step.rule.vjp(step.module, step.ctx, hj.transpose(1, 2).reshape(n, d_in, *out_shape)).reshape(n, d_in, d_in)
+    return rule.vjp(step.module, step.ctx, hj.transpose(1, 2).reshape(n, d_in, *out_shape)).reshape(n, d_in, d_in)
 
 
 def output_hessians(
@@ -42,20 +43,21 @@ def output_hessians(
         yield step, h
         if not need_input:
             return
-        if elementwise(step):
-            d1, d2 = (d.reshape(d.shape[0], -1) for d in step.rule.derivatives(step.module, step.ctx))
+        rule = step.rule
+        if isinstance(rule, Elementwise):
+            d1, d2 = (d.reshape(d.shape[0], -1) for d in rule.derivatives(step.module, step.ctx))
             h = d1.unsqueeze(2) * h * d1.unsqueeze(1)
             if curvature_of_activations:
                 h = h + torch.diag_embed(d2 * g.reshape(d2.shape))
             g = g * d1.reshape(g.shape[0], 1, *g.shape[2:])
         else:
-            h, g = _sandwich(step, h), step.rule.vjp(step.module, step.ctx, g)
+            h, g = _sandwich(rule, step, h), rule.vjp(step.module, step.ctx, g)
 
 
 def backpropagate(tape: Tape, curvature_of_activations: bool = True, per_sample: bool = False) -> dict[Tensor, Tensor]:
     """Exact Hessian diagonal (``curvature_of_activations=True``) or exact GGN diagonal, keyed by parameter."""
-    diags = {}
+    diags: dict[Tensor, Tensor] = {}
     for step, h in output_hessians(tape, curvature_of_activations, 1.0 if per_sample else tape.scale()):
-        if step.has_parameters:
+        if isinstance(step.rule, ParametrizedRule) and step.has_parameters:
             step.accumulate(diags, step.rule.hessian_diagonals(step.module, step.ctx, h, per_sample))
     return diags

@@ -17,6 +17,8 @@ per sample and unscaled, of shape (N, D) with D the size of one output:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import Tensor, nn
 from torch.func import jacfwd, jacrev, vmap
@@ -43,7 +45,7 @@ def _log_prob_derivatives(z: Tensor, actions: Tensor, distribution: str, varianc
     return torch.cat([g_mean, g_var], -1), torch.cat([h_mean, h_var], -1)
 
 
-class LossRule:
+class LossRule(ABC):
     """Derivatives of one loss module; subclasses implement ``grad`` and ``hessian_diagonal``."""
 
     def __init__(self, loss_fn: nn.Module):
@@ -53,6 +55,14 @@ class LossRule:
 
     def scale(self, z: Tensor) -> float:
         return 1.0 / z.shape[0] if self.loss_fn.reduction == "mean" else 1.0
+
+    @abstractmethod
+    def grad(self, z: Tensor, target) -> Tensor:
+        """∂ℓ_n/∂z_n, (N, D)."""
+
+    @abstractmethod
+    def hessian_diagonal(self, z: Tensor, target) -> Tensor:
+        """The exact diagonal of ∂²ℓ_n/∂z_n², (N, D)."""
 
     def bl89_diagonal(self, z, target) -> Tensor:
         return self.hessian_diagonal(z, target)
@@ -258,7 +268,7 @@ class Entropy(LossRule):
         return vmap(jacfwd(jacrev(lambda z_n: self.loss_fn(z_n.unsqueeze(0)))))(z)
 
 
-LOSS_RULES = {
+LOSS_RULES: dict[type[nn.Module], type[LossRule]] = {
     nn.CrossEntropyLoss: CrossEntropy,
     nn.MSELoss: MeanSquaredError,
     losses.GaussianNLLLoss: GaussianNLL,

@@ -15,13 +15,13 @@ distribution) pass backward through the Jacobians (activations contribute σ' on
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from hsbench.curvature.tape import Backward, Tape, elementwise
+from hsbench.curvature.contracts import Elementwise, ParametrizedRule
+from hsbench.curvature.tape import Backward, Tape
 
 
-def backpropagate(
-    tape: Tape, method: str, samples: int, generator=None, per_sample: bool = False
-) -> Backward:
+def backpropagate(tape: Tape, method: str, samples: int, generator=None, per_sample: bool = False) -> Backward:
     """Gradient and ``ggn-mc`` or ``kfac`` diagonal (``samples`` Monte-Carlo vectors per example),
     keyed by parameter. The gradient travels as one more vector beside the sampled ones."""
     z, target, loss = tape.output, tape.target, tape.loss
@@ -29,16 +29,17 @@ def backpropagate(
     grad = scale * loss.grad(z, target).unsqueeze(1)
     factors = scale**0.5 * loss.mc_factor(z, target, samples, generator)
     v = torch.cat([grad, factors], 1).reshape(z.shape[0], samples + 1, *z.shape[1:])
-    grads, diags = {}, {}
+    grads: dict[Tensor, Tensor] = {}
+    diags: dict[Tensor, Tensor] = {}
     for step, need_input in tape.backward_steps():
-        if elementwise(step):
-            v.mul_(step.rule.derivatives(step.module, step.ctx)[0].unsqueeze(1))  # v is this pass's own
+        rule, module, ctx = step.rule, step.module, step.ctx
+        if isinstance(rule, Elementwise):
+            v.mul_(rule.derivatives(module, ctx)[0].unsqueeze(1))  # v is this pass's own
             continue
-        if step.has_parameters:
-            rule, module, ctx = step.rule, step.module, step.ctx
+        if isinstance(rule, ParametrizedRule) and step.has_parameters:
             step.accumulate(grads, rule.gradient(module, ctx, v[:, 0], per_sample))
             diagonal = rule.kfac if method == "kfac" else rule.squared_gradients
             step.accumulate(diags, diagonal(module, ctx, v[:, 1:], per_sample))
         if need_input:
-            v = step.rule.vjp(step.module, step.ctx, v)
+            v = rule.vjp(module, ctx, v)
     return Backward(grads, diags)

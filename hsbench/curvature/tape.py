@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from hsbench.curvature.contracts import Context, Elementwise, Rule
+from hsbench.curvature.contracts import Context, Elementwise, ModuleRule
 from hsbench.curvature.loss_rules import LossRule, loss_rule
 from hsbench.curvature.modules import layers
 
@@ -20,7 +21,7 @@ class Step:
 
     position: str
     module: nn.Module
-    rule: Rule
+    rule: ModuleRule
     ctx: Context
 
     def accumulate(self, into: dict[Tensor, Tensor], values: dict[str, Tensor]) -> None:
