@@ -84,29 +84,29 @@ def check_finite_loss(loss: Tensor, who: str) -> None:
         raise Diverged(f"{who}.backward: the loss is {loss.detach().cpu().tolist()}")
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite (one synchronization)."""
-    return not tensors or math.isfinite(torch.stack([_total(t) for t in tensors]).sum())
-
-
-def _total(t: Tensor) -> Tensor:
-    """The sum of ``t`` accumulated in float64: finite exactly when every entry is (float32
-    entries cannot overflow it; float64 ones only from about 1e304 on), so one pass without writes
-    checks finiteness, where ``torch.isfinite(t).all()`` costs several passes and a boolean tensor."""
-    return t.sum(dtype=torch.float64)
+def _all_finite(tensors: list[Tensor], sums: list[float] | None = None) -> bool:
+    """Whether every entry of every tensor is finite, from their sums (``sums``, else computed here
+    with one synchronization): a sum is finite whenever every entry is finite, and not finite
+    when one is not, unless finite entries overflow it; only then are the entries looked at. One
+    pass without writes, where ``torch.isfinite(t).all()`` costs several and a boolean tensor."""
+    if not tensors:
+        return True
+    if sums is None:
+        sums = torch.stack([t.sum() for t in tensors]).tolist()
+    return all(math.isfinite(s) for s in sums) or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _finiteness_witnesses(new: dict, move: Tensor, h_covers_move: bool) -> list[Tensor]:
-    """Sums (``_total``) that are all finite exactly when the new state ``new`` and ``move`` are.
+    """Tensors that are all finite exactly when the new state ``new`` and ``move`` are.
 
-    The new first moment m needs none of its own: −U = −α m̂ ⊘ (√v̂ + ε) has a non-finite entry
-    wherever m has one (an infinite numerator over any denominator, or NaN). A second moment v
-    does (an infinite v only zeroes the move). With step-size scaling the term Σ √v̂ ∘ U² of h is
-    non-finite wherever U or the HesScale second moment is, so it already witnesses both."""
+    The new first moment m needs no check of its own: −U = −α m̂ ⊘ (√v̂ + ε) has a non-finite
+    entry wherever m has one (an infinite numerator over any denominator, or NaN). A second moment
+    v does (an infinite v only zeroes the move). With step-size scaling the term Σ √v̂ ∘ U² of h
+    is non-finite wherever U or the HesScale second moment is, so it already witnesses both."""
     tensors = [new["exp_avg_grad_sq"]] if "exp_avg_grad_sq" in new else []  # Scaled Adam's preconditioner
     if not h_covers_move:
         tensors += [move, new["exp_avg_sq"]]
-    return [_total(t) for t in tensors]
+    return tensors
 
 
 def check_hyperparameters(hyper: dict) -> None:
@@ -188,7 +188,7 @@ class DiagonalAdam(torch.optim.Optimizer):
             )
         with flush_denormals():
             # first every new state and move, out of place; written only once all are finite
-            updates, sums, h_terms = [], [], []
+            updates, witnesses, h_terms = [], [], []
             for group in self.param_groups:
                 beta1, beta2 = group["betas"]
                 for p in group["params"]:
@@ -205,18 +205,21 @@ class DiagonalAdam(torch.optim.Optimizer):
                         second = old["exp_avg_grad_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
                         new["exp_avg_grad_sq"] = second
                     correction2 = math.sqrt(1 - beta2**t)
-                    denom = (second.sqrt() / correction2).add_(group["eps"])
-                    move = new["exp_avg"].div(denom).mul_(-group["lr"] / (1 - beta1**t))  # −U
-                    if self.trust_region is not None:
-                        curvature = new["exp_avg_sq"].sqrt()  # √v̂ (or √v) of the HesScale diagonal
-                        if self.trust_region_bias_correction:
-                            curvature.div_(correction2)
-                        h_terms.append(_total(curvature.mul_(move.square())))
-                    sums += _finiteness_witnesses(new, move, self.trust_region is not None)
+                    root = second.sqrt().div_(correction2)  # √v̂ of the preconditioner
+                    move = new["exp_avg"].div(root.add(group["eps"])).mul_(-group["lr"] / (1 - beta1**t))  # −U
+                    if self.trust_region is not None:  # h's term Σ √v̂ ∘ U², v̂ (or v) of the HesScale diagonal
+                        if self.precondition == "curvature" and self.trust_region_bias_correction:
+                            curvature = root  # the preconditioner's √v̂, already in hand
+                        else:
+                            curvature = new["exp_avg_sq"].sqrt()
+                            if self.trust_region_bias_correction:
+                                curvature.div_(correction2)
+                        h_terms.append(curvature.mul_(move.square()).sum())
+                    witnesses += _finiteness_witnesses(new, move, self.trust_region is not None)
                     updates.append((p, new, move))
-            values = torch.stack(h_terms + sums).tolist() if updates else []  # one synchronization
-            h = math.fsum(values[: len(h_terms)])
-            if not all(math.isfinite(v) for v in values):
+            sums = torch.stack(h_terms + [w.sum() for w in witnesses]).tolist() if updates else []  # one sync
+            h = math.fsum(sums[: len(h_terms)])
+            if not (math.isfinite(h) and _all_finite(witnesses, sums[len(h_terms) :])):
                 raise Diverged(f"{type(self).__name__}.step: the update is not finite; nothing was changed")
             scale = 1.0
             if self.trust_region is not None and h > 0:
