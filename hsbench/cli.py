@@ -148,7 +148,7 @@ def _spec(args: argparse.Namespace) -> Spec:
 
 def _counts(states) -> str:
     counts = collections.Counter(states)
-    return ", ".join(f"{counts[s]} {s}" for s in STATE_ORDER if counts[s]) or "nothing to run"
+    return ", ".join(f"{counts[s]} {s}" for s in STATE_ORDER + RARE_STATES if counts[s]) or "nothing to run"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
