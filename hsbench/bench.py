@@ -13,7 +13,9 @@ every optimizer's update, side by side in one process, as one table.
 * ``rl update``: one PPO minibatch update as ``hsbench.rl.ppo`` makes it (clipped surrogate of the
   actor and 0.5·MSE of the critic, then per network zero_grad, backward, step; one optimizer per
   network from ``hsbench.rl.training.make_optimizer``), minibatch 64, CleanRL's 2×64 tanh networks
-  at Hopper-v5's sizes, for Adam, AdaHesScale, Scaled AdaHesScale and Scaled Adam, divided by Adam's.
+  at Hopper-v5's sizes, for Adam, AdaHesScale, Scaled AdaHesScale and Scaled Adam, divided by Adam's;
+  on the CPU (as the RL kinds), ten times ``--rounds`` and ``--warmup`` calls (an update takes
+  about 2 ms; its spread is wide).
 
 Within each network all methods are interleaved round-robin in random order (``hsbench.timing``);
 the table gives the median and the interquartile range over ``--rounds`` calls after ``--warmup``.
@@ -158,7 +160,8 @@ def measure(args: argparse.Namespace) -> pd.DataFrame:
         del plain, extended  # free the optimizer states before the next network
     tasks, params = ppo_update_tasks(gen)
     label = f"PPO minibatch {MINIBATCH}: actor + critic, 2x64 tanh"
-    rows += rows_of("rl update", label, params, run(tasks), "adam")
+    times = interleaved(tasks, 10 * args.rounds, 10 * args.warmup, gen, torch.device("cpu"), args.clock)
+    rows += rows_of("rl update", label, params, times, "adam")
     return pd.DataFrame(rows)
 
 
