@@ -23,6 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from hsbench import data
+from hsbench.check import DEFAULT_ATOL, DEFAULT_RTOL, compare
 from hsbench.engine.kind import Field, run_device
 from hsbench.engine.provenance import git_revision
 from hsbench.engine.runner import DEFAULT_CHECKPOINT_INTERVAL_S, DEFAULT_DATA_DIR, RunOptions
@@ -96,11 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--experiments", type=Path, default=EXPERIMENTS_DIR, help="folder of specs (default: experiments/)")
     p.set_defaults(command=cmd_list)
 
-    def spec_command(name: str, help: str, command) -> argparse.ArgumentParser:
+    def spec_command(
+        name: str, help: str, command, results_help: str = "results folder (default: results/)"
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("spec", metavar="SPEC", help="experiment name (experiments/NAME.toml) or path to a spec")
         p.add_argument("--scale", default=DEFAULT_SCALE, help="named scale of the spec (default: default)")
-        p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results/)")
+        p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help=results_help)
         p.add_argument(
             "--max-runs",
             type=int,
@@ -111,24 +114,47 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(command=command)
         return p
 
+    def run_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--jobs", type=int, default=1, help="local worker processes (default: 1, in-process)")
+        p.add_argument(
+            "--checkpoint-every",
+            type=float,
+            default=DEFAULT_CHECKPOINT_INTERVAL_S,
+            metavar="SECONDS",
+            help=f"seconds between checkpoints of a long run (default: {DEFAULT_CHECKPOINT_INTERVAL_S:g})",
+        )
+        p.add_argument(
+            "--data-dir",
+            type=Path,
+            default=DEFAULT_DATA_DIR,
+            help="folder of the torchvision data sets (default: data/)",
+        )
+        p.add_argument("--device", help="torch device of the runs, e.g. cpu or cuda:1 (default: cuda if available)")
+
     p = spec_command("run", "run the spec's missing runs", cmd_run)
     p.add_argument("--executor", choices=("local", "slurm"), default="local")
-    p.add_argument("--jobs", type=int, default=1, help="local worker processes (default: 1, in-process)")
     p.add_argument("--wait", action="store_true", help="slurm: block with a progress bar until the array is done")
-    p.add_argument(
-        "--checkpoint-every",
-        type=float,
-        default=DEFAULT_CHECKPOINT_INTERVAL_S,
-        metavar="SECONDS",
-        help=f"seconds between checkpoints of a long run (default: {DEFAULT_CHECKPOINT_INTERVAL_S:g})",
-    )
-    p.add_argument(
-        "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder of the torchvision data sets (default: data/)"
-    )
-    p.add_argument("--device", help="torch device of the runs, e.g. cpu or cuda:1 (default: cuda if available)")
+    run_options(p)
     slurm = p.add_argument_group("SLURM parameters (override the spec's [slurm] table)")
     for name, field in SLURM_FIELDS.items():
         slurm.add_argument(f"--{name.replace('_', '-')}", type=field.type, help=field.doc)
+    p = spec_command(
+        "check",
+        "run the spec's missing runs locally into a fresh results folder and compare their metrics with "
+        "those of the same runs in a reference folder; exit 1 unless they agree (see hsbench.check)",
+        cmd_check,
+        results_help="the fresh results folder (default: a new temporary folder); runs already there are reused",
+    )
+    p.set_defaults(results=None, executor="local")
+    p.add_argument("--against", type=Path, required=True, metavar="DIR", help="reference results folder, e.g. results")
+    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance (default: {DEFAULT_RTOL:g})")
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=DEFAULT_ATOL,
+        help=f"differences this small count as none (default: {DEFAULT_ATOL:g})",
+    )
+    run_options(p)
     spec_command("status", "count ok / failed / diverged / pending / running / missing runs", cmd_status)
     p = spec_command("plot", "draw the experiment's figures from stored results into plots/", cmd_plot)
     p.add_argument(
@@ -293,6 +319,26 @@ def _check(field: Field, value, option: str):
         return field.check(value)
     except ValueError as e:
         raise UsageError(f"{option}: {e}") from None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    if not (args.rtol >= 0 and args.atol >= 0):
+        raise UsageError(f"--rtol {args.rtol} --atol {args.atol}: expected tolerances >= 0")
+    reference = Store(args.against, spec.name)
+    if not reference.runs_dir.is_dir():
+        raise UsageError(f"--against {args.against}: no records of {spec.name} in {reference.root}")
+    if args.results is None:
+        args.results = Path(tempfile.mkdtemp(prefix=f"hsbench-check-{spec.name}-"))
+    fresh = Store(args.results, spec.name)
+    if fresh.root.resolve() == reference.root.resolve():
+        raise UsageError(f"--results {args.results}: the reference folder itself; check needs a fresh one")
+    cmd_run(args)  # a failed run shows below as a status that differs
+    agreement = compare(spec.runs(args.scale, args.max_runs), fresh, reference, args.rtol, args.atol)
+    print(f"{spec.name} (scale {args.scale}): {fresh.root} against {reference.root}")
+    for line in agreement.lines():
+        print(f"  {line}")
+    return 0 if agreement.passed else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
