@@ -22,7 +22,7 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-from hsbench import data
+from hsbench import data, report
 from hsbench.check import DEFAULT_ATOL, DEFAULT_RTOL, compare
 from hsbench.engine.kind import Field, run_device
 from hsbench.engine.provenance import git_revision
@@ -383,8 +383,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     except OSError as e:  # the table is a by-product: plotting needs no write access to results/
         print(f"hsbench: note: compacted table not written ({e.strerror})", file=sys.stderr)
     outdir = args.plots if args.scale == DEFAULT_SCALE else args.plots / args.scale
-    for path in spec.kind.plot(df, spec, outdir):
+    outputs = spec.kind.plot(df, spec, outdir)
+    for path in outputs:
         print(path)
+    run_versions = (record["versions"] for record in map(store.read, df["run_id"]) if record is not None)
+    print(report.write(spec, args.scale, df, outputs, outdir, args.results, run_versions))
     return 0
 
 
