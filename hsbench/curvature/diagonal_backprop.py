@@ -13,7 +13,10 @@ from the diagonal w.r.t. the distribution's probabilities (see ``LossRule.bl89_d
 
 from __future__ import annotations
 
-from hsbench.curvature.tape import Backward, Tape, elementwise
+from torch import Tensor
+
+from hsbench.curvature.contracts import Elementwise, ParametrizedRule
+from hsbench.curvature.tape import Backward, Tape
 
 VARIANTS = ("hesscale", "hesscale-gn", "bl89")
 
@@ -31,21 +34,24 @@ def backpropagate(tape: Tape, variant: str, per_sample: bool = False) -> Backwar
         g, s = loss.grad_and_hessian_diagonal(z, target)
     g = (scale * g).reshape(z.shape[0], 1, *z.shape[1:])
     s = (scale * s).reshape(g.shape)
-    grads, diags = {}, {}
+    grads: dict[Tensor, Tensor] = {}
+    diags: dict[Tensor, Tensor] = {}
     for step, need_input in tape.backward_steps():
         module, rule, ctx = step.module, step.rule, step.ctx
-        if elementwise(step):
+        if isinstance(rule, Elementwise):
             d1, d2 = (d.unsqueeze(1) for d in rule.derivatives(module, ctx))
             s.mul_(d1).mul_(d1)  # in place: g and ŝ are this pass's own tensors
             if variant != "hesscale-gn":
                 s.addcmul_(d2, g)
             g.mul_(d1)
             continue
-        if step.has_parameters:  # the input and parameter parts of each pass in one call
+        if isinstance(rule, ParametrizedRule) and step.has_parameters:  # input and parameter parts in one call
             g_in, sums = rule.pullback(module, ctx, g, need_input, per_sample)
             step.accumulate(grads, sums)
             s_in, sums = rule.squared_pullback(module, ctx, s, need_input, per_sample)
             step.accumulate(diags, sums)
+            if g_in is None or s_in is None:  # need_input was False: the first module with parameters, the last step
+                break
             g, s = g_in, s_in
         elif need_input:
             g, s = rule.vjp(module, ctx, g), rule.vjp_squared(module, ctx, s)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from typing import Callable
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,8 @@ from hsbench.curvature.contracts import (
     Context,
     Elementwise,
     LinearMap,
+    ModuleRule,
     ParametrizedRule,
-    Rule,
     autograd_vjp,
     fold,
     unfold,
@@ -51,7 +52,7 @@ class Selection(LinearMap):
 class AvgPool(LinearMap):
     """Average pooling: row o of J has the constant entry c_o on the inputs of window o."""
 
-    def _row_weights(self, module: nn.Module, ctx: Context) -> Tensor:
+    def _row_weights(self, module: nn.AvgPool1d | nn.AvgPool2d | nn.AvgPool3d, ctx: Context) -> Tensor:
         """c_o = (Σ_i J_oi) / (number of real, non-padding inputs in window o); shape (1, *out[1:])."""
         ones = ctx.x.new_ones((1, *ctx.x.shape[1:]))
         spatial = ones.dim() - 2
@@ -81,7 +82,7 @@ class AvgPool(LinearMap):
 class MaxPool(LinearMap):
     """Max pooling: J selects, for every output, the input position of the window maximum."""
 
-    _pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+    _pool: ClassVar[dict[int, Callable]] = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
     def prepare(self, module):
         module.return_indices = True  # the forward hook records the indices and passes on the output
@@ -234,7 +235,7 @@ class Conv(WeightedMap):
         if module.padding == "valid":
             return (0,) * len(module.kernel_size)
         if module.padding == "same":
-            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
             if any(t % 2 for t in total):
                 raise ValueError("asymmetric padding='same' (even kernel) is not supported; pad with ZeroPad instead")
             return tuple(t // 2 for t in total)
@@ -264,8 +265,13 @@ class Conv(WeightedMap):
         if per_sample:  # each sample as its own group of a grouped convolution
             n = x.shape[0]
             weight = fn(
-                x.reshape(1, -1, *x.shape[2:]), (n * shape[0], *shape[1:]), v.reshape(1, -1, *v.shape[2:]),
-                stride, padding, dilation, groups * n,
+                x.reshape(1, -1, *x.shape[2:]),
+                (n * shape[0], *shape[1:]),
+                v.reshape(1, -1, *v.shape[2:]),
+                stride,
+                padding,
+                dilation,
+                groups * n,
             ).reshape(n, *shape)
         else:
             weight = fn(x, shape, v, stride, padding, dilation, groups)
@@ -283,8 +289,17 @@ class Conv(WeightedMap):
         stride, padding, dilation, groups = self._args(module)
         has_bias = module.bias is not None
         pulled, weight_part, bias_part = torch.ops.aten.convolution_backward(
-            v[:, 0], x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation,
-            False, [0] * len(stride), groups, [need_input, True, has_bias],
+            v[:, 0],
+            x,
+            weight,
+            [weight.shape[0]] if has_bias else None,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0] * len(stride),
+            groups,
+            [need_input, True, has_bias],
         )
         sums = {"weight": weight_part, **({"bias": bias_part} if has_bias else {})}
         return (pulled.unsqueeze(1) if need_input else None), sums
@@ -300,7 +315,11 @@ class Conv(WeightedMap):
         """(N, G, C_in/G * prod(kernel), T)."""
         c_in, kernel = x.shape[1], module.kernel_size
         size = math.prod(kernel)
-        one_hot = torch.eye(size, dtype=x.dtype, device=x.device).reshape(size, 1, *kernel).repeat(c_in, 1, *([1] * len(kernel)))
+        one_hot = (
+            torch.eye(size, dtype=x.dtype, device=x.device)
+            .reshape(size, 1, *kernel)
+            .repeat(c_in, 1, *([1] * len(kernel)))
+        )
         conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel)]
         stride, padding, dilation, _ = self._args(module)
         patches = conv(x, one_hot, None, stride, padding, dilation, c_in)  # (N, C_in * size, *out)
@@ -373,7 +392,7 @@ def _softplus(m, x, y):
     return d1, (m.beta * sig * (1 - sig)).mul_(smooth)
 
 
-RULES: dict[type, Rule] = {
+RULES: dict[type[nn.Module], ModuleRule] = {
     nn.Linear: Linear(),
     nn.Conv1d: Conv(),
     nn.Conv2d: Conv(),
@@ -402,7 +421,7 @@ RULES: dict[type, Rule] = {
 }
 
 
-def _rule_of(module: nn.Module, position: str) -> Rule:
+def _rule_of(module: nn.Module, position: str) -> ModuleRule:
     rule = RULES[type(module)]
     if any(True for _ in module.parameters(recurse=False)) and not isinstance(rule, ParametrizedRule):
         raise ValueError(
@@ -413,7 +432,7 @@ def _rule_of(module: nn.Module, position: str) -> Rule:
     return rule
 
 
-def layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, Rule]]:
+def layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, ModuleRule]]:
     """The leaves of a (nested) ``nn.Sequential`` with their positions and rules, in forward order.
 
     Raises ``ValueError`` naming the class and position of the first unsupported module."""
@@ -421,9 +440,10 @@ def layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, Rul
         return [("", model, _rule_of(model, ""))]
     if not isinstance(model, nn.Sequential):
         raise ValueError(
-            f"the curvature core needs an nn.Sequential (nesting allowed) of supported modules; got {type(model).__name__}"
+            "the curvature core needs an nn.Sequential (nesting allowed) of supported modules; "
+            f"got {type(model).__name__}"
         )
-    found = []
+    found: list[tuple[str, nn.Module, ModuleRule]] = []
     for name, child in model.named_children():
         position = f"{prefix}{name}"
         if isinstance(child, nn.Sequential):

@@ -41,7 +41,9 @@ def extend(module: nn.Module) -> nn.Module:
         for position, leaf, rule in layers(module):
             rule.prepare(leaf)
             leaf.register_forward_hook(_recorder(position, rule))
-    module._hsbench_extended = True
+    # an attribute (not a set of modules) so that a deepcopy, which copies the hooks, counts as extended too;
+    # torch types Module attributes as Tensor | Module
+    module._hsbench_extended = True  # type: ignore[assignment]
     return module
 
 

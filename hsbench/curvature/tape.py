@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from hsbench.curvature.contracts import Context, Elementwise, ModuleRule
+from hsbench.curvature.contracts import Context, ModuleRule
 from hsbench.curvature.loss_rules import LossRule, loss_rule
 from hsbench.curvature.modules import layers
 
@@ -80,7 +80,3 @@ class Backward(NamedTuple):
 
     gradients: dict[Tensor, Tensor]
     diagonals: dict[Tensor, Tensor]
-
-
-def elementwise(step: Step) -> bool:
-    return isinstance(step.rule, Elementwise)
