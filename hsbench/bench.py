@@ -65,14 +65,18 @@ def backward_tasks(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[s
         return lambda: diagonal(method, model, loss_fn, x, y)
 
     nothing = lambda: None  # noqa: E731
-    tasks = {GRADIENT: (nothing, gradient)}
+    tasks: dict[str, Task] = {GRADIENT: (nothing, gradient)}
     tasks |= {variant: (nothing, torch.no_grad()(ours(variant))) for variant in VARIANTS}
     tasks |= {method: (nothing, estimator(method)) for method in AUTOGRAD_METHODS}
     return tasks
 
 
-def update_networks(tiny: bool, batch_3c3d: int) -> list[tuple[str, Callable[[], nn.Module], Callable[[torch.Generator], tuple]]]:
-    """(label, network builder, batch maker) of the update benchmark."""
+UpdateNetwork = tuple[str, Callable[[], nn.Module], Callable[[torch.Generator], tuple]]
+"""(label, network builder, batch maker) of the update benchmark."""
+
+
+def update_networks(tiny: bool, batch_3c3d: int) -> list[UpdateNetwork]:
+    """The networks of the update benchmark (``tiny``: the smallest of each panel only)."""
 
     def mlp_batch(classes: int) -> Callable[[torch.Generator], tuple]:
         return lambda gen: (torch.randn(1, INPUTS, generator=gen), torch.randint(classes, (1,), generator=gen))
@@ -84,8 +88,12 @@ def update_networks(tiny: bool, batch_3c3d: int) -> list[tuple[str, Callable[[],
         return x, torch.randint(problem.classes, (batch_3c3d,), generator=gen)
 
     outputs, depths = ((16,), (1,)) if tiny else ((16, 512), (8, 32))
-    found = [(f"fig. 8(a), {o} outputs, batch 1", lambda o=o: panel_network("a", o), mlp_batch(o)) for o in outputs]
-    found += [(f"fig. 8(b), depth {d}, batch 1", lambda d=d: panel_network("b", d), mlp_batch(OUTPUTS_B)) for d in depths]
+
+    def panel(name: str, size: int) -> Callable[[], nn.Module]:
+        return lambda: panel_network(name, size)
+
+    found: list[UpdateNetwork] = [(f"fig. 8(a), {o} outputs, batch 1", panel("a", o), mlp_batch(o)) for o in outputs]
+    found += [(f"fig. 8(b), depth {d}, batch 1", panel("b", d), mlp_batch(OUTPUTS_B)) for d in depths]
     found.append((f"cifar100_3c3d (ELU), batch {batch_3c3d}", lambda: problem.model("elu"), cifar_batch))
     return found
 
@@ -184,7 +192,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=30, help="timed calls of every method (default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls of every method first (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a shared machine)")
-    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall", help="wall (perf_counter) or cpu (process CPU time)")
+    p.add_argument(
+        "--clock", choices=tuple(CLOCKS), default="wall", help="wall (perf_counter) or cpu (process CPU time)"
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--batch-3c3d", type=int, default=32, help="batch size of the cifar100_3c3d update (default 32)")
     p.add_argument("--tiny", action="store_true", help="smallest networks only (a quick check that everything runs)")

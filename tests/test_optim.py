@@ -65,8 +65,15 @@ def adam_style_by_hand(
 def test_two_steps_match_the_update_by_hand(name, conv):
     model, loss_fn, x, y = small_problem(conv=conv)
     expected = adam_style_by_hand(
-        copy.deepcopy(model), loss_fn, x, y,
-        lambda mdl: diagonal(CURVATURE[name], mdl, loss_fn, x, y), steps=2, lr=0.05, weight_decay=0.01, seed=7,
+        copy.deepcopy(model),
+        loss_fn,
+        x,
+        y,
+        lambda mdl: diagonal(CURVATURE[name], mdl, loss_fn, x, y),
+        steps=2,
+        lr=0.05,
+        weight_decay=0.01,
+        seed=7,
     )
     opt = make(name, model.parameters(), lr=0.05, weight_decay=0.01)
     train_steps(opt, model, loss_fn, x, y, 2, seed=7)
@@ -181,8 +188,10 @@ def algorithm3_by_hand(model, loss_fn, x, y, steps, lr, radius, precondition, be
 
 
 SOMETIMES_BINDING = {  # a trust-region radius Δ with η < 1 at some of the steps below, η = 1 at others
-    ("scaled-adahesscale", True): 3e-3, ("scaled-adam", True): 3e-3,
-    ("scaled-adahesscale", False): 1e-3, ("scaled-adam", False): 5e-4,
+    ("scaled-adahesscale", True): 3e-3,
+    ("scaled-adam", True): 3e-3,
+    ("scaled-adahesscale", False): 1e-3,
+    ("scaled-adam", False): 5e-4,
 }
 
 
@@ -292,8 +301,6 @@ def test_divergence_raises_before_changing_parameters_or_state(name):
     assert issubclass(Diverged, FloatingPointError)
 
 
-
-
 def test_step_without_backward_is_an_error():
     model, loss_fn, x, y = small_problem()
     opt = make("adahesscale", model.parameters())
@@ -338,9 +345,15 @@ def test_unsupported_module_is_rejected_at_extend():
 
 @pytest.mark.parametrize(
     "hyper,field",
-    [({"lr": -1.0}, "lr"), ({"betas": (1.0, 0.9)}, r"betas\[0\]"), ({"betas": (0.9, -0.1)}, r"betas\[1\]"),
-     ({"eps": -1e-8}, "eps"), ({"trust_region": 0.0}, "trust_region"), ({"weight_decay": -1}, "weight_decay"),
-     ({"momentum_typo": 0.9}, "momentum_typo")],
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"betas": (1.0, 0.9)}, r"betas\[0\]"),
+        ({"betas": (0.9, -0.1)}, r"betas\[1\]"),
+        ({"eps": -1e-8}, "eps"),
+        ({"trust_region": 0.0}, "trust_region"),
+        ({"weight_decay": -1}, "weight_decay"),
+        ({"momentum_typo": 0.9}, "momentum_typo"),
+    ],
 )
 def test_invalid_hyperparameters_name_the_argument(hyper, field):
     model, *_ = small_problem()

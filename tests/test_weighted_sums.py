@@ -140,8 +140,12 @@ def test_constants_signs_and_repeated_terms():
     (pg, entropy), x = terms(1)
     z = pg[0](x)
     loss = recorded(pg, x, z) - 0.01 * recorded(entropy, x, z)
-    expected = combine([(1.0, loss_diagonals(recorded(pg, x, z), "exact").diagonals),
-                        (-0.01, loss_diagonals(recorded(entropy, x, z), "exact").diagonals)])
+    expected = combine(
+        [
+            (1.0, loss_diagonals(recorded(pg, x, z), "exact").diagonals),
+            (-0.01, loss_diagonals(recorded(entropy, x, z), "exact").diagonals),
+        ]
+    )
     assert_same(loss_diagonals(loss, "exact").diagonals, expected)
     assert_same(loss_diagonals(-l1 / 4 + l1 + 3, "hesscale").diagonals, combine([(0.75, d1)]))
     assert_same(loss_diagonals(0.5 * l2, "exact").diagonals, combine([(0.5, loss_diagonals(l2, "exact").diagonals)]))
@@ -199,7 +203,6 @@ def test_one_optimizer_over_actor_and_critic_equals_one_per_network(name):
     for p, q in zip(together_params, [*twin_actor.parameters(), *twin_critic.parameters()], strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
     assert not torch.equal(actor[0].weight, actor_critic()[0][0].weight)  # the steps moved it
-
 
 
 def test_losses_sharing_an_output_leave_no_reference_cycle():

@@ -2,7 +2,10 @@
 
 An update is the whole training step, the same for every optimizer::
 
-    opt.zero_grad(); loss = loss_fn(model(x), y); opt.backward(loss); opt.step()
+    opt.zero_grad()
+    loss = loss_fn(model(x), y)
+    opt.backward(loss)
+    opt.step()
 
 so it holds the forward pass, the backward pass of first- and second-order information and the
 parameter update; Adam and SGD are ``torch.optim.Adam`` / ``SGD`` with their defaults and a
@@ -22,7 +25,7 @@ number of parameters of each network), ``torch_threads``, and per optimizer the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +91,7 @@ def update_tasks(
 def _restorer(model: nn.Module, initial: list[torch.Tensor]) -> Callable[[], None]:
     @torch.no_grad()
     def restore() -> None:
-        for p, p0 in zip(model.parameters(), initial):
+        for p, p0 in zip(model.parameters(), initial, strict=True):
             p.copy_(p0)
 
     return restore
@@ -101,18 +104,32 @@ def _updater(model: nn.Module, loss_fn: nn.Module, opt: Optimizer, x, y) -> Call
 class UpdateTime(ExperimentKind):
     name = "update-time"
     description = "update time of every optimizer vs the number of parameters (figure 8)"
-    fields = {
-        "panel": Field(str, "'a': outputs 2^4 … max_outputs, one hidden layer; 'b': 1 … max_depth hidden layers, 100 outputs", default="a", choices=("a", "b")),
-        "max_outputs": Field(int, "largest number of outputs of panel a", default=512, choices=powers_of_two(FIRST_OUTPUTS, 4096)),
-        "max_depth": Field(int, "largest number of hidden layers of panel b", default=128, choices=powers_of_two(1, 1024)),
+    fields: Mapping[str, Field] = {
+        "panel": Field(
+            str,
+            "'a': outputs 2^4 … max_outputs, one hidden layer; 'b': 1 … max_depth hidden layers, 100 outputs",
+            default="a",
+            choices=("a", "b"),
+        ),
+        "max_outputs": Field(
+            int, "largest number of outputs of panel a", default=512, choices=powers_of_two(FIRST_OUTPUTS, 4096)
+        ),
+        "max_depth": Field(
+            int, "largest number of hidden layers of panel b", default=128, choices=powers_of_two(1, 1024)
+        ),
         "batch_size": Field(int, "examples per update", default=1, low=1),
         "updates": Field(int, "timed updates per optimizer and network", default=30, low=2),
         "warmup": Field(int, "untimed updates per optimizer and network before the timed ones", default=5, low=0),
         "threads": Field(int, "torch threads during the run (1: stable timings on a shared machine)", default=1, low=1),
-        "clock": Field(str, "'wall' (perf_counter) or 'cpu' (CPU time of the process; CPU devices only)", default="wall", choices=tuple(CLOCKS)),
+        "clock": Field(
+            str,
+            "'wall' (perf_counter) or 'cpu' (CPU time of the process; CPU devices only)",
+            default="wall",
+            choices=tuple(CLOCKS),
+        ),
     }
 
-    def run(self, settings: dict[str, Any], ctx) -> dict[str, Any]:
+    def run(self, settings: Mapping[str, Any], ctx) -> dict[str, Any]:
         device = torch.device(ctx.device)
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(settings["threads"])
@@ -121,7 +138,7 @@ class UpdateTime(ExperimentKind):
         finally:
             torch.set_num_threads(previous_threads)
 
-    def _measure(self, settings: dict[str, Any], device: torch.device, seed: int) -> dict[str, Any]:
+    def _measure(self, settings: Mapping[str, Any], device: torch.device, seed: int) -> dict[str, Any]:
         panel, batch = settings["panel"], settings["batch_size"]
         sizes = panel_sizes(panel, settings["max_outputs"], settings["max_depth"])
         names = list(OPTIMIZERS)
@@ -170,7 +187,7 @@ def ratio_table(panel: str, ok: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for batch, runs in ok.groupby("batch_size"):
         med = medians(runs)
-        for i, (size, params) in enumerate(zip(runs["sizes"].iloc[0], runs["params"].iloc[0])):
+        for i, (size, params) in enumerate(zip(runs["sizes"].iloc[0], runs["params"].iloc[0], strict=True)):
             row = {"batch": batch, "outputs" if panel == "a" else "depth": size, "params": f"{params:,}"}
             row["adam ms"] = round(1e3 * med["adam"][i], 3)
             row |= {name: round(med[name][i] / med["adam"][i], 2) for name in OPTIMIZERS if name != "adam"}
@@ -183,7 +200,7 @@ def panel_figure(panel: str, rows: pd.DataFrame) -> Figure:
     batches = sorted(rows["batch_size"].unique())
     fig = Figure(figsize=(10, 3.6 * len(batches)), layout="constrained")
     axes = fig.subplots(len(batches), 2, squeeze=False)
-    for (ax_time, ax_ratio), batch in zip(axes, batches):
+    for (ax_time, ax_ratio), batch in zip(axes, batches, strict=True):
         runs = rows[rows["batch_size"] == batch]
         params = np.array(runs["params"].iloc[0])
         med = medians(runs)
