@@ -32,7 +32,9 @@ def test_pre_activation_hessians_match_autograd():
             torch.testing.assert_close(found[layer][n], expected)
 
 
-@pytest.mark.parametrize("spec,files", [("table1", ["table1.md", "table1.csv"]), ("figure3", ["figure3.png", "figure3.pdf", "figure3.md"])])
+@pytest.mark.parametrize(
+    "spec,files", [("table1", ["table1.md", "table1.csv"]), ("figure3", ["figure3.png", "figure3.pdf", "figure3.md"])]
+)
 def test_smoke_scale_runs_and_plots(spec, files, tmp_path, capsys):
     args = ["--scale", "smoke", "--results", str(tmp_path / "results")]
     assert main(["run", spec, *args]) == 0

@@ -29,7 +29,6 @@ def test_smoke_scale_runs_and_plots(spec, tmp_path):
         assert (tmp_path / "plots" / "smoke" / f"{stem}{suffix}").stat().st_size > 1000
 
 
-
 def test_torchvision_mnist_from_a_data_directory_and_a_clear_error_without(tmp_path):
     from fake_data import N_TRAIN, write_mnist
 
@@ -37,7 +36,7 @@ def test_torchvision_mnist_from_a_data_directory_and_a_clear_error_without(tmp_p
 
     write_mnist(tmp_path)
     x, y, source = mnist_like("mnist", tmp_path)
-    assert x.shape == (N_TRAIN, 1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 1 and y.shape == (N_TRAIN,)
+    assert x.shape == (N_TRAIN, 1, 28, 28) and float(x.min()) >= 0 and float(x.max()) <= 1 and y.shape == (N_TRAIN,)
     assert str(tmp_path) in source
     with pytest.raises(FileNotFoundError, match=r"emnist not found in .*hsbench download emnist --data-dir"):
         mnist_like("emnist", tmp_path / "missing")
@@ -85,5 +84,3 @@ def test_norm_diag_is_the_mean_l1_norm_of_the_exact_diagonal_along_the_sgd_run()
     torch.testing.assert_close(found, layers / examples, rtol=1e-10, atol=0)
     assert metrics["norm_diag"] == pytest.approx(float(layers.sum()) / examples, rel=1e-10)
     assert len(set(order.tolist())) > 1  # the run meets more than one example
-
-

@@ -15,6 +15,7 @@ errors are also stored per block of b SGD steps (``trace_iterations``: each bloc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from hsbench.engine.kind import ExperimentKind, Field
 from hsbench.experiments.networks import INITS, mlp, small_cnn
 from hsbench.experiments.plotting import mark_epochs, save_figure, save_markdown
 from hsbench.optim import make, train_step
+
 
 def compared_methods(mc_large: int) -> dict[str, tuple[str, int]]:
     """The paper's methods as labels -> (curvature method, Monte-Carlo samples)."""
@@ -49,13 +51,15 @@ def compared_methods(mc_large: int) -> dict[str, tuple[str, int]]:
     }
 
 
-def build_model(settings: dict[str, Any], inputs: int, classes: int) -> nn.Sequential:
+def build_model(settings: Mapping[str, Any], inputs: int, classes: int) -> nn.Sequential:
     if settings["model"] == "mlp":
         return mlp(inputs, settings["width"], settings["depth"], classes, settings["activation"], settings["init"])
     return small_cnn(classes, settings["activation"])
 
 
-def load_examples(settings: dict[str, Any], data_dir, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
+def load_examples(
+    settings: Mapping[str, Any], data_dir, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, str]:
     if settings["data"] == "random":  # the workshop paper's random-data setting
         count = max(settings["examples"], 1)
         x = torch.randn(count, settings["inputs"], generator=generator)
@@ -67,31 +71,37 @@ def load_examples(settings: dict[str, Any], data_dir, generator: torch.Generator
 class ApproxQuality(ExperimentKind):
     name = "approx-quality"
     description = "L1 error of every Hessian-diagonal method against the exact diagonal along an SGD run (figure 2)"
-    fields = {
+    fields: Mapping[str, Field] = {
         "data": Field(
-            str, "'mnist-embedded' (no download), 'mnist' (torchvision, from --data-dir) or 'random'",
-            default="mnist-embedded", choices=("mnist-embedded", "mnist", "random"),
+            str,
+            "'mnist-embedded' (no download), 'mnist' (torchvision, from --data-dir) or 'random'",
+            default="mnist-embedded",
+            choices=("mnist-embedded", "mnist", "random"),
         ),
         "model": Field(str, "network: 'mlp' or 'cnn'", default="mlp", choices=("mlp", "cnn")),
         "width": Field(int, "hidden units per layer (mlp)", default=32, low=1),
         "depth": Field(int, "hidden layers (mlp)", default=3, low=1),
         "activation": Field(str, "hidden activation", default="tanh", choices=tuple(ACTIVATIONS)),
-        "init": Field(str, "initialization (mlp; the cnn is Kaiming with zero biases)", default="kaiming", choices=INITS),
+        "init": Field(
+            str, "initialization (mlp; the cnn is Kaiming with zero biases)", default="kaiming", choices=INITS
+        ),
         "inputs": Field(int, "input dimension of random data", default=6, low=1),
         "classes": Field(int, "classes of random data", default=10, low=2),
         "examples": Field(int, "examples per initialization (SGD steps of batch size 1)", default=1000, low=1),
         "sgd_lr": Field(float, "SGD step size of the run along which examples are met", default=0.01, low=0.0),
         "mc_large": Field(int, "Monte-Carlo samples of the many-sample variants", default=50, low=2),
         "measure_every": Field(int, "estimate at every k-th example met (the run trains on all)", default=1, low=1),
-        "record_every": Field(int, "also store mean errors per block of this many SGD steps (0: none)", default=0, low=0),
+        "record_every": Field(
+            int, "also store mean errors per block of this many SGD steps (0: none)", default=0, low=0
+        ),
     }
 
     devices = ("cpu",)  # float64 on the CPU, whatever --device says
 
-    def required_data(self, settings: dict[str, Any]) -> list[str]:
+    def required_data(self, settings: Mapping[str, Any]) -> list[str]:
         return [settings["data"]] if settings["data"] in TORCHVISION else []
 
-    def run(self, settings: dict[str, Any], ctx) -> dict[str, Any]:
+    def run(self, settings: Mapping[str, Any], ctx) -> dict[str, Any]:
         data_gen = torch.Generator().manual_seed(ctx.seed)
         x_all, y_all, provenance = load_examples(settings, ctx.data_dir, data_gen)
         classes = settings["classes"] if settings["data"] == "random" else int(y_all.max()) + 1
@@ -136,10 +146,22 @@ class ApproxQuality(ExperimentKind):
                     counts[i // block] += 1
             train_step(sgd, model, loss_fn, x, y)
             if ctx.checkpoint_due():
-                ctx.save_checkpoint({"model": model.state_dict(), "mc_generator": mc_gen.get_state(), "sums": sums,
-                                     "done": i + 1, "trace": trace, "counts": counts})
+                ctx.save_checkpoint(
+                    {
+                        "model": model.state_dict(),
+                        "mc_generator": mc_gen.get_state(),
+                        "sums": sums,
+                        "done": i + 1,
+                        "trace": trace,
+                        "counts": counts,
+                    }
+                )
         means = sums / len(range(0, settings["examples"], every))
-        metrics: dict[str, Any] = {"data_source": provenance, "norm_diag": float(means[0].sum()), "norm_diag_layers": means[0].tolist()}
+        metrics: dict[str, Any] = {
+            "data_source": provenance,
+            "norm_diag": float(means[0].sum()),
+            "norm_diag_layers": means[0].tolist(),
+        }
         for row, label in enumerate(requests):
             if row:
                 metrics[f"l1/{label}"] = float(means[row].sum())
@@ -157,11 +179,15 @@ class ApproxQuality(ExperimentKind):
         if ok.empty:
             return []
         if "trace_iterations" in ok.columns and ok["trace_iterations"].notna().all():
-            return training_plots(ok, [c for c in self.fields if c in ok.columns and ok[c].nunique() > 1], spec.name, outdir)
-        labels = [c[len("l1/"):] for c in ok.columns if c.startswith("l1/")]
+            return training_plots(
+                ok, [c for c in self.fields if c in ok.columns and ok[c].nunique() > 1], spec.name, outdir
+            )
+        labels = [c[len("l1/") :] for c in ok.columns if c.startswith("l1/")]
         normalized = pd.DataFrame({label: ok[f"l1/{label}"] / ok["l1/hesscale"] for label in labels})
         reference = ok["norm_diag"] / ok["l1/hesscale"]
-        caption = f"{len(ok)} initializations x {int(ok['examples'].iloc[0])} examples; data: {ok['data_source'].iloc[0]}"
+        caption = (
+            f"{len(ok)} initializations x {int(ok['examples'].iloc[0])} examples; data: {ok['data_source'].iloc[0]}"
+        )
         name = spec.name + ("-" if "-" in spec.name else "")
         return [
             *save_figure(_normalized_figure(normalized, reference, ok["seed"], caption), outdir, f"{name}a"),
@@ -182,7 +208,7 @@ def _normalized_figure(normalized: pd.DataFrame, reference: pd.Series, seeds: pd
         ax.scatter(i + jitter, normalized[label], c=np.arange(len(seeds)), cmap=cmap, norm=norm, s=14, alpha=0.8)
     bar = fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.01, aspect=30)
     ticks = np.unique(np.linspace(0, len(seeds) - 1, min(len(seeds), 6)).round().astype(int))
-    bar.set_ticks(ticks, labels=[str(seeds.iloc[k]) for k in ticks])
+    bar.set_ticks(ticks.tolist(), labels=[str(seeds.iloc[k]) for k in ticks])
     bar.set_label("initialization (seed); dots left to right", fontsize=8)
     ax.axhline(1.0, color="k", lw=1, label="HesScale")
     ax.axhline(float(reference.mean()), color="gray", ls="--", lw=1, label="|diag(H)|")
@@ -209,7 +235,9 @@ def _layer_figure(ok: pd.DataFrame, labels: list[str], caption: str) -> Figure:
     ax.set_ylim(bottom=np.median(values) * 1e-4)  # rounding-level errors (exact methods) draw no bar
     ax.set_xticks(range(layers), [f"layer {k + 1}" for k in range(layers)])
     ax.set_ylabel("mean L1 error")
-    ax.set_title(f"Layer-wise L1 error (no bar: exact, as HesScale(GN) and GGN at the last layer)\n{caption}", fontsize=9)
+    ax.set_title(
+        f"Layer-wise L1 error (no bar: exact, as HesScale(GN) and GGN at the last layer)\n{caption}", fontsize=9
+    )
     fig.legend(fontsize=7, loc="outside right upper")
     return fig
 
@@ -227,7 +255,7 @@ def training_plots(ok: pd.DataFrame, varying: list[str], name: str, outdir: Path
     SGD steps (block centres, log axis), mean ± standard error over runs, epochs on the top axis;
     the normalized errors of the first and last block in ``<name>.md``, all of them in ``<name>.csv``."""
     groups = list(ok.groupby(varying, sort=False)) if varying else [((), ok)]
-    labels = [c[len("l1_trace/"):] for c in ok.columns if c.startswith("l1_trace/")]
+    labels = [c[len("l1_trace/") :] for c in ok.columns if c.startswith("l1_trace/")]
     colors = plt_colors(len(labels))
     fig = Figure(figsize=(13, 3.8 * len(groups)), layout="constrained")
     axes = fig.subplots(len(groups), 2, squeeze=False)
@@ -239,7 +267,9 @@ def training_plots(ok: pd.DataFrame, varying: list[str], name: str, outdir: Path
         per_epoch = float(runs["train_size"].iloc[0])
         hesscale = np.array(runs["l1_trace/hesscale"].tolist())
         for ax, normalize in zip(axes[row], (True, False), strict=True):
-            curves = [(label, np.array(runs[f"l1_trace/{label}"].tolist()), colors[i], "-") for i, label in enumerate(labels)]
+            curves = [
+                (label, np.array(runs[f"l1_trace/{label}"].tolist()), colors[i], "-") for i, label in enumerate(labels)
+            ]
             curves.append(("|diag(H)|", np.array(runs["norm_diag_trace"].tolist()), "gray", "--"))
             for label, values, color, style in curves:
                 values = values / hesscale if normalize else values  # runs x blocks
@@ -248,24 +278,41 @@ def training_plots(ok: pd.DataFrame, varying: list[str], name: str, outdir: Path
                 ax.plot(centre, mean, style, color=color, label=label)
                 ax.fill_between(centre, mean - se, mean + se, color=color, alpha=0.2)
                 if normalize:
-                    rows += [{"setting": setting, "step": int(steps[b]), "epochs": round(steps[b] / per_epoch, 2),
-                              "method": label, "ratio": round(float(mean[b]), 3), "se": round(float(se[b]), 3)}
-                             for b in range(len(steps))]
+                    rows += [
+                        {
+                            "setting": setting,
+                            "step": int(steps[b]),
+                            "epochs": round(steps[b] / per_epoch, 2),
+                            "method": label,
+                            "ratio": round(float(mean[b]), 3),
+                            "se": round(float(se[b]), 3),
+                        }
+                        for b in range(len(steps))
+                    ]
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("SGD steps (batch size 1)")
             mark_epochs(ax, per_epoch, centre[-1])
             ax.set_ylabel("L1 error / HesScale's" if normalize else "mean L1 error")
-            ax.set_title(("Normalized" if normalize else "Absolute") + f" L1 error per block of steps; {setting}", fontsize=8, pad=10)
+            ax.set_title(
+                ("Normalized" if normalize else "Absolute") + f" L1 error per block of steps; {setting}",
+                fontsize=8,
+                pad=10,
+            )
         if row == 0:
             axes[row, 1].legend(fontsize=6, ncol=2)
-    fig.suptitle(f"Approximation quality during training, mean ± standard error over runs; data: {ok['data_source'].iloc[0]}", fontsize=9)
+    fig.suptitle(
+        f"Approximation quality during training, mean ± standard error over runs; data: {ok['data_source'].iloc[0]}",
+        fontsize=9,
+    )
     table = pd.DataFrame(rows)
     paths = [*save_figure(fig, outdir, name), outdir / f"{name}.csv"]
     table.to_csv(paths[-1], index=False)
     ends = table[table["step"].isin([table["step"].min(), table["step"].max()])]
     wide = ends.pivot_table(index=["setting", "method"], columns="step", values="ratio", sort=False).reset_index()
-    wide.columns = [c if isinstance(c, str) else f"steps {c}–{c + int(ok['record_every'].iloc[0]) - 1}" for c in wide.columns]
+    wide.columns = [
+        c if isinstance(c, str) else f"steps {c}–{c + int(ok['record_every'].iloc[0]) - 1}" for c in wide.columns
+    ]
     caption = "L1 error / HesScale's L1 error in the first and the last block of SGD steps, mean over runs"
     paths.append(save_markdown(caption + "\n\n" + wide.to_markdown(index=False) + "\n", outdir, name))
     return paths

@@ -18,6 +18,7 @@ trained on and the same is measured on ``eval_examples`` of them (overfitting).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from hsbench import optim
 from hsbench.activations import ACTIVATIONS
 from hsbench.curvature import extend
 from hsbench.curvature.hessian_backprop import output_hessians
@@ -35,7 +37,6 @@ from hsbench.data import MNIST_LIKE, TORCHVISION, mnist_like
 from hsbench.engine.kind import Diverged, ExperimentKind, Field
 from hsbench.experiments.networks import INITS, mlp
 from hsbench.experiments.plotting import mark_epochs, save_figure, save_markdown
-from hsbench import optim
 
 
 def rho(a: Tensor) -> Tensor:
@@ -63,32 +64,44 @@ def record_iterations(iterations: int, points: int) -> list[int]:
 
 class DiagDominance(ExperimentKind):
     name = "diag-dominance"
-    description = "diagonal dominance of the Hessians w.r.t. hidden pre-activations before/after training (table 1, figure 3)"
-    fields = {
+    description = (
+        "diagonal dominance of the Hessians w.r.t. hidden pre-activations before/after training (table 1, figure 3)"
+    )
+    fields: Mapping[str, Field] = {
         "data": Field(
-            str, "'mnist-embedded' (no download), or torchvision's 'mnist' / 'emnist' (from --data-dir)",
-            default="mnist-embedded", choices=MNIST_LIKE,
+            str,
+            "'mnist-embedded' (no download), or torchvision's 'mnist' / 'emnist' (from --data-dir)",
+            default="mnist-embedded",
+            choices=MNIST_LIKE,
         ),
         "width": Field(int, "units per hidden layer", default=128, low=1),
         "depth": Field(int, "hidden layers", default=4, low=1),
         "activation": Field(str, "hidden activation", default="tanh", choices=tuple(ACTIVATIONS)),
         "init": Field(str, "weight initialization", default="torch-default", choices=INITS),
-        "optimizer": Field(str, "training optimizer (hsbench.optim name)", default="sgd", choices=lambda: tuple(optim.OPTIMIZERS)),
+        "optimizer": Field(
+            str, "training optimizer (hsbench.optim name)", default="sgd", choices=lambda: tuple(optim.OPTIMIZERS)
+        ),
         "lr": Field(float, "training step size", default=0.01, low=0.0),
         "iterations": Field(int, "training iterations", default=10000, low=0),
         "batch_size": Field(int, "training batch size", default=32, low=1),
-        "eval_examples": Field(int, "examples whose Hessians are measured before and after training", default=32, low=1),
+        "eval_examples": Field(
+            int, "examples whose Hessians are measured before and after training", default=32, low=1
+        ),
         "store_matrices": Field(bool, "keep the first example's matrices (figure 3 heat maps)", default=False),
-        "record_points": Field(int, "also measure at 0 and this many log-spaced iterations during training", default=0, low=0),
-        "held_out": Field(int, "last examples of the data set never trained on, measured during training", default=0, low=0),
+        "record_points": Field(
+            int, "also measure at 0 and this many log-spaced iterations during training", default=0, low=0
+        ),
+        "held_out": Field(
+            int, "last examples of the data set never trained on, measured during training", default=0, low=0
+        ),
     }
 
     devices = ("cpu",)  # trained and measured on the CPU, whatever --device says
 
-    def required_data(self, settings: dict[str, Any]) -> list[str]:
+    def required_data(self, settings: Mapping[str, Any]) -> list[str]:
         return [settings["data"]] if settings["data"] in TORCHVISION else []
 
-    def run(self, settings: dict[str, Any], ctx) -> dict[str, Any]:
+    def run(self, settings: Mapping[str, Any], ctx) -> dict[str, Any]:
         x_all, y_all, provenance = mnist_like(settings["data"], ctx.data_dir)
         if not 0 <= settings["held_out"] < len(y_all):
             raise ValueError(f"held_out = {settings['held_out']} leaves no training example of {len(y_all)}")
@@ -97,7 +110,9 @@ class DiagDominance(ExperimentKind):
         classes = int(torch.cat([y_all, y_test]).max()) + 1
         gen = torch.Generator().manual_seed(ctx.seed)
         torch.manual_seed(ctx.seed)
-        model = mlp(x_all[0].numel(), settings["width"], settings["depth"], classes, settings["activation"], settings["init"])
+        model = mlp(
+            x_all[0].numel(), settings["width"], settings["depth"], classes, settings["activation"], settings["init"]
+        )
         loss_fn = nn.CrossEntropyLoss()
         evaluation = torch.randint(0, len(y_all), (settings["eval_examples"],), generator=gen)
         x_eval, y_eval = x_all[evaluation].double(), y_all[evaluation]
@@ -153,12 +168,15 @@ class DiagDominance(ExperimentKind):
         if ok.empty:
             return []
         if "record_iterations" in ok.columns and ok["record_iterations"].notna().all():
-            return training_plots(ok, [c for c in self.fields if c in ok.columns and ok[c].nunique() > 1], spec.name, outdir)
+            return training_plots(
+                ok, [c for c in self.fields if c in ok.columns and ok[c].nunique() > 1], spec.name, outdir
+            )
         table = rho_table(ok)
         spread = f"mean ± standard error over {len(ok)} runs" if len(ok) > 1 else "one run (no standard error)"
+        width = int(ok["width"].iloc[0])
         caption = (
             f"Diagonal dominance ρ, {spread}; data: {ok['data_source'].iloc[0]}; "
-            f"random Gaussian {int(ok['width'].iloc[0])}×{int(ok['width'].iloc[0])} matrix: ρ = {ok['rho_random'].mean():.3f}"
+            f"random Gaussian {width}×{width} matrix: ρ = {ok['rho_random'].mean():.3f}"
         )
         paths = [save_markdown(caption + "\n\n" + table.to_markdown(index=False) + "\n", outdir, spec.name)]
         paths.append(outdir / f"{spec.name}.csv")
@@ -215,7 +233,9 @@ def heat_maps(run: pd.Series, caption: str) -> Figure:
             axes[row, k].set_xticks([])
             axes[row, k].set_yticks([])
         fig.colorbar(image, ax=axes[row, -1], shrink=0.8)
-    fig.suptitle("|Hessian of the loss w.r.t. pre-activations| of one example (red small, blue large)\n" + caption, fontsize=8)
+    fig.suptitle(
+        "|Hessian of the loss w.r.t. pre-activations| of one example (red small, blue large)\n" + caption, fontsize=8
+    )
     return fig
 
 
@@ -244,12 +264,21 @@ def training_plots(ok: pd.DataFrame, varying: list[str], name: str, outdir: Path
                     continue
                 values = np.array(runs[f"{prefix}{panel}"].tolist(), dtype=float)  # runs x points (x layers)
                 values = values if values.ndim == 3 else values[..., None]
-                mean, se = values.mean(0), values.std(0, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0 * values[0]
+                mean, se = (
+                    values.mean(0),
+                    values.std(0, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0 * values[0],
+                )
                 for layer in range(mean.shape[1]):
-                    tag = f"layer {layer + 1}" if mean.shape[1] > 1 else "train examples"
+                    tag: str | None = f"layer {layer + 1}" if mean.shape[1] > 1 else "train examples"
                     tag = tag if not prefix else ("held out" if mean.shape[1] == 1 else None)
                     line = ax.plot(steps, mean[:, layer], style, color=f"C{layer}", label=tag)[0]
-                    ax.fill_between(steps, mean[:, layer] - se[:, layer], mean[:, layer] + se[:, layer], color=line.get_color(), alpha=0.2)
+                    ax.fill_between(
+                        steps,
+                        mean[:, layer] - se[:, layer],
+                        mean[:, layer] + se[:, layer],
+                        color=line.get_color(),
+                        alpha=0.2,
+                    )
             ax.set_xscale("symlog", linthresh=1)
             ax.set_xlim(0, steps[-1])
             mark_epochs(ax, int(runs["train_size"].iloc[0]) / int(runs["batch_size"].iloc[0]), steps[-1], PAPER_EPOCHS)
@@ -258,18 +287,35 @@ def training_plots(ok: pd.DataFrame, varying: list[str], name: str, outdir: Path
             if row == 0 and col in (0, 3):
                 ax.legend(fontsize=7)
         for point in sorted({0, int(np.abs(epochs - PAPER_EPOCHS).argmin()), len(steps) - 1}):
-            means = {k: np.mean(runs[k].map(lambda v, p=point: v[p]).tolist(), axis=0) for k in ("rho", "rho_gauss_newton", "loss")}
-            held = runs["held_out_loss"].map(lambda v, p=point: v[p]).mean() if "held_out_loss" in runs.columns else np.nan
-            rows.append({"setting": label, "iteration": int(steps[point]), "epochs": round(float(epochs[point]), 2),
-                         **{f"rho_{k + 1}": round(float(v), 3) for k, v in enumerate(means["rho"])},
-                         **{f"rho_gn_{k + 1}": round(float(v), 3) for k, v in enumerate(means["rho_gauss_newton"])},
-                         "loss": round(float(means["loss"]), 4), "held_out_loss": round(float(held), 4)})
-    fig.suptitle(f"ρ of pre-activation Hessians during training, mean ± standard error over runs (solid: training examples, "
-                 f"dotted: held out; vertical lines: 1, 10, 100 epochs, dashed: the paper's {PAPER_EPOCHS:.1f} epochs)", fontsize=9)
+            means = {
+                k: np.mean(runs[k].map(lambda v, p=point: v[p]).tolist(), axis=0)
+                for k in ("rho", "rho_gauss_newton", "loss")
+            }
+            held = (
+                runs["held_out_loss"].map(lambda v, p=point: v[p]).mean() if "held_out_loss" in runs.columns else np.nan
+            )
+            rows.append(
+                {
+                    "setting": label,
+                    "iteration": int(steps[point]),
+                    "epochs": round(float(epochs[point]), 2),
+                    **{f"rho_{k + 1}": round(float(v), 3) for k, v in enumerate(means["rho"])},
+                    **{f"rho_gn_{k + 1}": round(float(v), 3) for k, v in enumerate(means["rho_gauss_newton"])},
+                    "loss": round(float(means["loss"]), 4),
+                    "held_out_loss": round(float(held), 4),
+                }
+            )
+    fig.suptitle(
+        f"ρ of pre-activation Hessians during training, mean ± standard error over runs (solid: training examples, "
+        f"dotted: held out; vertical lines: 1, 10, 100 epochs, dashed: the paper's {PAPER_EPOCHS:.1f} epochs)",
+        fontsize=9,
+    )
     table = pd.DataFrame(rows)
     paths = [*save_figure(fig, outdir, name), outdir / f"{name}.csv"]
     table.to_csv(paths[-1], index=False)
-    caption = f"ρ during training (iteration 0, nearest the paper's {PAPER_EPOCHS:.2f} epochs, last), mean over runs; data: "
+    caption = (
+        f"ρ during training (iteration 0, nearest the paper's {PAPER_EPOCHS:.2f} epochs, last), mean over runs; data: "
+    )
     caption += "; ".join(sorted(set(ok["data_source"])))
     paths.append(save_markdown(caption + "\n\n" + table.to_markdown(index=False) + "\n", outdir, name))
     return paths
