@@ -159,7 +159,7 @@ class DiagonalAdam(torch.optim.Optimizer):
         weight_decay=0.0,
         trust_region=None,
         trust_region_bias_correction=True,
-    ):
+    ) -> None:
         hyper = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "trust_region": trust_region}
         check_hyperparameters(hyper)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
