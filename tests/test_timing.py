@@ -56,8 +56,8 @@ def test_interleaved_rejects_bad_clocks():
         interleaved(tasks, 2, 0, torch.Generator(), torch.device("cuda"), "cpu")
 
 
-def test_bench_prints_one_table_with_every_method(capsys):
-    bench.main(["--tiny", "--rounds", "2", "--warmup", "0", "--batch-3c3d", "2"])
+def test_bench_prints_one_table_with_every_method(capsys, tmp_path):
+    bench.main(["--tiny", "--rounds", "2", "--warmup", "0", "--batch-3c3d", "2", "--out", str(tmp_path / "bench.md")])
     out = capsys.readouterr().out
     assert "torch threads: 1" in out and "versions: python" in out and "machine:" in out
     table = [
@@ -74,8 +74,8 @@ def test_bench_prints_one_table_with_every_method(capsys):
     }
 
 
-def test_bench_measures_the_ppo_update_of_every_rl_optimizer_against_adam(capsys):
-    bench.main(["--tiny", "--rounds", "2", "--warmup", "0", "--batch-3c3d", "2"])
+def test_bench_measures_the_ppo_update_of_every_rl_optimizer_against_adam(capsys, tmp_path):
+    bench.main(["--tiny", "--rounds", "2", "--warmup", "0", "--batch-3c3d", "2", "--out", str(tmp_path / "bench.md")])
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| rl update")]
     assert [cells[4].strip() for cells in rows] == list(bench.RL_OPTIMIZERS)  # Adam, the baseline, first
     assert {cells[2].strip() for cells in rows} == {"PPO minibatch 64: actor + critic, 2x64 tanh"}
