@@ -24,9 +24,7 @@ import torch
 from torch import nn
 
 from hsbench.losses import PolicyGradientLoss
-from hsbench.rl import networks
-from hsbench.rl.env import NormalizedEnv
-from hsbench.rl.training import Metrics, load_state, make_optimizer, save_state
+from hsbench.rl.training import start_agent
 
 
 def train(
@@ -53,31 +51,21 @@ def train(
     """
     if n_steps < 1 or record_every < 1:
         raise ValueError(f"n_steps and record_every must be positive; got {n_steps} and {record_every}")
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    env = NormalizedEnv(env_id, seed, gamma)
-    actor, critic = networks.actor(env.obs_dim, env.act_dim), networks.critic(env.obs_dim)
     pg_loss_fn, mse_fn = PolicyGradientLoss("gaussian", variance="log"), nn.MSELoss()
-    options = optimizer_options or {}
-    actor_opt = make_optimizer(optimizer, actor, pg_loss_fn, lr, **options)
-    critic_opt = make_optimizer(optimizer, critic, mse_fn, lr, **options)
-    nets, opts = {"actor": actor, "critic": critic}, {"actor": actor_opt, "critic": critic_opt}
-    metrics, global_step = Metrics(), 0
-    state = ctx.load_checkpoint() if ctx is not None else None
-    if state is not None:
-        global_step, metrics = load_state(state, env, nets, opts, rng)
-    policy = networks.NumpyPolicy(actor)
+    agent = start_agent(env_id, seed, gamma, (pg_loss_fn, mse_fn), optimizer, lr, optimizer_options or {}, ctx)
+    env, actor, critic, policy, rng = agent.env, agent.actor, agent.critic, agent.policy, agent.rng
+    actor_opt, critic_opt, metrics = agent.actor_opt, agent.critic_opt, agent.metrics
 
     obs = np.zeros((n_steps + 1, env.obs_dim), np.float32)  # the segment's observations, then the next one
     actions = np.zeros((n_steps, env.act_dim), np.float32)
     rewards = np.zeros(n_steps)
     clock = metrics.time_s
-    next_record = global_step + record_every
+    next_record = agent.global_step + record_every
 
-    while global_step < total_steps:
+    while agent.global_step < total_steps:
         # Rollout of a segment: up to n_steps, ending early with the episode.
         k, done = 0, False
-        while k < n_steps and not done and global_step < total_steps:
+        while k < n_steps and not done and agent.global_step < total_steps:
             start = time.perf_counter()
             obs[k] = env.obs
             actions[k] = policy.mean(env.obs) + policy.std * rng.standard_normal(env.act_dim)
@@ -86,10 +74,10 @@ def train(
             clock["policy"] += middle - start
             clock["env"] += time.perf_counter() - middle
             rewards[k], done = step.reward, step.done
-            global_step += 1
+            agent.global_step += 1
             k += 1
             if step.episode is not None:
-                metrics.episode(global_step, *step.episode)
+                metrics.episode(agent.global_step, *step.episode)
         obs[k] = env.obs  # unused for bootstrapping when the episode ended
 
         start = time.perf_counter()
@@ -118,17 +106,15 @@ def train(
             metrics.add_eta(actor_opt, critic_opt)
             policy.load(actor)
         except FloatingPointError as error:
-            metrics.diverged_at_step, metrics.diverged = global_step, str(error) or type(error).__name__
-            metrics.record_eta(global_step)
-            return metrics.as_dict()
+            return agent.diverged(error)
         finally:
             clock["update"] += time.perf_counter() - start
 
-        if global_step >= next_record or global_step >= total_steps:
-            metrics.record_eta(global_step)
-            next_record = global_step + record_every
+        if agent.global_step >= next_record or agent.global_step >= total_steps:
+            metrics.record_eta(agent.global_step)
+            next_record = agent.global_step + record_every
             if progress is not None:
-                progress(global_step)
+                progress(agent.global_step)
             if ctx is not None and ctx.checkpoint_due():
-                ctx.save_checkpoint(save_state(global_step, env, nets, opts, rng, metrics))
+                ctx.save_checkpoint(agent.state_dict())
     return metrics.as_dict()

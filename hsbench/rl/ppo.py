@@ -23,9 +23,7 @@ import torch
 from torch import nn
 
 from hsbench.losses import PPOLoss, log_prob
-from hsbench.rl import networks
-from hsbench.rl.env import NormalizedEnv
-from hsbench.rl.training import Metrics, load_state, make_optimizer, save_state
+from hsbench.rl.training import start_agent
 
 
 def train(
@@ -57,20 +55,10 @@ def train(
     """
     if num_steps % num_minibatches:
         raise ValueError(f"num_steps ({num_steps}) must be a multiple of num_minibatches ({num_minibatches})")
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    env = NormalizedEnv(env_id, seed, gamma)
-    actor, critic = networks.actor(env.obs_dim, env.act_dim), networks.critic(env.obs_dim)
     pg_loss_fn, mse_fn = PPOLoss("gaussian", clip=clip, variance="log"), nn.MSELoss()
-    options = optimizer_options or {}
-    actor_opt = make_optimizer(optimizer, actor, pg_loss_fn, lr, **options)
-    critic_opt = make_optimizer(optimizer, critic, mse_fn, lr, **options)
-    nets, opts = {"actor": actor, "critic": critic}, {"actor": actor_opt, "critic": critic_opt}
-    metrics, global_step = Metrics(), 0
-    state = ctx.load_checkpoint() if ctx is not None else None
-    if state is not None:
-        global_step, metrics = load_state(state, env, nets, opts, rng)
-    policy = networks.NumpyPolicy(actor)
+    agent = start_agent(env_id, seed, gamma, (pg_loss_fn, mse_fn), optimizer, lr, optimizer_options or {}, ctx)
+    env, actor, critic, policy, rng = agent.env, agent.actor, agent.critic, agent.policy, agent.rng
+    actor_opt, critic_opt, metrics = agent.actor_opt, agent.critic_opt, agent.metrics
 
     minibatch_size = num_steps // num_minibatches
     obs = np.zeros((num_steps, env.obs_dim), np.float32)
@@ -79,7 +67,7 @@ def train(
     dones = np.zeros(num_steps)  # 1 where step t ended its episode: no bootstrapping across it
     clock = metrics.time_s
 
-    while global_step + num_steps <= total_steps:
+    while agent.global_step + num_steps <= total_steps:
         # Rollout: act with the NumPy copy of the policy, a ~ N(μ(s), σ²).
         for t in range(num_steps):
             start = time.perf_counter()
@@ -90,9 +78,9 @@ def train(
             clock["policy"] += middle - start
             clock["env"] += time.perf_counter() - middle
             rewards[t], dones[t] = step.reward, step.done
-            global_step += 1
+            agent.global_step += 1
             if step.episode is not None:
-                metrics.episode(global_step, *step.episode)
+                metrics.episode(agent.global_step, *step.episode)
 
         start = time.perf_counter()
         b_obs, b_actions = torch.from_numpy(obs), torch.from_numpy(actions)
@@ -120,19 +108,17 @@ def train(
                     critic_opt.backward(v_loss)
                     critic_opt.step()
                     metrics.add_eta(actor_opt, critic_opt)
-            metrics.record_eta(global_step)
+            metrics.record_eta(agent.global_step)
             policy.load(actor)
         except FloatingPointError as error:
-            metrics.diverged_at_step, metrics.diverged = global_step, str(error) or type(error).__name__
-            metrics.record_eta(global_step)
-            return metrics.as_dict()
+            return agent.diverged(error)
         finally:
             clock["update"] += time.perf_counter() - start
 
         if progress is not None:
-            progress(global_step)
+            progress(agent.global_step)
         if ctx is not None and ctx.checkpoint_due():
-            ctx.save_checkpoint(save_state(global_step, env, nets, opts, rng, metrics))
+            ctx.save_checkpoint(agent.state_dict())
     return metrics.as_dict()
 
 

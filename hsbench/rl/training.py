@@ -12,14 +12,15 @@
   ``policy`` acting, and ``update``: values, advantages and the optimizer steps);
   ``diverged_at_step`` (global step of the update that diverged, else None) and ``diverged``
   (its message).
-* ``save_state`` / ``load_state``: a checkpoint holding environment, networks, optimizers,
-  random generators and metrics, for ``RunContext.save_checkpoint`` / ``load_checkpoint``.
+* ``Agent`` (built by ``start_agent``): environment, networks, optimizers, acting policy, random
+  generator, metrics and step; its ``state_dict`` is the checkpoint for
+  ``RunContext.save_checkpoint`` / ``load_checkpoint``, its ``diverged`` the metrics of a run
+  ended by a non-finite value.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -28,7 +29,9 @@ from torch import nn
 
 from hsbench import optim
 from hsbench.curvature import extend
+from hsbench.rl import networks
 from hsbench.rl.env import NormalizedEnv
+from hsbench.rl.networks import NumpyPolicy
 
 DEFAULT_EPS = 1e-5  # Adam's ε in CleanRL and the paper's RL runs
 DEFAULT_TRUST_REGION = 1e-8  # Δ of the scaled optimizers (paper, section 7.2)
@@ -93,41 +96,82 @@ class Metrics:
         return asdict(self)
 
 
-def save_state(
-    step: int,
-    env: NormalizedEnv,
-    networks: Mapping[str, nn.Module],
-    optimizers: Mapping[str, optim.Optimizer],
-    rng: np.random.Generator,
-    metrics: Metrics,
-) -> dict:
-    """A checkpoint after ``step`` environment steps (deep copies: later training leaves it unchanged)."""
-    return copy.deepcopy(
-        {
-            "step": step,
-            "env": env.state_dict(),
-            "networks": {name: net.state_dict() for name, net in networks.items()},
-            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-            "numpy_rng": rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            "metrics": metrics.as_dict(),
-        }
+@dataclass
+class Agent:
+    """What PPO and A2C train: the environment, actor and critic with one optimizer each, the NumPy
+    copy of the actor that acts, the random generator, the metrics and the global step.
+
+    ``start_agent`` builds one, restored from the run context's checkpoint if there is one."""
+
+    env: NormalizedEnv
+    actor: nn.Sequential
+    critic: nn.Sequential
+    actor_opt: optim.Optimizer
+    critic_opt: optim.Optimizer
+    policy: NumpyPolicy
+    rng: np.random.Generator
+    metrics: Metrics
+    global_step: int = 0
+
+    def state_dict(self) -> dict:
+        """A checkpoint (deep copies: later training leaves it unchanged)."""
+        return copy.deepcopy(
+            {
+                "step": self.global_step,
+                "env": self.env.state_dict(),
+                "networks": {"actor": self.actor.state_dict(), "critic": self.critic.state_dict()},
+                "optimizers": {"actor": self.actor_opt.state_dict(), "critic": self.critic_opt.state_dict()},
+                "numpy_rng": self.rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "metrics": self.metrics.as_dict(),
+            }
+        )
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a ``state_dict`` checkpoint, the acting policy included."""
+        self.env.load_state_dict(state["env"])
+        self.actor.load_state_dict(state["networks"]["actor"])
+        self.critic.load_state_dict(state["networks"]["critic"])
+        self.actor_opt.load_state_dict(state["optimizers"]["actor"])
+        self.critic_opt.load_state_dict(state["optimizers"]["critic"])
+        self.rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self.global_step, self.metrics = state["step"], Metrics(**state["metrics"])
+        self.policy.load(self.actor)
+
+    def diverged(self, error: FloatingPointError) -> dict:
+        """The metrics of a run ended by a non-finite loss or parameter at the current step."""
+        self.metrics.diverged_at_step, self.metrics.diverged = self.global_step, str(error) or type(error).__name__
+        self.metrics.record_eta(self.global_step)
+        return self.metrics.as_dict()
+
+
+def start_agent(
+    env_id: str,
+    seed: int,
+    gamma: float,
+    losses: tuple[nn.Module, nn.Module],
+    optimizer: str,
+    lr: float,
+    options: dict,
+    ctx,
+) -> Agent:
+    """Seed, build the environment and the 2x64 tanh actor and critic with one optimizer each, on the
+    actor's and the critic's loss module in ``losses``, and resume from ``ctx``'s checkpoint if any."""
+    torch.manual_seed(seed)
+    env = NormalizedEnv(env_id, seed, gamma)
+    actor, critic = networks.actor(env.obs_dim, env.act_dim), networks.critic(env.obs_dim)
+    agent = Agent(
+        env=env,
+        actor=actor,
+        critic=critic,
+        actor_opt=make_optimizer(optimizer, actor, losses[0], lr, **options),
+        critic_opt=make_optimizer(optimizer, critic, losses[1], lr, **options),
+        policy=NumpyPolicy(actor),
+        rng=np.random.default_rng(seed),
+        metrics=Metrics(),
     )
-
-
-def load_state(
-    state: dict,
-    env: NormalizedEnv,
-    networks: Mapping[str, nn.Module],
-    optimizers: Mapping[str, optim.Optimizer],
-    rng: np.random.Generator,
-) -> tuple[int, Metrics]:
-    """Restore a ``save_state`` checkpoint into the given objects; returns its step and metrics."""
-    env.load_state_dict(state["env"])
-    for name, net in networks.items():
-        net.load_state_dict(state["networks"][name])
-    for name, opt in optimizers.items():
-        opt.load_state_dict(state["optimizers"][name])
-    rng.bit_generator.state = state["numpy_rng"]
-    torch.set_rng_state(state["torch_rng"])
-    return state["step"], Metrics(**state["metrics"])
+    state = ctx.load_checkpoint() if ctx is not None else None
+    if state is not None:
+        agent.load_state_dict(state)
+    return agent
