@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import HSBENCH, REPO, hsbench, outcomes
 
 from hsbench import cli
 from hsbench.engine.runner import RunContext, RunOptions, execute
@@ -300,3 +305,52 @@ def test_every_run_its_own_line_one_colour_per_optimizer():
     (ax,) = rl.curves_figure(runs, "caption", spread=False).axes
     lines = {float(line.get_ydata()[0]): line.get_color() for line in ax.get_lines()}
     assert len(lines) == 4 and lines[0.0] == lines[1.0] != lines[2.0] == lines[3.0]
+
+
+def test_sigkilled_cli_run_resumes_to_the_same_metrics(write_spec, tmp_path):
+    """`hsbench run` of an RL spec SIGKILLed (with its workers) after a checkpoint, then rerun, records
+    what an uninterrupted run records: environment, normalizers, optimizer and RNG state all resume."""
+    spec = write_spec(
+        """
+kind = "rl-performance"
+[settings]
+algorithm = "ppo"
+env = "InvertedPendulum-v5"
+optimizer = "scaled-adahesscale"
+lr = 1e-3
+total_steps = 16384
+summary = "mean"
+[seeds]
+count = 1
+""",
+        name="killed",
+    )
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    args = [str(HSBENCH), "run", str(spec), "--jobs", "2", "--checkpoint-every", "0", "--results", str(killed)]
+    checkpoints = killed / "killed" / "checkpoints"
+    for attempt in range(2):  # kill twice: a resumed run must itself resume
+        proc = subprocess.Popen(
+            args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        seen = {p.stat().st_mtime for p in checkpoints.glob("[!.]*")} if checkpoints.exists() else set()
+        while proc.poll() is None and not (
+            checkpoints.exists() and {p.stat().st_mtime for p in checkpoints.glob("[!.]*")} - seen
+        ):
+            time.sleep(0.01)
+        assert proc.poll() is None, f"attempt {attempt}: the run finished before a checkpoint; make it longer"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (killed / "killed" / "runs").exists() or not list((killed / "killed" / "runs").glob("*.json"))
+
+    hsbench("run", spec, "--results", killed)
+    hsbench("run", spec, "--results", reference)
+    timing = ("time_env_s", "time_policy_s", "time_update_s")
+    [(status, _, resumed)] = outcomes(killed, "killed").values()
+    [(_, _, straight)] = outcomes(reference, "killed").values()
+    assert status == "ok"
+    [record] = [json.loads(p.read_text()) for p in (killed / "killed" / "runs").glob("*.json")]
+    assert record["resumed"]
+    assert {k: v for k, v in resumed.items() if k not in timing} == {
+        k: v for k, v in straight.items() if k not in timing
+    }
+    assert not list(checkpoints.glob("[!.]*"))
