@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from conftest import HSBENCH, REPO, hsbench
+from conftest import HSBENCH, REPO, hsbench, outcomes
 
 from hsbench import results
 from hsbench.cli import main
@@ -210,6 +210,46 @@ def test_ctrl_c_says_what_finished_and_a_rerun_resumes(write_spec, tmp_path):
     assert "Traceback" not in err
     rerun = hsbench("run", spec, "--results", res)
     assert f"{finished} already done; running {4 - finished}" in rerun.stdout
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_ctrl_c_with_a_pool_stops_its_workers_and_a_rerun_completes(write_spec, tmp_path):
+    spec = write_spec(SLOW.replace("steps = 20000", "steps = 6000"), name="interrupted")
+    res = tmp_path / "res"
+    proc = subprocess.Popen(
+        [str(HSBENCH), "run", str(spec), "--jobs", "2", "--results", str(res)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    runs = res / "interrupted" / "runs"
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not list(runs.glob("*.json")) and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        workers = [pid for pid in children(proc.pid) if "python" in Path(f"/proc/{pid}/cmdline").read_text()]
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert not [pid for pid in workers if alive(pid)], "pool workers survived Ctrl-C"
+    finally:  # whatever the outcome, leave no process of this test behind
+        for pid in {proc.pid, *workers}:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert len(workers) >= 2
+    finished = outcomes(res, "interrupted")  # whole records only, each readable
+    assert 1 <= len(finished) < 4, "the runs in flight and queued ran on after Ctrl-C"
+    assert {status for status, _, _ in finished.values()} == {"ok"}
+    line = [line for line in err.splitlines() if line.startswith("hsbench")]
+    assert line == [f"hsbench: interrupted: {len(finished)} ok finished; rerun the same command to resume"], err
+    assert "Traceback" not in err
+    rerun = hsbench("run", spec, "--jobs", "2", "--results", res)
+    assert f"{len(finished)} already done; running {4 - len(finished)}" in rerun.stdout
+    assert len(outcomes(res, "interrupted")) == 4
 
 
 # 4. One corrupt record does not block the experiment

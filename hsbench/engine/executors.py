@@ -61,7 +61,9 @@ class QueueUnavailable(Exception):
 def run_local(runs: list[Run], options: RunOptions, jobs: int) -> collections.Counter:
     """Execute ``runs`` in this process (``jobs`` = 1) or in a pool of ``jobs`` processes; count statuses.
 
-    Raises :class:`Interrupted` on Ctrl-C, after the pool's workers have stopped.
+    Raises :class:`Interrupted` on Ctrl-C with the statuses of the runs that finished, after
+    stopping the runs in flight (unrecorded; a rerun resumes them from their checkpoints) and
+    the pool's workers, without starting the queued ones.
     """
     counts: collections.Counter = collections.Counter()
     with tqdm(total=len(runs), unit="run", desc="runs") as bar:
@@ -81,10 +83,17 @@ def run_local(runs: list[Run], options: RunOptions, jobs: int) -> collections.Co
                 pool = ProcessPoolExecutor(
                     jobs, mp_context=context, initializer=_start_worker, initargs=(os.getpid(), threads)
                 )
+                futures = []
                 try:
                     futures = [pool.submit(execute, run, options) for run in runs]
                     for future in as_completed(futures):
                         done(future.result())
+                except KeyboardInterrupt:
+                    for worker in multiprocessing.active_children():  # the pool's workers (they ignore SIGINT)
+                        worker.terminate()  # their runs stop unrecorded; checkpoints stay for the rerun
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    finished = [f for f in futures if f.done() and not f.cancelled() and f.exception() is None]
+                    raise Interrupted(collections.Counter(f.result() for f in finished)) from None
                 finally:
                     pool.shutdown(wait=True, cancel_futures=True)
         except KeyboardInterrupt:
@@ -93,7 +102,12 @@ def run_local(runs: list[Run], options: RunOptions, jobs: int) -> collections.Co
 
 
 def _start_worker(parent: int, threads: int) -> None:
-    """Pool worker initializer: ``threads`` torch threads, and exit as soon as ``parent`` is gone."""
+    """Pool worker initializer: ``threads`` torch threads, and exit as soon as ``parent`` is gone.
+
+    Ctrl-C is the parent's to handle (it stops the workers): a worker ignores SIGINT, which a
+    terminal sends to the whole process group.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
 
     def watch() -> None:
