@@ -1,0 +1,90 @@
+"""The compiled update of large parameters (``hsbench.optim._CompiledUpdate``) against the eager one."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hsbench import optim
+from hsbench.curvature import extend
+from hsbench.optim import Diverged, make, train_step
+
+FORMS = {  # name, hyperparameters
+    "adahesscale": {},
+    "adahesscale-gn": {"weight_decay": 0.01},
+    "scaled-adahesscale": {"trust_region": 1e-4},
+    "scaled-adahesscale uncorrected": {"trust_region": 1e-4, "trust_region_bias_correction": False},
+    "scaled-adam": {"trust_region": 1e-4},
+}
+
+
+def problem(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).to(dtype))
+    x, y = torch.randn(3, 6, dtype=dtype), torch.tensor([0, 3, 1])
+    return model, extend(nn.CrossEntropyLoss()), x, y
+
+
+def fused_everywhere(monkeypatch, on: bool) -> None:
+    monkeypatch.setattr(optim._CompiledUpdate, "MIN_SIZE", 0 if on else 1 << 62)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_compiled_update_equals_the_eager_one(form, monkeypatch):
+    name, hyper = form.split()[0], {"lr": 0.05, **FORMS[form]}
+    model, loss_fn, x, y = problem()
+    twin = copy.deepcopy(model)
+    results = []
+    for on, net in ((False, model), (True, twin)):
+        fused_everywhere(monkeypatch, on)
+        calls = []
+        monkeypatch.setattr(optim._CompiledUpdate, "apply", _spy(optim._CompiledUpdate.apply, calls))
+        opt = make(name, net.parameters(), **hyper)
+        scales = []
+        for _ in range(4):
+            train_step(opt, net, loss_fn, x, y)
+            scales.append(opt.last_scale)
+        assert len(calls) == (4 if on else 0)
+        results.append((net, opt, scales))
+    (eager, eager_opt, eager_scales), (fused, fused_opt, fused_scales) = results
+    assert fused_scales == pytest.approx(eager_scales, rel=1e-12)
+    if "trust_region" in hyper:
+        assert min(eager_scales) < 1  # the scaling is exercised
+    for p, q in zip(eager.parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-15)
+        for key, value in eager_opt.state[p].items():
+            expected = fused_opt.state[q][key]
+            assert (key == "step" and value == expected) or torch.allclose(expected, value, rtol=1e-12, atol=1e-20)
+
+
+def _spy(method, calls):
+    def spied(self, *args, **kwargs):
+        calls.append(1)
+        return method(self, *args, **kwargs)
+
+    return spied
+
+
+@pytest.mark.parametrize("name", ["adahesscale", "scaled-adam"])
+def test_compiled_update_changes_nothing_on_divergence(name, monkeypatch):
+    fused_everywhere(monkeypatch, True)
+    model, loss_fn, x, y = problem(torch.float32)
+    opt = make(name, model.parameters(), lr=0.01)
+    train_step(opt, model, loss_fn, x, y)
+    params, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    opt.backward(loss_fn(model(x), y))
+    model[0].weight.grad[1, 2] = math.inf
+    with pytest.raises(Diverged, match="not finite"):
+        opt.step()
+    opt.zero_grad()
+    opt.backward(1e25 * loss_fn(model(x), y))  # finite gradients, an overflowing second moment
+    with pytest.raises(Diverged, match="not finite"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), params.values(), strict=True))
+    for p, entries in opt.state_dict()["state"].items():
+        for key, value in entries.items():
+            saved = state["state"][p][key]
+            assert torch.equal(value, saved) if isinstance(value, torch.Tensor) else value == saved
