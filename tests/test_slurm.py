@@ -105,6 +105,24 @@ def job_field(job: str, name: str) -> str:
     return next(word.split("=", 1)[1] for word in out.split() if word.startswith(f"{name}="))
 
 
+def queue_state(job: str) -> str:
+    """The job's state as squeue shows it: COMPLETING (not PENDING) while its first run is still ending."""
+    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+
+
+def skip_requeue_delay(job: str) -> None:
+    """Let the requeued ``job`` start now instead of after SLURM's requeue delay.
+
+    The kill of the job's first run revoked its credential in slurmd for the rest of that
+    second: a restart within it is refused ("Killing non-startable batch JobId=...: Job
+    credential revoked") and the job leaves the queue for good, which SLURM's requeue delay
+    (reason BeginTime) rules out. So, once the first run has ended (PENDING, no longer
+    COMPLETING), the test waits into the next second before starting the job.
+    """
+    time.sleep(1.1 - time.time() % 1)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+
+
 def test_preempted_job_is_requeued_and_continues_from_its_checkpoint(slurm_cluster, write_spec, tmp_path):
     spec = write_spec(LONG, name="preempted")
     on_slurm, local = tmp_path / "slurm", tmp_path / "local"
@@ -116,8 +134,8 @@ def test_preempted_job_is_requeued_and_continues_from_its_checkpoint(slurm_clust
 
     # what SLURM sends before preempting or timing out a job; submitit checkpoints and requeues
     subprocess.run(["scancel", "--signal=USR2", task], check=True)
-    wait_for(lambda: job_field(task, "Restarts") == "1" and job_field(task, "JobState") == "PENDING", "the requeue")
-    subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)  # skip SLURM's requeue delay
+    wait_for(lambda: job_field(task, "Restarts") == "1" and queue_state(task) == "PENDING", "the requeue")
+    skip_requeue_delay(task)
     hsbench("run", spec, "--results", on_slurm, "--executor", "slurm", "--wait")
 
     hsbench("run", spec, "--results", local)
