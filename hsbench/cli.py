@@ -360,9 +360,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {len(stale)} record(s) from another git revision than {revision}: {' '.join(stale)}")
     for run in runs:
         record = records[run.id]
-        if states[run.id] in ("failed", "cancelled") and record is not None:
+        if states[run.id] in ("failed", "cancelled"):
             settings = " ".join(f"{k}={v}" for k, v in run.settings.items())
-            print(f"  {states[run.id]} {run.id} [{settings}]: {(record['error'] or '?').strip().splitlines()[-1]}")
+            why = "left the SLURM queue before it started (e.g. scancel)"  # cancelled, no record
+            if record is not None:
+                why = (record["error"] or "?").strip().splitlines()[-1]
+            print(f"  {states[run.id]} {run.id} [{settings}]: {why}")
     return 1 if counts["failed"] or counts["cancelled"] else 0
 
 

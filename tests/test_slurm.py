@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import submitit
 from conftest import REPO, hsbench, outcomes
 
 from hsbench.cli import main
@@ -203,3 +204,29 @@ def test_a_cancelled_job_is_shown_cancelled_and_runs_again(slurm_cluster, write_
     rerun = hsbench("run", spec, "--results", res, "--executor", "slurm")
     assert "submitted SLURM array job(s)" in rerun.stdout
     subprocess.run(["scancel", "--name", "hsbench-cancelled"], check=True)
+
+
+def test_a_job_cancelled_while_pending_is_shown_cancelled_and_runs_again(
+    slurm_cluster, write_spec, tmp_path, monkeypatch
+):
+    spec = write_spec(LONG, name="cancelledpending")
+    res = tmp_path / "res"
+    update_parameters = submitit.AutoExecutor.update_parameters
+
+    def begin_in_an_hour(self, **params):  # sbatch --begin: the job stays pending
+        update_parameters(self, **params, slurm_additional_parameters={"begin": "now+1hour"})
+
+    monkeypatch.setattr(submitit.AutoExecutor, "update_parameters", begin_in_an_hour)
+    assert main(["run", str(spec), "--results", str(res), "--executor", "slurm"]) == 0
+    monkeypatch.undo()
+    (submission,) = (res / "cancelledpending" / "submissions").glob("*.json")
+    (task,) = json.loads(submission.read_text())["tasks"].values()
+    assert executors.queue_states()[task] == "pending"
+    subprocess.run(["scancel", task], check=True)
+    wait_for(lambda: task not in executors.queue_states(), "the job to leave the queue", timeout_s=40)
+    status = hsbench("status", spec, "--results", res, check_rc=1)
+    assert "cancelled 1" in status.stdout and "missing   0" in status.stdout
+    assert "left the SLURM queue before it started" in status.stdout
+    rerun = hsbench("run", spec, "--results", res, "--executor", "slurm")
+    assert "1 cancelled" in rerun.stdout and "submitted SLURM array job(s)" in rerun.stdout
+    subprocess.run(["scancel", "--name", "hsbench-cancelledpending"], check=True)

@@ -215,12 +215,14 @@ def run_states(runs: list[Run], store: Store) -> tuple[dict[str, str], str | Non
     """Run id -> state, and why the queue could not be read (None if it could or was not needed).
 
     A run's state is its record's status (ok, failed, diverged, cancelled) unless it is queued
-    again, else pending / running from ``squeue``, else ``missing``. When ``squeue`` fails (e.g.
+    again, else pending / running from ``squeue``. A submitted run that left the queue without
+    a record and without having started (no SLURM log: ``scancel`` while pending) is
+    ``cancelled``; any other run without a record is ``missing``. When ``squeue`` fails (e.g.
     the controller is down), submitted runs without a record are ``unknown``. Without
-    ``squeue`` at all (e.g. results copied off the cluster) nothing counts as queued.
+    ``squeue`` at all (e.g. results copied off the cluster) nothing counts as queued or cancelled.
     """
     submitted = store.submitted_tasks()
-    queued: dict[str, str] = {}
+    queued: dict[str, str] | None = None  # None: the queue was not read
     problem = None
     if shutil.which("squeue") and any(run.id in submitted for run in runs):
         try:
@@ -231,13 +233,22 @@ def run_states(runs: list[Run], store: Store) -> tuple[dict[str, str], str | Non
     for run in runs:
         record = store.read_run(run)
         task = submitted.get(run.id, "")
-        if record is not None and (record["status"] in FINAL or task not in queued):
+        if record is not None and (record["status"] in FINAL or task not in (queued or {})):
             states[run.id] = record["status"]
-        elif task in queued:
+        elif queued is not None and task in queued:
             states[run.id] = queued[task]
+        elif problem and task:
+            states[run.id] = "unknown"
+        elif queued is not None and task and not started(store, task):
+            states[run.id] = "cancelled"
         else:
-            states[run.id] = "unknown" if problem and task else "missing"
+            states[run.id] = "missing"
     return states, problem
+
+
+def started(store: Store, task: str) -> bool:
+    """Whether SLURM started array task ``task``: it opened the task's log (``submit_slurm``'s folder)."""
+    return any((store.logs_dir / task).glob("*_log.out"))
 
 
 def wait_slurm(runs: list[Run], store: Store) -> dict[str, str]:
