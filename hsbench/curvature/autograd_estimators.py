@@ -1,5 +1,7 @@
 """Estimators that need only autograd, so they work for any differentiable model and loss:
-the squared gradient g² and Hutchinson's z ∘ (H z) (Yao et al. 2021, AdaHessian)."""
+the squared gradient g² and Hutchinson's z ∘ (H z) (Yao et al. 2021, AdaHessian); for networks
+the curvature core records (Linear layers and activations), H z comes from a walk of the
+recorded forward pass instead (``hutchinson_backprop``), same numbers up to float rounding."""
 
 from __future__ import annotations
 
@@ -7,6 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 from torch.utils._pytree import tree_map
+
+from hsbench.curvature import hutchinson_backprop
+from hsbench.curvature.tape import Tape, record
 
 
 def _parameters(model: nn.Module) -> dict[str, Tensor]:
@@ -38,41 +43,83 @@ def _of_one(loss):
 
 def squared_gradient(model, loss_fn, inputs, targets, per_sample: bool = False) -> dict[str, Tensor]:
     """(∂L/∂θ)² of the batch loss, or (∂ℓ_n/∂θ)² per sample."""
-    loss, params = _loss(model, loss_fn), _parameters(model)
     if per_sample:
+        loss, params = _loss(model, loss_fn), _parameters(model)
         per_sample_grad = vmap(grad(_of_one(loss)), in_dims=(None, 0, _target_dim(targets)), randomness="different")
         g = per_sample_grad(params, inputs, targets)
-    else:
-        g = grad(loss)(params, inputs, targets)
+    else:  # plain autograd: a fraction of torch.func's overhead on small networks
+        named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        with torch.enable_grad():
+            loss = loss_fn(model(inputs), targets)
+        g = dict(zip(named, torch.autograd.grad(loss, list(named.values())), strict=True))
     return {k: v.square() for k, v in g.items()}
 
 
 def rademacher(params: dict[str, Tensor], samples: int, generator=None) -> dict[str, Tensor]:
     """``samples`` Rademacher vectors (±1 entries) per parameter, shape (samples, *parameter);
-    each entry is one bit of a random byte (several times faster than one integer per entry)."""
+    each entry is one bit of a random byte (several times faster than one integer per entry),
+    bit k of a byte (least significant first) giving entry 8·i + k; a 256 × 8 table of ±1
+    turns each byte into its eight entries in one lookup."""
     probes = {}
     for k, p in params.items():
         n = samples * p.numel()
         random_bytes = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8, generator=generator, device=p.device)
-        bits = (random_bytes.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=p.device)) & 1
-        probes[k] = bits.view(torch.int8).flatten()[:n].mul(2).sub_(1).to(p.dtype).reshape(samples, *p.shape)
+        signs = torch.index_select(_SIGNS.to(device=p.device, dtype=p.dtype), 0, random_bytes.int())  # (bytes, 8)
+        probes[k] = signs.flatten()[:n].reshape(samples, *p.shape)
     return probes
 
 
+_SIGNS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1) * 2 - 1
+"""Row b: the eight bits of the byte b (least significant first) as ±1."""
+
+
 def hutchinson(model, loss_fn, inputs, targets, samples: int, generator=None, per_sample: bool = False):
-    """mean over ``samples`` Rademacher draws z of z ∘ (H z); all Hessian-vector products in one vmap.
+    """mean over ``samples`` Rademacher draws z of z ∘ (H z).
 
     With per_sample=True every sample's Hessian is probed with the same draws."""
-    loss, params = _loss(model, loss_fn), _parameters(model)
-    probes = rademacher(params, samples, generator)
+    return hutchinson_sets(model, loss_fn, inputs, targets, [samples], generator, per_sample)[0]
+
+
+def hutchinson_sets(
+    model, loss_fn, inputs, targets, sample_counts: list[int], generator=None, per_sample: bool = False, tape=None
+) -> list[dict[str, Tensor]]:
+    """One Hutchinson estimate per entry of ``sample_counts``, with the draws of as many
+    successive ``hutchinson`` calls (set after set, in that order) and one pass for all of them.
+
+    H z comes from ``hutchinson_backprop``'s walk of the recorded forward pass (``tape``, recorded
+    here if None) for a batch loss of a network of Linear layers and activations, else from
+    autograd: reverse over reverse, all Hessian-vector products in one vmap."""
+    params = _parameters(model)
+    probe_sets = [rademacher(params, samples, generator) for samples in sample_counts]
+    if not per_sample:
+        tape = tape if tape is not None else _tape_or_none(model, loss_fn, inputs, targets)
+        if tape is not None and hutchinson_backprop.supported(tape):
+            tensors = dict(model.named_parameters())
+            with torch.no_grad():
+                found = hutchinson_backprop.backpropagate(
+                    tape, [{tensors[k]: z for k, z in probes.items()} for probes in probe_sets]
+                )
+            return [{k: estimate[tensors[k]] for k in params} for estimate in found]
+    loss = _loss(model, loss_fn)
+    sizes = list(sample_counts)
+    probes = {k: torch.cat([s[k] for s in probe_sets]) for k in params}
 
     def estimate(params, x, t, probes, f):
         _, hvp = vjp(lambda p: grad(f)(p, x, t), params)  # reverse over reverse: Hᵀ v = H v
         (hz,) = vmap(hvp, randomness="same")(probes)
-        return {k: (probes[k] * hz[k]).mean(0) for k in params}
+        products = {k: (probes[k] * hz[k]).split(sizes) for k in params}
+        return [{k: parts[s].mean(0) for k, parts in products.items()} for s in range(len(sizes))]
 
     if per_sample:
         return vmap(estimate, in_dims=(None, 0, _target_dim(targets), None, None), randomness="different")(
             params, inputs, targets, probes, _of_one(loss)
         )
     return estimate(params, inputs, targets, probes, loss)
+
+
+def _tape_or_none(model, loss_fn, inputs, targets) -> Tape | None:
+    """The recorded forward pass, or None for a model or loss that the curvature core does not know."""
+    try:
+        return record(model, loss_fn, inputs, targets)
+    except ValueError:
+        return None

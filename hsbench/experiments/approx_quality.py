@@ -26,7 +26,6 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from hsbench.activations import ACTIVATIONS
-from hsbench.curvature import diagonals
 from hsbench.data import TORCHVISION, mnist_like
 from hsbench.engine.kind import ExperimentKind, Field
 from hsbench.experiments.networks import INITS, mlp, small_cnn
@@ -66,6 +65,33 @@ def load_examples(
         y = torch.randint(0, settings["classes"], (count,), generator=generator)
         return x, y, f"random data ({settings['inputs']} Gaussian inputs, {settings['classes']} classes)"
     return mnist_like(settings["data"], data_dir)
+
+
+def estimates(
+    requests: dict[str, tuple[str, int]], model: nn.Module, loss_fn: nn.Module, x, y, generator
+) -> dict[str, dict[str, torch.Tensor]]:
+    """What ``curvature.diagonals(requests, ...)`` returns, same draws in the same order, faster:
+    a run of consecutive Hutchinson requests shares one pass of Hessian-vector products
+    (``autograd_estimators.hutchinson_sets``) and the recorded forward pass of the other methods."""
+    from hsbench.curvature.autograd_estimators import hutchinson_sets
+    from hsbench.curvature.estimators import ESTIMATORS, Batch
+
+    batch = Batch(model, loss_fn, x, y)
+    labels = list(requests)
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for k, label in enumerate(labels):
+        method, samples = requests[label]
+        if label in found:
+            continue
+        if method != "hutchinson":
+            found[label] = ESTIMATORS[method](batch, samples, generator, False)
+            continue
+        run = [label]
+        while k + len(run) < len(labels) and requests[labels[k + len(run)]][0] == "hutchinson":
+            run.append(labels[k + len(run)])
+        counts = [requests[r][1] for r in run]
+        found.update(zip(run, hutchinson_sets(model, loss_fn, x, y, counts, generator, tape=batch.tape()), strict=True))
+    return found
 
 
 class ApproxQuality(ExperimentKind):
@@ -114,8 +140,8 @@ class ApproxQuality(ExperimentKind):
         layers = [m for m in model if list(m.parameters(recurse=False))]
         layer_of = {id(p): i for i, m in enumerate(layers) for p in m.parameters(recurse=False)}
         names = [name for name, _ in model.named_parameters()]
-        # the layer of every entry of the flattened parameters, to sum errors per layer in one call
-        layer_index = torch.cat([torch.full((p.numel(),), layer_of[id(p)]) for p in model.parameters()])
+        sizes = [p.numel() for p in model.parameters()]
+        layer_index = torch.tensor([layer_of[id(p)] for p in model.parameters()])  # the layer of each parameter
         order = torch.randint(0, len(y_all), (settings["examples"],), generator=data_gen)
         mc_gen = torch.Generator().manual_seed(ctx.seed + 1)
 
@@ -134,13 +160,13 @@ class ApproxQuality(ExperimentKind):
         for i in range(start, settings["examples"]):
             x, y = x_all[order[i] : order[i] + 1], y_all[order[i] : order[i] + 1]
             if i % every == 0:
-                found = diagonals(requests, model, loss_fn, x, y, generator=mc_gen)
-                flat = {label: torch.cat([found[label][name].reshape(-1) for name in names]) for label in requests}
-                totals = torch.zeros(len(requests), dtype=torch.float64)
-                for row, label in enumerate(requests):
-                    error = (flat["exact"] if row == 0 else flat[label] - flat["exact"]).abs()
-                    sums[row].index_add_(0, layer_index, error)
-                    totals[row] = error.sum()
+                found = estimates(requests, model, loss_fn, x, y, mc_gen)
+                flat = torch.cat([found[label][name].reshape(-1) for label in requests for name in names])
+                flat = flat.view(len(requests), -1)
+                errors = torch.cat([flat[:1], flat[1:] - flat[:1]]).abs_()  # row 0: |exact|
+                per_parameter = torch.stack([part.sum(1) for part in errors.split(sizes, 1)], 1)
+                sums.index_add_(1, layer_index, per_parameter)
+                totals = per_parameter.sum(1)
                 if block:
                     trace[i // block] += totals
                     counts[i // block] += 1

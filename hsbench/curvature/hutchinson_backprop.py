@@ -1,0 +1,119 @@
+"""Hutchinson's z ∘ (H z) by Hessian-vector products on the recorded forward pass (Pearlmutter 1994).
+
+For networks of Linear layers and elementwise activations (after any parameter-free modules
+before the first layer), the directional derivative along the probes z of every quantity of the
+forward and backward pass, written with a dot (Pearlmutter's R-operator), passes through the
+recorded steps, for M probes at once (shape (N, M, ...)):
+
+* forward, a Linear layer y = W h + b:   ẏ = W ḣ + Ż_W h + Ż_b   (ḣ = 0 at the first layer),
+  an activation y = σ(x):               ẏ = σ'(x) ẋ,
+* at the network output z:              ġ_z = H_ℓ ż (H_ℓ the loss Hessian w.r.t. z),
+* backward, an activation:              ġ_x = σ'(x) ġ_y + σ''(x) ẋ g_y,
+  a Linear layer:                       ġ_h = Wᵀ ġ_y + Ż_Wᵀ g_y,
+* at a Linear layer's parameters:       (H z)_W = Σ_n ġ_y hᵀ + g_y ḣᵀ,   (H z)_b = Σ_n ġ_y.
+
+The estimate mean_m z_m ∘ (H z_m) of a weight is then contracted over the probes without forming
+H z_m: Σ_m Z_m ∘ (ġ_m hᵀ) = (Σ_m Z_m ∘ ġ_m 1ᵀ) ∘ 1 hᵀ, one batched product that reads the probes
+once. Autograd's Hessian-vector products (``autograd_estimators``) write H z for every probe and
+read it again, several passes over M × (number of parameters) entries; this walk makes two (the
+forward product Ż_W h and the contraction), plus one at a layer whose input still needs ġ. The
+results are those of autograd up to float rounding (same probes, other order of summation).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from hsbench.curvature.contracts import Elementwise
+from hsbench.curvature.tape import Step, Tape
+
+
+def supported(tape: Tape) -> bool:
+    """Whether the walk handles ``tape``: from the first module with parameters on, only
+    ``nn.Linear`` layers (2-d inputs) and elementwise activations."""
+    walked = [step for step, _ in tape.backward_steps()]
+    return bool(walked) and all(
+        isinstance(step.rule, Elementwise) or (type(step.module) is nn.Linear and step.ctx.x.dim() == 2)
+        for step in walked
+    )
+
+
+def backpropagate(tape: Tape, probe_sets: list[dict[Tensor, Tensor]]) -> list[dict[Tensor, Tensor]]:
+    """For each set of probes ({parameter: (M_s, *parameter)}, the same parameters in every set),
+    mean over its M_s probes z of z ∘ (H z), H the Hessian of the batch loss; keyed by parameter.
+
+    The sets pass forward and backward together, side by side; only the final contraction is per set."""
+    scale = tape.scale()  # the loss's reduction: H = scale · Σ_n ∂²ℓ_n
+    steps = [step for step, _ in tape.backward_steps()][::-1]  # forward order, from the first layer
+    keys = list(probe_sets[0])
+    sizes = [probes[keys[0]].shape[0] for probes in probe_sets]
+    bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+
+    def over_sets(product) -> Tensor:  # (N, M_s, ...) per set -> (N, M, ...), the sets side by side
+        parts = [product(probes) for probes in probe_sets]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    probed = set(keys)
+    # forward: the tangent ẋ (N, M, *) at every step's input (None where it is zero)
+    tangents: list[Tensor | None] = []
+    t: Tensor | None = None
+    for step in steps:
+        tangents.append(t)
+        if isinstance(step.rule, Elementwise):
+            t = None if t is None else step.rule.derivatives(step.module, step.ctx)[0].unsqueeze(1) * t
+            continue
+        w, b, h = _weight_and_bias(step) + (step.ctx.x,)
+        t_out = None if t is None else t @ w.T
+        if w in probed:  # Ż_W h: (M, out, in) @ (in, N) -> (N, M, out)
+            product = over_sets(lambda z: (z[w].flatten(0, 1) @ h.T).unflatten(0, z[w].shape[:2]).permute(2, 0, 1))
+            t_out = product if t_out is None else t_out + product
+        if b is not None and b in probed:
+            product = over_sets(lambda z: z[b].expand(h.shape[0], *z[b].shape))
+            t_out = product if t_out is None else t_out + product
+        t = t_out
+    out, target, loss = tape.output, tape.target, tape.loss
+    if t is None:  # no probed parameter: H z = 0
+        return [{p: z[p].new_zeros(z[p].shape[1:]) for p in keys} for z in probe_sets]
+
+    g = (scale * loss.grad(out, target)).unsqueeze(1)  # (N, 1, C)
+    g_dot = t @ (scale * loss.hessian(out, target))  # (N, M, C); H_ℓ is symmetric
+    results: list[dict[Tensor, Tensor]] = [{} for _ in probe_sets]
+    for k in range(len(steps) - 1, -1, -1):
+        step, t_in = steps[k], tangents[k]
+        if isinstance(step.rule, Elementwise):
+            d1, d2 = (d.unsqueeze(1) for d in step.rule.derivatives(step.module, step.ctx))
+            g_dot = d1 * g_dot if t_in is None else d1 * g_dot + d2 * t_in * g
+            g = d1 * g
+            continue
+        w, b, h = _weight_and_bias(step) + (step.ctx.x,)
+        for s, (z, result) in enumerate(zip(probe_sets, results, strict=True)):
+            m = slice(bounds[s], bounds[s + 1])
+            if w in probed:
+                result[w] = _weight_estimate(z[w], g_dot[:, m], h, g, None if t_in is None else t_in[:, m])
+            if b is not None and b in probed:
+                result[b] = (z[b] * g_dot[:, m].sum(0)).mean(0)
+        if k > 0:
+            g_dot_in = g_dot @ w
+            if w in probed:  # Ż_Wᵀ g_y: (M, in, out) @ (out, N) -> (N, M, in)
+                g_dot_in = g_dot_in + over_sets(lambda z: (z[w].transpose(1, 2) @ g[:, 0].T).permute(2, 0, 1))
+            g, g_dot = g @ w, g_dot_in
+    return [{p: result[p] for p in keys} for result in results]
+
+
+def _weight_and_bias(step: Step) -> tuple[Tensor, Tensor | None]:
+    assert isinstance(step.module, nn.Linear)  # checked by ``supported``
+    return step.module.weight, step.module.bias
+
+
+def _weight_estimate(zw: Tensor, g_dot: Tensor, h: Tensor, g: Tensor, h_dot: Tensor | None) -> Tensor:
+    """mean_m Z_m ∘ Σ_n (ġ_nm h_nᵀ + g_n ḣ_nmᵀ) for probes zw (M, out, in), ġ (N, M, out), h (N, in),
+    g (N, 1, out), ḣ (N, M, in) or None; the first term as one batched product over the out rows."""
+    m = zw.shape[0]
+    rows = zw.transpose(0, 1)  # (out, M, in), a view
+    estimate = zw.new_zeros(zw.shape[1:])
+    for n in range(h.shape[0]):
+        estimate += (g_dot[n].T.unsqueeze(1) @ rows).squeeze(1) * h[n]
+        if h_dot is not None:
+            estimate += g[n, 0].unsqueeze(1) * (zw * h_dot[n].unsqueeze(1)).sum(0)
+    return estimate / m
