@@ -8,8 +8,9 @@ arguments, paths, device or missing data (nothing is written or submitted); 130 
 
 This module wires the engine (``hsbench.engine``) to the registry of experiment kinds
 (``hsbench.experiments.KINDS``); the engine itself imports no kind. torch, pandas, matplotlib
-and submitit are imported by the commands that use them, never at the top: ``hsbench --help``
-and a spec rejected before its kind is needed answer at once (``tests/test_cli_speed.py``).
+and submitit are imported by the commands that use them, never at the top, and a kind's module
+imports none of them (``hsbench.engine.kind``): ``hsbench --help``, ``hsbench list`` and a rejected
+spec answer at once (``tests/test_cli_speed.py``).
 """
 
 from __future__ import annotations

@@ -1,13 +1,21 @@
-"""The command line answers at once: ``--help`` and a spec rejected before its kind is needed
-import neither torch, pandas, matplotlib nor submitit (checked in a fresh interpreter, not timed)."""
+"""The command line answers at once: ``--help``, ``list`` and a rejected spec (bad TOML, unknown kind,
+setting or scale) import neither torch, numpy, pandas, matplotlib, gymnasium nor submitit (checked in a
+fresh interpreter, not timed), because declaring a kind imports none of them (``hsbench.engine.kind``)."""
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
 
-HEAVY = ("torch", "pandas", "matplotlib", "submitit")
+import pytest
+
+from hsbench.experiments import names
+
+REPO = Path(__file__).resolve().parents[1]
+
+HEAVY = ("torch", "numpy", "pandas", "matplotlib", "gymnasium", "submitit")
 
 PROBE = """
 import sys
@@ -22,10 +30,12 @@ sys.exit(code)
 """
 
 
-def _imported(args: list[str], cwd: Path) -> tuple[int, list[str]]:
+def _imported(args: list[str], cwd: Path, error: str = "") -> tuple[int, list[str]]:
+    """Exit code of ``hsbench ARGS`` run in ``cwd`` and the heavy modules it imported; stderr holds ``error``."""
     out = subprocess.run(
         [sys.executable, "-c", PROBE.format(heavy=HEAVY), *args], cwd=cwd, capture_output=True, text=True
     )
+    assert error in out.stderr
     line = next(line for line in out.stdout.splitlines() if line.startswith("heavy:"))
     return out.returncode, [m for m in line.removeprefix("heavy:").strip().split(",") if m]
 
@@ -53,3 +63,34 @@ def test_help_and_rejected_specs_import_no_heavy_module(tmp_path):
         (["plot", "broken"], 2),  # not TOML
     ):
         assert _imported(args, tmp_path) == (code, []), args
+
+
+def test_list_and_specs_rejected_for_a_setting_or_a_scale_import_no_heavy_module(tmp_path):
+    (tmp_path / "experiments").mkdir()
+    bad_setting = 'kind = "approx-quality"\n[grid]\nactivation = ["tanh", "softsign"]\n'
+    (tmp_path / "experiments" / "bad-setting.toml").write_text(bad_setting)
+    assert _imported(["list"], REPO) == (0, [])  # every kind of the committed specs declared and checked
+    assert _imported(["run", "figure2", "--scale", "nosuch"], REPO, "scales.nosuch: unknown scale") == (2, [])
+    assert _imported(["run", "bad-setting"], tmp_path, "grid.activation[1]: unknown value 'softsign'") == (2, [])
+    assert _imported(["list"], tmp_path) == (0, [])  # the spec listed as INVALID
+
+
+def test_every_kind_is_declared_without_a_heavy_module():
+    probe = "import sys; from hsbench.experiments import KINDS; [KINDS[name] for name in KINDS]; "
+    probe += f"print([m for m in {HEAVY!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("declared", "registry"),
+    [
+        (names.ACTIVATIONS, "hsbench.activations:ACTIVATIONS"),
+        (names.OPTIMIZERS, "hsbench.optim:OPTIMIZERS"),
+        (names.PROBLEMS, "hsbench.problems:PROBLEMS"),
+        (names.CLOCKS, "hsbench.timing:CLOCKS"),
+    ],
+)
+def test_the_kinds_choices_are_the_registries_names(declared, registry):
+    module, _, attribute = registry.partition(":")
+    assert declared == tuple(getattr(importlib.import_module(module), attribute))

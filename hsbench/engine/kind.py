@@ -10,6 +10,21 @@ lists for per-step or per-epoch series. A run whose metrics hold NaN or inf, or 
 The engine never imports a kind: the command line hands it the registry
 (``hsbench.experiments.KINDS``), and a run names its kind by import path (:func:`import_path`),
 which :func:`load_kind` resolves in whichever process executes the run (a pool worker, a SLURM job).
+
+Declaring a kind is cheap. Checking a spec, ``hsbench list`` and ``hsbench run`` with a bad setting or
+scale import the kind's module, and answer at once because that import loads neither torch, numpy,
+pandas, matplotlib nor gymnasium (``tests/test_cli_speed.py``). A kind module therefore imports at
+its top only the standard library, this module and hsbench modules that follow the same rule; its
+fields' ``choices`` are plain values (the names of registries that import torch are repeated as
+strings in ``hsbench.experiments.names``). Every other module it uses is bound at the top with
+:class:`LazyModule`, which imports it on the first attribute access, and is used qualified
+(``torch.zeros``, ``optim.make``, ``figure.Figure``); a type checker sees the real modules::
+
+    if TYPE_CHECKING:
+        import torch
+        from hsbench import optim
+    else:  # imported on first use (hsbench.engine.kind)
+        torch, optim = LazyModule("torch"), LazyModule("hsbench.optim")
 """
 
 from __future__ import annotations
@@ -47,7 +62,8 @@ class Field:
 
     ``type`` is one of int, float, str, bool (an int is accepted where a float is expected).
     ``choices`` is a collection or a zero-argument callable returning one, so that the
-    admissible values may live in another module (e.g. the list of curvature methods).
+    admissible values may live in another module (e.g. the list of curvature methods); it is
+    called on every check, so a kind's choices import no torch (see the module docstring).
     ``low`` / ``high`` bound numbers inclusively.
     """
 
@@ -143,6 +159,19 @@ def import_path(kind: ExperimentKind) -> str:
     """``'module:Class'`` of ``kind``, from which :func:`load_kind` builds it again in another process."""
     cls = type(kind)
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+class LazyModule:
+    """Stands for the module ``name``, imported on the first attribute access (see the module docstring)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+    def __repr__(self) -> str:
+        return f"<module {self._name!r}, imported on first use>"
 
 
 @functools.cache

@@ -3,8 +3,9 @@
 A new kind is one module of this package (a subclass of ``hsbench.engine.kind.ExperimentKind``)
 plus one line in ``PATHS``. ``KINDS`` maps each name to its kind, imported on first access
 (``hsbench.engine.kind.load_kind``): listing the names, or a command that needs no kind (``hsbench
---help``), imports none of the kind modules and hence neither torch nor pandas. The engine never
-imports this registry; ``hsbench.cli`` hands it over.
+--help``), imports none of the kind modules; importing one imports neither torch nor pandas either
+(see "Declaring a kind is cheap" in ``hsbench.engine.kind``). The engine never imports this
+registry; ``hsbench.cli`` hands it over.
 """
 
 from __future__ import annotations

@@ -17,20 +17,29 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
-import torch
-from matplotlib.figure import Figure
-from torch import nn
-
-from hsbench.activations import ACTIVATIONS
 from hsbench.data import TORCHVISION, mnist_like
-from hsbench.engine.kind import ExperimentKind, Field
+from hsbench.engine.kind import ExperimentKind, Field, LazyModule
+from hsbench.experiments.names import ACTIVATIONS
 from hsbench.experiments.networks import INITS, mlp, small_cnn
 from hsbench.experiments.plotting import mark_epochs, save_figure, save_markdown
-from hsbench.optim import make, train_step
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import torch
+    from matplotlib import figure
+    from torch import nn
+
+    from hsbench import optim
+else:  # imported on first use (hsbench.engine.kind)
+    np = LazyModule("numpy")
+    pd = LazyModule("pandas")
+    torch = LazyModule("torch")
+    figure = LazyModule("matplotlib.figure")
+    nn = LazyModule("torch.nn")
+    optim = LazyModule("hsbench.optim")
 
 
 def compared_methods(mc_large: int) -> dict[str, tuple[str, int]]:
@@ -107,7 +116,7 @@ class ApproxQuality(ExperimentKind):
         "model": Field(str, "network: 'mlp' or 'cnn'", default="mlp", choices=("mlp", "cnn")),
         "width": Field(int, "hidden units per layer (mlp)", default=32, low=1),
         "depth": Field(int, "hidden layers (mlp)", default=3, low=1),
-        "activation": Field(str, "hidden activation", default="tanh", choices=tuple(ACTIVATIONS)),
+        "activation": Field(str, "hidden activation", default="tanh", choices=ACTIVATIONS),
         "init": Field(
             str, "initialization (mlp; the cnn is Kaiming with zero biases)", default="kaiming", choices=INITS
         ),
@@ -135,7 +144,7 @@ class ApproxQuality(ExperimentKind):
         torch.manual_seed(ctx.seed)
         model = build_model(settings, x_all[0].numel(), classes).double()
         loss_fn = nn.CrossEntropyLoss()
-        sgd = make("sgd", model.parameters(), lr=settings["sgd_lr"])  # the run along which examples are met
+        sgd = optim.make("sgd", model.parameters(), lr=settings["sgd_lr"])  # the run along which examples are met
         requests = {"exact": ("exact", 1), **compared_methods(settings["mc_large"])}
         layers = [m for m in model if list(m.parameters(recurse=False))]
         layer_of = {id(p): i for i, m in enumerate(layers) for p in m.parameters(recurse=False)}
@@ -170,7 +179,7 @@ class ApproxQuality(ExperimentKind):
                 if block:
                     trace[i // block] += totals
                     counts[i // block] += 1
-            train_step(sgd, model, loss_fn, x, y)
+            optim.train_step(sgd, model, loss_fn, x, y)
             if ctx.checkpoint_due():
                 ctx.save_checkpoint(
                     {
@@ -221,11 +230,11 @@ class ApproxQuality(ExperimentKind):
         ]
 
 
-def _normalized_figure(normalized: pd.DataFrame, reference: pd.Series, seeds: pd.Series, caption: str) -> Figure:
+def _normalized_figure(normalized: pd.DataFrame, reference: pd.Series, seeds: pd.Series, caption: str) -> figure.Figure:
     """One dot per initialization and method; an initialization's colour (its seed) is the same for every method."""
     from matplotlib import cm, colormaps, colors
 
-    fig = Figure(figsize=(9, 4.2), layout="constrained")
+    fig = figure.Figure(figsize=(9, 4.2), layout="constrained")
     ax = fig.subplots()
     cmap = colormaps["turbo"].resampled(max(len(seeds), 2))
     norm = colors.BoundaryNorm(np.arange(len(seeds) + 1) - 0.5, cmap.N)
@@ -246,10 +255,10 @@ def _normalized_figure(normalized: pd.DataFrame, reference: pd.Series, seeds: pd
     return fig
 
 
-def _layer_figure(ok: pd.DataFrame, labels: list[str], caption: str) -> Figure:
+def _layer_figure(ok: pd.DataFrame, labels: list[str], caption: str) -> figure.Figure:
     per_layer = {label: np.mean(ok[f"l1_layers/{label}"].tolist(), axis=0) for label in labels}
     layers = len(next(iter(per_layer.values())))
-    fig = Figure(figsize=(9, 4.2), layout="constrained")
+    fig = figure.Figure(figsize=(9, 4.2), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / len(labels)
     colors = plt_colors(len(labels))
@@ -283,7 +292,7 @@ def training_plots(ok: pd.DataFrame, varying: list[str], name: str, outdir: Path
     groups = list(ok.groupby(varying, sort=False)) if varying else [((), ok)]
     labels = [c[len("l1_trace/") :] for c in ok.columns if c.startswith("l1_trace/")]
     colors = plt_colors(len(labels))
-    fig = Figure(figsize=(13, 3.8 * len(groups)), layout="constrained")
+    fig = figure.Figure(figsize=(13, 3.8 * len(groups)), layout="constrained")
     axes = fig.subplots(len(groups), 2, squeeze=False)
     rows = []
     for row, (key, runs) in enumerate(groups):

@@ -20,23 +20,30 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
-import torch
-from matplotlib.figure import Figure
-from torch import Tensor, nn
-
-from hsbench import optim
-from hsbench.activations import ACTIVATIONS
-from hsbench.curvature import extend
-from hsbench.curvature.hessian_backprop import output_hessians
-from hsbench.curvature.tape import record
 from hsbench.data import MNIST_LIKE, TORCHVISION, mnist_like
-from hsbench.engine.kind import Diverged, ExperimentKind, Field
+from hsbench.engine.kind import Diverged, ExperimentKind, Field, LazyModule
+from hsbench.experiments.names import ACTIVATIONS, OPTIMIZERS
 from hsbench.experiments.networks import INITS, mlp
 from hsbench.experiments.plotting import mark_epochs, save_figure, save_markdown
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import torch
+    from matplotlib import figure
+    from torch import Tensor, nn
+
+    from hsbench import curvature, optim
+else:  # imported on first use (hsbench.engine.kind)
+    np = LazyModule("numpy")
+    pd = LazyModule("pandas")
+    torch = LazyModule("torch")
+    figure = LazyModule("matplotlib.figure")
+    nn = LazyModule("torch.nn")
+    curvature = LazyModule("hsbench.curvature")
+    optim = LazyModule("hsbench.optim")
 
 
 def rho(a: Tensor) -> Tensor:
@@ -50,8 +57,9 @@ def pre_activation_hessians(
     """Per-example Hessians (N, n, n) of the loss w.r.t. each hidden Linear layer's output, first to last;
     with ``gauss_newton`` their Gauss-Newton part (no σ''·∂L/∂h terms of the activations above)."""
     with torch.no_grad():
-        tape = record(model, loss_fn, x, y)
-        found = [h for step, h in output_hessians(tape, not gauss_newton) if step.has_parameters]
+        tape = curvature.tape.record(model, loss_fn, x, y)
+        hessians = curvature.hessian_backprop.output_hessians(tape, not gauss_newton)
+        found = [h for step, h in hessians if step.has_parameters]
     return found[::-1][:-1]  # forward order, without the output layer
 
 
@@ -76,11 +84,9 @@ class DiagDominance(ExperimentKind):
         ),
         "width": Field(int, "units per hidden layer", default=128, low=1),
         "depth": Field(int, "hidden layers", default=4, low=1),
-        "activation": Field(str, "hidden activation", default="tanh", choices=tuple(ACTIVATIONS)),
+        "activation": Field(str, "hidden activation", default="tanh", choices=ACTIVATIONS),
         "init": Field(str, "weight initialization", default="torch-default", choices=INITS),
-        "optimizer": Field(
-            str, "training optimizer (hsbench.optim name)", default="sgd", choices=lambda: tuple(optim.OPTIMIZERS)
-        ),
+        "optimizer": Field(str, "training optimizer (hsbench.optim name)", default="sgd", choices=OPTIMIZERS),
         "lr": Field(float, "training step size", default=0.01, low=0.0),
         "iterations": Field(int, "training iterations", default=10000, low=0),
         "batch_size": Field(int, "training batch size", default=32, low=1),
@@ -125,7 +131,7 @@ class DiagDominance(ExperimentKind):
         rho_before, before = measure()
         optimizer = optim.make(settings["optimizer"], model.parameters(), lr=settings["lr"])
         if optimizer.needs_recording:
-            extend(model), extend(loss_fn)
+            curvature.extend(model), curvature.extend(loss_fn)
         when = record_iterations(settings["iterations"], settings["record_points"])
         test = torch.randint(0, len(y_test), (settings["eval_examples"],), generator=gen) if len(y_test) else None
         trace: dict[str, list] = {}
@@ -218,12 +224,12 @@ def rho_table(ok: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def heat_maps(run: pd.Series, caption: str) -> Figure:
+def heat_maps(run: pd.Series, caption: str) -> figure.Figure:
     """|H| of each hidden layer before (top) and after (bottom) training, log color scale."""
     from matplotlib.colors import LogNorm
 
     layers = len(run["matrices_before"])
-    fig = Figure(figsize=(3 * layers, 6.4), layout="constrained")
+    fig = figure.Figure(figsize=(3 * layers, 6.4), layout="constrained")
     axes = fig.subplots(2, layers, squeeze=False)
     for row, when in enumerate(("before", "after")):
         for k, matrix in enumerate(run[f"matrices_{when}"]):
@@ -250,7 +256,7 @@ def training_plots(ok: pd.DataFrame, varying: list[str], name: str, outdir: Path
     groups = list(ok.groupby(varying, sort=False)) if varying else [((), ok)]
     panels = ("rho", "rho_gauss_newton", "sigma2_share", "loss")
     titles = ("ρ(H)", "ρ(Gauss-Newton part G)", "‖H − G‖_F / ‖H‖_F (σ''·∂L/∂h terms)", "mean loss")
-    fig = Figure(figsize=(15, 3.2 * len(groups)), layout="constrained")
+    fig = figure.Figure(figsize=(15, 3.2 * len(groups)), layout="constrained")
     axes = fig.subplots(len(groups), len(panels), squeeze=False)
     rows = []
     for row, (key, runs) in enumerate(groups):

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from torch import nn
+from hsbench.engine.kind import LazyModule
 
-from hsbench.activations import ACTIVATIONS
+if TYPE_CHECKING:
+    from torch import nn
+
+    from hsbench import activations
+else:  # imported on first use (hsbench.engine.kind)
+    nn = LazyModule("torch.nn")
+    activations = LazyModule("hsbench.activations")
 
 INITS = ("kaiming", "kaiming-bias", "torch-default")
 GAINS: dict[str, Literal["relu", "tanh", "sigmoid"]] = {
@@ -16,7 +22,7 @@ GAINS: dict[str, Literal["relu", "tanh", "sigmoid"]] = {
     "tanh": "tanh",
     "sigmoid": "sigmoid",
 }
-"""torch.nn.init's gain name for each activation in ``ACTIVATIONS`` (ELU uses ReLU's)."""
+"""torch.nn.init's gain name for each activation in ``hsbench.activations.ACTIVATIONS`` (ELU uses ReLU's)."""
 
 
 def mlp(inputs: int, width: int, depth: int, classes: int, activation: str, init: str = "kaiming") -> nn.Sequential:
@@ -28,14 +34,14 @@ def mlp(inputs: int, width: int, depth: int, classes: int, activation: str, init
     widths = [inputs] + [width] * depth
     layers: list[nn.Module] = [nn.Flatten()]
     for a, b in pairwise(widths):
-        layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
+        layers += [nn.Linear(a, b), activations.ACTIVATIONS[activation]()]
     model = nn.Sequential(*layers, nn.Linear(widths[-1], classes))
     return model if init == "torch-default" else kaiming(model, activation, biases=init == "kaiming-bias")
 
 
 def small_cnn(classes: int, activation: str) -> nn.Sequential:
     """For 1x28x28 inputs: conv 1→4 5x5 stride 2, pool 2, conv 4→8 3x3, flatten, linear 128 → classes."""
-    act = ACTIVATIONS[activation]
+    act = activations.ACTIVATIONS[activation]
     model = nn.Sequential(
         nn.Conv2d(1, 4, 5, stride=2),
         act(),

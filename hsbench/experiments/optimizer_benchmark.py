@@ -33,21 +33,31 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
-import torch
-import torch.nn.functional as F
-from matplotlib.figure import Figure
-
-from hsbench import optim, problems
-from hsbench.activations import ACTIVATIONS
-from hsbench.curvature import extend
 from hsbench.data import TORCHVISION
-from hsbench.engine.kind import Diverged, ExperimentKind, Field
+from hsbench.engine.kind import Diverged, ExperimentKind, Field, LazyModule
+from hsbench.experiments.names import ACTIVATIONS, OPTIMIZERS, PROBLEMS
 from hsbench.experiments.plotting import save_figure
-from hsbench.timing import synchronize
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import torch
+    import torch.nn.functional as F
+    from matplotlib import figure
+
+    from hsbench import curvature, optim, problems, timing
+else:  # imported on first use (hsbench.engine.kind)
+    np = LazyModule("numpy")
+    pd = LazyModule("pandas")
+    torch = LazyModule("torch")
+    F = LazyModule("torch.nn.functional")
+    figure = LazyModule("matplotlib.figure")
+    curvature = LazyModule("hsbench.curvature")
+    optim = LazyModule("hsbench.optim")
+    problems = LazyModule("hsbench.problems")
+    timing = LazyModule("hsbench.timing")
 
 EVAL_BATCH = 1000  # evaluation batch size (does not change the numbers, only memory and speed)
 SPLITS = ("train_eval", "valid", "test")
@@ -70,9 +80,9 @@ class OptimizerBenchmark(ExperimentKind):
     description = "train a DeepOBS problem with one optimizer and step size; learning curves, best step size"
     export_formats = ("deepobs",)  # hsbench export --format deepobs: DeepOBS's per-seed JSON layout
     fields: Mapping[str, Field] = {
-        "problem": Field(str, "test problem (hsbench.problems)", choices=lambda: list(problems.PROBLEMS)),
-        "activation": Field(str, "activation of every hidden layer", default="relu", choices=lambda: list(ACTIVATIONS)),
-        "optimizer": Field(str, "optimizer (hsbench.optim)", choices=lambda: list(optim.OPTIMIZERS)),
+        "problem": Field(str, "test problem (hsbench.problems)", choices=PROBLEMS),
+        "activation": Field(str, "activation of every hidden layer", default="relu", choices=ACTIVATIONS),
+        "optimizer": Field(str, "optimizer (hsbench.optim)", choices=OPTIMIZERS),
         "lr": Field(float, "step size", low=0.0),
         "beta1": Field(float, "first-moment decay (ignored by sgd)", default=0.9, low=0.0, high=0.999999),
         "beta2": Field(float, "second-moment decay (ignored by sgd)", default=0.999, low=0.0, high=0.999999),
@@ -103,8 +113,8 @@ class OptimizerBenchmark(ExperimentKind):
             hyper["betas"] = (settings["beta1"], settings["beta2"])
         opt = optim.make(settings["optimizer"], problem.param_groups(model), **hyper)
         if opt.needs_recording:
-            extend(model)
-            extend(loss_fn)
+            curvature.extend(model)
+            curvature.extend(loss_fn)
         generator = torch.Generator().manual_seed(ctx.seed)  # shuffling and augmentation
         metrics: dict[str, Any] = {name: [] for name in SERIES} | {"data": data.description}
 
@@ -179,31 +189,31 @@ def train_epoch(model, loss_fn, opt, data, batch_size, generator, metrics, epoch
     model.train()
     seconds = 0.0
     for x, y in data.train_batches(batch_size, generator):
-        synchronize(x.device)
+        timing.synchronize(x.device)
         start = time.perf_counter()
         try:
             optim.train_step(opt, model, loss_fn, x, y)
         except optim.Diverged as error:
             raise Diverged(f"epoch {epoch}: {error}", metrics) from error
-        synchronize(x.device)
+        timing.synchronize(x.device)
         seconds += time.perf_counter() - start
     return seconds
 
 
-@torch.no_grad()
 def evaluate(model, problem, data) -> dict[str, tuple[float, float]]:
     """{split: (DeepOBS loss, accuracy)} on the train-eval, validation and test sets."""
     model.eval()
-    regularization = float(problem.regularization(model))
     found = {}
-    for split in SPLITS:
-        total, correct, count = 0.0, 0, 0
-        for x, y in data.eval_batches(split, EVAL_BATCH):
-            logits = model(x)
-            total += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-            count += len(y)
-        found[split] = (total / count + regularization, correct / count)
+    with torch.no_grad():
+        regularization = float(problem.regularization(model))
+        for split in SPLITS:
+            total, correct, count = 0.0, 0, 0
+            for x, y in data.eval_batches(split, EVAL_BATCH):
+                logits = model(x)
+                total += float(F.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(1) == y).sum())
+                count += len(y)
+            found[split] = (total / count + regularization, correct / count)
     model.train()
     return found
 
@@ -274,10 +284,10 @@ def _label(row) -> str:
     return f"{row['problem']} ({row['activation']})"
 
 
-def _curves_figure(chosen: pd.DataFrame, caption: str, selection: str) -> Figure:
+def _curves_figure(chosen: pd.DataFrame, caption: str, selection: str) -> figure.Figure:
     """Per problem: mean test accuracy ± standard error against epochs and against seconds."""
     panels = sorted({(_label(r), r["problem"], r["activation"]) for _, r in chosen.iterrows()})
-    fig = Figure(figsize=(10, 3.6 * len(panels) + 0.6))
+    fig = figure.Figure(figsize=(10, 3.6 * len(panels) + 0.6))
     axes = fig.subplots(len(panels), 2, squeeze=False)
     for (title, problem, activation), (by_epoch, by_time) in zip(panels, axes, strict=True):
         here = chosen[(chosen["problem"] == problem) & (chosen["activation"] == activation)]
@@ -306,7 +316,7 @@ def _curves_figure(chosen: pd.DataFrame, caption: str, selection: str) -> Figure
     return fig
 
 
-def _step_size_figure(runs: pd.DataFrame, selection: str, caption: str) -> Figure:
+def _step_size_figure(runs: pd.DataFrame, selection: str, caption: str) -> figure.Figure:
     """Per problem: mean final test loss against step size, one line per optimizer (best betas per step size)."""
     scores = config_scores(runs, selection)
     curve = OptimizerBenchmark().curve_keys()
@@ -314,7 +324,7 @@ def _step_size_figure(runs: pd.DataFrame, selection: str, caption: str) -> Figur
         scores.sort_values(["score", "beta1", "beta2"], kind="stable").groupby([*curve, "lr"], as_index=False).head(1)
     )
     panels = sorted({(_label(r), r["problem"], r["activation"]) for _, r in per_lr.iterrows()})
-    fig = Figure(figsize=(max(8.0, 5.5 * len(panels)), 4.4))
+    fig = figure.Figure(figsize=(max(8.0, 5.5 * len(panels)), 4.4))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, problem, activation) in zip(axes, panels, strict=True):
         here = per_lr[(per_lr["problem"] == problem) & (per_lr["activation"] == activation)]

@@ -12,20 +12,21 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-import torch
-from matplotlib.figure import Figure
+from hsbench.engine.kind import Diverged, ExperimentKind, Field, LazyModule
 
-from hsbench.engine.kind import Diverged, ExperimentKind, Field
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from matplotlib import figure
+else:  # imported on first use (hsbench.engine.kind)
+    pd = LazyModule("pandas")
+    torch = LazyModule("torch")
+    figure = LazyModule("matplotlib.figure")
 
-TORCH_OPTIMIZERS = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adagrad": torch.optim.Adagrad,
-    "rmsprop": torch.optim.RMSprop,
-}
+TORCH_OPTIMIZERS = {"adagrad": "Adagrad", "adam": "Adam", "rmsprop": "RMSprop", "sgd": "SGD"}
+"""``optimizer`` setting -> class in torch.optim."""
 DIVERGENCE_FACTOR = 1e8  # a loss this many times the initial one counts as diverged
 
 
@@ -35,7 +36,7 @@ class Quadratic(ExperimentKind):
     fields: Mapping[str, Field] = {
         "dim": Field(int, "dimension of x", default=10, low=1, high=10_000),
         "condition": Field(float, "largest / smallest eigenvalue of A", default=100.0, low=1.0),
-        "optimizer": Field(str, "torch optimizer", default="sgd", choices=lambda: sorted(TORCH_OPTIMIZERS)),
+        "optimizer": Field(str, "torch optimizer", default="sgd", choices=tuple(TORCH_OPTIMIZERS)),
         "lr": Field(float, "learning rate", default=0.01, low=1e-12),
         "steps": Field(int, "optimisation steps", default=200, low=1),
         "noise": Field(float, "standard deviation of the Gaussian gradient noise", default=0.0, low=0.0),
@@ -54,7 +55,7 @@ class Quadratic(ExperimentKind):
         a = q @ torch.diag(eigenvalues) @ q.T
         x_star = torch.randn(dim, generator=gen, dtype=torch.float64)
         x = torch.randn(dim, generator=gen, dtype=torch.float64).requires_grad_()
-        optimizer = TORCH_OPTIMIZERS[settings["optimizer"]]([x], lr=settings["lr"])
+        optimizer = getattr(torch.optim, TORCH_OPTIMIZERS[settings["optimizer"]])([x], lr=settings["lr"])
 
         def loss_fn() -> torch.Tensor:
             d = x - x_star
@@ -96,7 +97,7 @@ class Quadratic(ExperimentKind):
         """One panel per optimizer: median loss over seeds against step, one line per learning rate."""
         ok = df[df["status"] != "failed"]
         optimizers = sorted(ok["optimizer"].unique())
-        fig = Figure(figsize=(4 * max(len(optimizers), 1), 3.2))
+        fig = figure.Figure(figsize=(4 * max(len(optimizers), 1), 3.2))
         axes = fig.subplots(1, max(len(optimizers), 1), squeeze=False)
         for ax, name in zip(axes[0], optimizers, strict=False):  # no optimizer: one empty panel
             for lr, group in ok[ok["optimizer"] == name].groupby("lr"):

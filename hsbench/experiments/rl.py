@@ -45,21 +45,31 @@ import math
 import sys
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
-import torch
-from matplotlib.figure import Figure
-
-from hsbench import optim
-from hsbench.engine.kind import Diverged, ExperimentKind, Field
+from hsbench.engine.kind import Diverged, ExperimentKind, Field, LazyModule
+from hsbench.experiments.names import OPTIMIZERS
 from hsbench.experiments.plotting import save_figure, save_markdown
-from hsbench.rl import a2c, ppo
 
-ALGORITHMS: dict[str, Callable[..., dict]] = {"ppo": ppo.train, "a2c": a2c.train}
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import torch
+    from matplotlib import figure
+
+    from hsbench.rl import a2c, ppo
+else:  # imported on first use (hsbench.engine.kind)
+    np = LazyModule("numpy")
+    pd = LazyModule("pandas")
+    torch = LazyModule("torch")
+    figure = LazyModule("matplotlib.figure")
+    a2c = LazyModule("hsbench.rl.a2c")
+    ppo = LazyModule("hsbench.rl.ppo")
+
+ALGORITHMS = {"ppo": ppo, "a2c": a2c}
+"""``algorithm`` setting -> its module in hsbench.rl, whose ``train`` runs it."""
 ENVIRONMENTS = (
     "Ant-v5", "Walker2d-v5", "HalfCheetah-v5", "Hopper-v5", "InvertedDoublePendulum-v5",  # figures 5, 6, 11
     "InvertedPendulum-v5", "Swimmer-v5", "Reacher-v5", "Humanoid-v5", "HumanoidStandup-v5",  # figures 10, 12, 13
@@ -78,11 +88,9 @@ class RLTraining(ExperimentKind):
     devices = ("cpu",)  # 2x64 networks: hsbench run --device cuda is rejected before anything runs
 
     fields: Mapping[str, Field] = {
-        "algorithm": Field(str, "ppo or a2c (hsbench.rl)", choices=list(ALGORITHMS)),
+        "algorithm": Field(str, "ppo or a2c (hsbench.rl)", choices=tuple(ALGORITHMS)),
         "env": Field(str, "gymnasium MuJoCo v5 task", choices=ENVIRONMENTS),
-        "optimizer": Field(
-            str, "optimizer of actor and critic (hsbench.optim)", choices=lambda: list(optim.OPTIMIZERS)
-        ),
+        "optimizer": Field(str, "optimizer of actor and critic (hsbench.optim)", choices=OPTIMIZERS),
         "lr": Field(float, "step size", low=0.0),
         "total_steps": Field(
             int, "environment steps; 0: the paper's (10M Humanoid, HumanoidStandup; else 2M)", default=0, low=0
@@ -109,7 +117,7 @@ class RLTraining(ExperimentKind):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # 2x64 networks: more threads only contend (10x slower on a busy machine)
         try:
-            found = ALGORITHMS[settings["algorithm"]](
+            found = ALGORITHMS[settings["algorithm"]].train(
                 settings["env"], settings["optimizer"], settings["lr"], ctx.seed, total,
                 optimizer_options=options, ctx=ctx, progress=Progress(run_label(settings), total),
             )  # fmt: skip
@@ -348,7 +356,7 @@ def panel_axes(keys: list[tuple[str, str]], width: float = 4.0, height: float = 
     """A figure with one row per algorithm and one column per environment; {(algorithm, env): ax}."""
     algorithms = sorted({a for a, _ in keys})
     envs = list(dict.fromkeys(e for _, e in sorted(keys, key=lambda k: ENVIRONMENTS.index(k[1]))))
-    fig = Figure(figsize=(max(8.0, width * len(envs) + 0.5), height * len(algorithms) + 1.0))
+    fig = figure.Figure(figsize=(max(8.0, width * len(envs) + 0.5), height * len(algorithms) + 1.0))
     axes = fig.subplots(len(algorithms), len(envs), squeeze=False)
     found = {}
     for i, algorithm in enumerate(algorithms):
@@ -362,7 +370,7 @@ def panel_axes(keys: list[tuple[str, str]], width: float = 4.0, height: float = 
     return fig, found
 
 
-def curves_figure(runs: pd.DataFrame, caption: str, spread: bool) -> Figure:
+def curves_figure(runs: pd.DataFrame, caption: str, spread: bool) -> figure.Figure:
     """Binned return against environment steps per panel: the mean ± standard error over seeds of
     each (optimizer, lr) (``spread``), or every run as its own line."""
     fig, axes = panel_axes(sorted(set(zip(runs["algorithm"], runs["env"], strict=True))))
@@ -400,7 +408,7 @@ def mean_se(curves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(variance / np.maximum(counts, 1))
 
 
-def robustness_figure(scores: pd.DataFrame, caption: str) -> Figure:
+def robustness_figure(scores: pd.DataFrame, caption: str) -> figure.Figure:
     """Normalized summary ± standard error against the step size (log x), one line per optimizer."""
     fig, axes = panel_axes(sorted(set(zip(scores["algorithm"], scores["env"], strict=True))), width=3.6)
     for (algorithm, env), ax in axes.items():
@@ -426,10 +434,10 @@ def robustness_figure(scores: pd.DataFrame, caption: str) -> Figure:
     return fig
 
 
-def eta_figure(eta: pd.DataFrame, caption: str) -> Figure:
+def eta_figure(eta: pd.DataFrame, caption: str) -> figure.Figure:
     """Mean η against the step size (log-log): actor solid, critic dashed, one colour per optimizer."""
     if eta.empty:
-        fig = Figure(figsize=(5, 2))
+        fig = figure.Figure(figsize=(5, 2))
         fig.text(0.5, 0.5, "no run of a scaled optimizer", ha="center")
         return fig
     fig, axes = panel_axes(sorted(set(zip(eta["algorithm"], eta["env"], strict=True))), width=3.6)

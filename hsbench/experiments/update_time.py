@@ -27,20 +27,30 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
-import torch
-from matplotlib.figure import Figure
-from torch import nn
-
-from hsbench.curvature import extend
-from hsbench.engine.kind import ExperimentKind, Field
+from hsbench.engine.kind import ExperimentKind, Field, LazyModule
+from hsbench.experiments.names import CLOCKS
 from hsbench.experiments.networks import mlp
 from hsbench.experiments.plotting import save_figure, save_markdown
-from hsbench.optim import OPTIMIZERS, Optimizer, make, train_step
-from hsbench.timing import CLOCKS, Task, interleaved, summary
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import torch
+    from matplotlib import figure
+    from torch import nn
+
+    from hsbench import curvature, optim, timing
+else:  # imported on first use (hsbench.engine.kind)
+    np = LazyModule("numpy")
+    pd = LazyModule("pandas")
+    torch = LazyModule("torch")
+    figure = LazyModule("matplotlib.figure")
+    nn = LazyModule("torch.nn")
+    curvature = LazyModule("hsbench.curvature")
+    optim = LazyModule("hsbench.optim")
+    timing = LazyModule("hsbench.timing")
 
 INPUTS, WIDTH, OUTPUTS_B, FIRST_OUTPUTS = 64, 512, 100, 16
 PAPER_RATIOS = {"adahessian": 3.0, "adahesscale": 2.0, "adahesscale-gn": 1.25}  # appendix D, "on average"
@@ -69,21 +79,21 @@ def twin_models(build: Callable[[], nn.Module], seed: int, device: torch.device)
     for _ in range(2):
         torch.manual_seed(seed)
         models.append(build().to(device))
-    return models[0], extend(models[1])
+    return models[0], curvature.extend(models[1])
 
 
 def update_tasks(
     plain: nn.Module, extended: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]
-) -> dict[str, Task]:
+) -> dict[str, timing.Task]:
     """For each optimizer in ``names``: (restore the initial weights, one update), on ``extended``
     for the optimizers that need the recording hooks (``needs_recording``), else on ``plain``."""
     initial = [p.detach().clone() for p in plain.parameters()]
-    losses = {False: nn.CrossEntropyLoss(), True: extend(nn.CrossEntropyLoss())}
-    tasks: dict[str, Task] = {}
+    losses = {False: nn.CrossEntropyLoss(), True: curvature.extend(nn.CrossEntropyLoss())}
+    tasks: dict[str, timing.Task] = {}
     for name in names:
-        recording = OPTIMIZERS[name].needs_recording
+        recording = optim.OPTIMIZERS[name].needs_recording
         model = extended if recording else plain
-        opt = make(name, model.parameters())
+        opt = optim.make(name, model.parameters())
         tasks[name] = (_restorer(model, initial), _updater(model, losses[recording], opt, x, y))
     return tasks
 
@@ -97,8 +107,8 @@ def _restorer(model: nn.Module, initial: list[torch.Tensor]) -> Callable[[], Non
     return restore
 
 
-def _updater(model: nn.Module, loss_fn: nn.Module, opt: Optimizer, x, y) -> Callable[[], object]:
-    return lambda: train_step(opt, model, loss_fn, x, y)
+def _updater(model: nn.Module, loss_fn: nn.Module, opt: optim.Optimizer, x, y) -> Callable[[], object]:
+    return lambda: optim.train_step(opt, model, loss_fn, x, y)
 
 
 class UpdateTime(ExperimentKind):
@@ -125,7 +135,7 @@ class UpdateTime(ExperimentKind):
             str,
             "'wall' (perf_counter) or 'cpu' (CPU time of the process; CPU devices only)",
             default="wall",
-            choices=tuple(CLOCKS),
+            choices=CLOCKS,
         ),
     }
 
@@ -141,7 +151,7 @@ class UpdateTime(ExperimentKind):
     def _measure(self, settings: Mapping[str, Any], device: torch.device, seed: int) -> dict[str, Any]:
         panel, batch = settings["panel"], settings["batch_size"]
         sizes = panel_sizes(panel, settings["max_outputs"], settings["max_depth"])
-        names = list(OPTIMIZERS)
+        names = list(optim.OPTIMIZERS)
         generator = torch.Generator().manual_seed(seed)
         metrics: dict[str, Any] = {"sizes": sizes, "params": [], "torch_threads": torch.get_num_threads()}
         for size in sizes:
@@ -151,9 +161,11 @@ class UpdateTime(ExperimentKind):
             plain, extended = twin_models(lambda: panel_network(panel, size), seed, device)
             metrics["params"].append(sum(p.numel() for p in plain.parameters()))
             tasks = update_tasks(plain, extended, x, y, names)
-            times = interleaved(tasks, settings["updates"], settings["warmup"], generator, device, settings["clock"])
+            times = timing.interleaved(
+                tasks, settings["updates"], settings["warmup"], generator, device, settings["clock"]
+            )
             for name in names:
-                stats = summary(times[name])
+                stats = timing.summary(times[name])
                 metrics.setdefault(f"times_s/{name}", []).append(times[name])
                 for stat, value in stats.items():
                     metrics.setdefault(f"{stat}_s/{name}", []).append(value)
@@ -178,7 +190,7 @@ class UpdateTime(ExperimentKind):
 
 def medians(rows: pd.DataFrame) -> dict[str, np.ndarray]:
     """Per optimizer, the median update time of each network, median over the runs in ``rows``."""
-    return {name: np.median(np.array(rows[f"median_s/{name}"].tolist()), axis=0) for name in OPTIMIZERS}
+    return {name: np.median(np.array(rows[f"median_s/{name}"].tolist()), axis=0) for name in optim.OPTIMIZERS}
 
 
 def ratio_table(panel: str, ok: pd.DataFrame) -> pd.DataFrame:
@@ -190,21 +202,21 @@ def ratio_table(panel: str, ok: pd.DataFrame) -> pd.DataFrame:
         for i, (size, params) in enumerate(zip(runs["sizes"].iloc[0], runs["params"].iloc[0], strict=True)):
             row = {"batch": batch, "outputs" if panel == "a" else "depth": size, "params": f"{params:,}"}
             row["adam ms"] = round(1e3 * med["adam"][i], 3)
-            row |= {name: round(med[name][i] / med["adam"][i], 2) for name in OPTIMIZERS if name != "adam"}
+            row |= {name: round(med[name][i] / med["adam"][i], 2) for name in optim.OPTIMIZERS if name != "adam"}
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def panel_figure(panel: str, rows: pd.DataFrame) -> Figure:
+def panel_figure(panel: str, rows: pd.DataFrame) -> figure.Figure:
     """Per batch size: update time vs parameters (log-log, median and quartiles) and the ratio to Adam."""
     batches = sorted(rows["batch_size"].unique())
-    fig = Figure(figsize=(10, 3.6 * len(batches)), layout="constrained")
+    fig = figure.Figure(figsize=(10, 3.6 * len(batches)), layout="constrained")
     axes = fig.subplots(len(batches), 2, squeeze=False)
     for (ax_time, ax_ratio), batch in zip(axes, batches, strict=True):
         runs = rows[rows["batch_size"] == batch]
         params = np.array(runs["params"].iloc[0])
         med = medians(runs)
-        for name in OPTIMIZERS:
+        for name in optim.OPTIMIZERS:
             (line,) = ax_time.plot(params, med[name], marker="o", ms=3, label=name)
             q25 = np.median(np.array(runs[f"q25_s/{name}"].tolist()), axis=0)
             q75 = np.median(np.array(runs[f"q75_s/{name}"].tolist()), axis=0)
