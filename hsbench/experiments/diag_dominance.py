@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
     import torch
-    from matplotlib import figure
+    from matplotlib import colors, figure
     from torch import Tensor, nn
 
     from hsbench import curvature, optim
@@ -41,6 +41,7 @@ else:  # imported on first use (hsbench.engine.kind)
     pd = LazyModule("pandas")
     torch = LazyModule("torch")
     figure = LazyModule("matplotlib.figure")
+    colors = LazyModule("matplotlib.colors")
     nn = LazyModule("torch.nn")
     curvature = LazyModule("hsbench.curvature")
     optim = LazyModule("hsbench.optim")
@@ -226,15 +227,14 @@ def rho_table(ok: pd.DataFrame) -> pd.DataFrame:
 
 def heat_maps(run: pd.Series, caption: str) -> figure.Figure:
     """|H| of each hidden layer before (top) and after (bottom) training, log color scale."""
-    from matplotlib.colors import LogNorm
-
     layers = len(run["matrices_before"])
     fig = figure.Figure(figsize=(3 * layers, 6.4), layout="constrained")
     axes = fig.subplots(2, layers, squeeze=False)
     for row, when in enumerate(("before", "after")):
         for k, matrix in enumerate(run[f"matrices_{when}"]):
             values = np.abs(np.array(matrix)) + 1e-12
-            image = axes[row, k].imshow(values, cmap="RdBu", norm=LogNorm(vmin=values.max() * 1e-4, vmax=values.max()))
+            norm = colors.LogNorm(vmin=values.max() * 1e-4, vmax=values.max())
+            image = axes[row, k].imshow(values, cmap="RdBu", norm=norm)
             axes[row, k].set_title(f"layer {k + 1}, {when}: ρ = {run[f'rho_{when}'][k]:.2f} (mean)", fontsize=8)
             axes[row, k].set_xticks([])
             axes[row, k].set_yticks([])
