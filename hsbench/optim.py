@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from hsbench.curvature import loss_diagonals
+from hsbench.curvature.modules import RankOne
 
 
 class Diverged(FloatingPointError):
@@ -162,13 +163,14 @@ class _Item(NamedTuple):
     old: dict[str, Any]
     t: int
     grad: Tensor
-    diagonal: Tensor
+    diagonal: Tensor | RankOne
     k: tuple[float, ...]
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
-        """(m, v, Scaled Adam's w or None, g, d): the tensors ``_new_state`` reads."""
-        old = self.old
-        return old["exp_avg"], old["exp_avg_sq"], old.get("exp_avg_grad_sq"), self.grad, self.diagonal
+        """(m, v, Scaled Adam's w or None, g, d): the tensors ``_new_state`` reads (d written out)."""
+        old, d = self.old, self.diagonal
+        d = d.materialize() if isinstance(d, RankOne) else d
+        return old["exp_avg"], old["exp_avg_sq"], old.get("exp_avg_grad_sq"), self.grad, d
 
 
 def _new_state(
@@ -208,15 +210,21 @@ def _row(new: dict[str, Tensor], move: Tensor, h_term: Tensor | None) -> Tensor:
     return torch.stack([move.new_zeros(()) if h_term is None else h_term.sum()] + [t.sum() for t in witnesses])
 
 
-def _check_sums(m: Tensor, v: Tensor, w: Tensor | None, grad: Tensor, d: Tensor, k: tuple, form: _Form) -> Tensor:
+Diagonal = Tensor | tuple[Tensor, Tensor]
+"""d, or the factors (column (R, 1), row (1, C)) of a rank-one d, for the compiled functions."""
+
+
+def _check_sums(m: Tensor, v: Tensor, w: Tensor | None, grad: Tensor, d: Diagonal, k: tuple, form: _Form) -> Tensor:
     """``_row`` of one parameter's update, computed without writing anything."""
+    d = d if isinstance(d, Tensor) else d[0] * d[1]
     return _row(*_new_state(m, v, w, grad, d, k, form))
 
 
 def _apply(
-    p: Tensor, m: Tensor, v: Tensor, w: Tensor | None, grad: Tensor, d: Tensor, k: tuple, form: _Form, scale: float
+    p: Tensor, m: Tensor, v: Tensor, w: Tensor | None, grad: Tensor, d: Diagonal, k: tuple, form: _Form, scale: float
 ) -> None:
     """Write one parameter's new moments and move it by scale · (−U), in place."""
+    d = d if isinstance(d, Tensor) else d[0] * d[1]
     new, move, _ = _new_state(m, v, w, grad, d, k, form._replace(trust_region=False))
     m.copy_(new["exp_avg"])
     v.copy_(new["exp_avg_sq"])
@@ -245,14 +253,20 @@ class _CompiledUpdate:
         self._apply: Callable[..., None] | None = None
 
     def applies(self, item: _Item) -> bool:
-        return item.param.numel() >= self.MIN_SIZE and all(
-            t is None or t.is_contiguous() for t in (item.param, *item.tensors()[:3])
-        )
+        old = item.old
+        written = (item.param, old["exp_avg"], old["exp_avg_sq"], old.get("exp_avg_grad_sq"))
+        return item.param.numel() >= self.MIN_SIZE and all(t is None or t.is_contiguous() for t in written)
 
     @staticmethod
     def flat(item: _Item) -> tuple:
-        """(p, m, v, w, g, d) of ``item`` as vectors (views of those written): one compiled function for every shape."""
-        return tuple(None if t is None else t.reshape(-1) for t in (item.param, *item.tensors()))
+        """(p, m, v, w, g, d) of ``item`` as vectors (views of those written), or with a ``RankOne`` d
+        as matrices and d's factors: two compiled functions serve every shape."""
+        old, d = item.old, item.diagonal
+        tensors = (item.param, old["exp_avg"], old["exp_avg_sq"], old.get("exp_avg_grad_sq"), item.grad)
+        if isinstance(d, RankOne):
+            shape = (d.column.shape[0], d.row.shape[0])
+            return (*(None if t is None else t.reshape(shape) for t in tensors), (d.column[:, None], d.row[None, :]))
+        return (*(None if t is None else t.reshape(-1) for t in tensors), d.reshape(-1))
 
     def sums(self, items: list[_Item], form: _Form) -> list[Tensor]:
         if self._sums is None:
@@ -413,7 +427,8 @@ class _HesScaleFamily(DiagonalAdam):
     needs_recording: ClassVar[bool] = True
 
     def curvature_backward(self, loss):
-        found = loss_diagonals(loss, self.variant, parameters=self._parameters(), who=type(self).__name__)
+        who = type(self).__name__
+        found = loss_diagonals(loss, self.variant, parameters=self._parameters(), who=who, factored=True)
         _accumulate_gradients(found.gradients)
         return found.diagonals
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from hsbench import optim
-from hsbench.curvature import extend
+from hsbench.curvature import extend, loss_diagonals
+from hsbench.curvature.modules import RankOne
 from hsbench.optim import Diverged, make, train_step
 
 FORMS = {  # name, hyperparameters
@@ -20,10 +21,10 @@ FORMS = {  # name, hyperparameters
 }
 
 
-def problem(dtype=torch.float64):
+def problem(dtype=torch.float64, batch=3):
     torch.manual_seed(0)
     model = extend(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).to(dtype))
-    x, y = torch.randn(3, 6, dtype=dtype), torch.tensor([0, 3, 1])
+    x, y = torch.randn(batch, 6, dtype=dtype), torch.tensor([0, 3, 1])[:batch]
     return model, extend(nn.CrossEntropyLoss()), x, y
 
 
@@ -32,9 +33,10 @@ def fused_everywhere(monkeypatch, on: bool) -> None:
 
 
 @pytest.mark.parametrize("form", list(FORMS))
-def test_compiled_update_equals_the_eager_one(form, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 3])  # 1: linear weights' diagonals as factors (RankOne)
+def test_compiled_update_equals_the_eager_one(form, batch, monkeypatch):
     name, hyper = form.split()[0], {"lr": 0.05, **FORMS[form]}
-    model, loss_fn, x, y = problem()
+    model, loss_fn, x, y = problem(batch=batch)
     twin = copy.deepcopy(model)
     results = []
     for on, net in ((False, model), (True, twin)):
@@ -88,3 +90,18 @@ def test_compiled_update_changes_nothing_on_divergence(name, monkeypatch):
         for key, value in entries.items():
             saved = state["state"][p][key]
             assert torch.equal(value, saved) if isinstance(value, torch.Tensor) else value == saved
+
+
+@pytest.mark.parametrize("variant", ["hesscale", "hesscale-gn", "bl89"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_factored_diagonals_are_the_diagonals(variant, dtype):
+    """At batch size one, linear weights' diagonals come as factors whose product is, bit for bit,
+    the diagonal written out; everything else is unchanged."""
+    model, loss_fn, x, y = problem(dtype, batch=1)
+    written = loss_diagonals(loss_fn(model(x), y), variant)
+    factored = loss_diagonals(loss_fn(model(x), y), variant, factored=True)
+    for p in model.parameters():
+        d = factored.diagonals[p]
+        assert isinstance(d, RankOne) == (p.dim() == 2)
+        assert torch.equal(d.materialize() if isinstance(d, RankOne) else d, written.diagonals[p])
+        assert torch.equal(factored.gradients[p], written.gradients[p])

@@ -127,6 +127,7 @@ def loss_diagonals(
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     who: str = "hsbench.curvature.loss_diagonals",
+    factored: bool = False,
 ) -> Backward:
     """Gradient and Hessian-diagonal estimate of a recorded ``loss``, keyed by parameter tensor.
 
@@ -139,7 +140,8 @@ def loss_diagonals(
     for every term) and ``grad2`` the square of the sum's gradient. Anything else in the
     expression (a product of losses, a loss not from extended modules) is a ``RuntimeError``
     naming it. Keys: every trainable parameter the recorded forward passes reach; if
-    ``parameters`` is given, a ``RuntimeError`` lists those of them not reached.
+    ``parameters`` is given, a ``RuntimeError`` lists those of them not reached. ``factored``
+    (hesscale, hesscale-gn, bl89): see ``diagonal_backprop.backpropagate``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown curvature method {method!r}; valid methods: {', '.join(METHODS)}")
@@ -156,7 +158,10 @@ def loss_diagonals(
     diags: dict[Tensor, Tensor] = {}
     for c, tape in terms:
         with torch.no_grad():
-            found = _TAPE_WALKS[method](tape, mc_samples, generator)
+            if factored and method in diagonal_backprop.VARIANTS:
+                found = diagonal_backprop.backpropagate(tape, method, False, True)
+            else:
+                found = _TAPE_WALKS[method](tape, mc_samples, generator)
         for into, values in ((grads, found.gradients), (diags, found.diagonals)):
             for p, value in values.items():
                 value = value if c == 1.0 else c * value

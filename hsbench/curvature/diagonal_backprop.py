@@ -16,16 +16,19 @@ from __future__ import annotations
 from torch import Tensor
 
 from hsbench.curvature.contracts import Elementwise, ParametrizedRule
+from hsbench.curvature.modules import Linear
 from hsbench.curvature.tape import Backward, Tape
 
 VARIANTS = ("hesscale", "hesscale-gn", "bl89")
 
 
-def backpropagate(tape: Tape, variant: str, per_sample: bool = False) -> Backward:
+def backpropagate(tape: Tape, variant: str, per_sample: bool = False, factored: bool = False) -> Backward:
     """Gradient and diagonal estimate of every trainable parameter, keyed by the parameter.
 
     Batch results (per_sample=False) are those of the batch loss; per-sample results have a
-    leading batch dimension and belong to each sample's own loss ℓ_n (unscaled)."""
+    leading batch dimension and belong to each sample's own loss ℓ_n (unscaled). ``factored``:
+    for a batch of one sample, the diagonals of linear layers' weights are ``RankOne`` factors,
+    not tensors (for the optimizers, which never need them written out)."""
     z, target, loss = tape.output, tape.target, tape.loss
     scale = 1.0 if per_sample else tape.scale()  # everything below is linear in (g, ŝ) at the output
     if variant == "bl89":
@@ -36,6 +39,7 @@ def backpropagate(tape: Tape, variant: str, per_sample: bool = False) -> Backwar
     s = (scale * s).reshape(g.shape)
     grads: dict[Tensor, Tensor] = {}
     diags: dict[Tensor, Tensor] = {}
+    factored = factored and not per_sample and z.shape[0] == 1
     for step, need_input in tape.backward_steps():
         module, rule, ctx = step.module, step.rule, step.ctx
         if isinstance(rule, Elementwise):
@@ -48,7 +52,10 @@ def backpropagate(tape: Tape, variant: str, per_sample: bool = False) -> Backwar
         if isinstance(rule, ParametrizedRule) and step.has_parameters:  # input and parameter parts in one call
             g_in, sums = rule.pullback(module, ctx, g, need_input, per_sample)
             step.accumulate(grads, sums)
-            s_in, sums = rule.squared_pullback(module, ctx, s, need_input, per_sample)
+            if factored and isinstance(rule, Linear):
+                s_in, sums = rule.factored_squared_pullback(module, ctx, s, need_input)
+            else:
+                s_in, sums = rule.squared_pullback(module, ctx, s, need_input, per_sample)
             step.accumulate(diags, sums)
             if g_in is None or s_in is None:  # need_input was False: the first module with parameters, the last step
                 break

@@ -187,8 +187,39 @@ class WeightedMap(ParametrizedRule):
         return out if per_sample else {k: v.sum(0) for k, v in out.items()}
 
 
+class RankOne:
+    """A weight-shaped sum that is one outer product column ⊗ row, kept as its factors: at batch
+    size one, HesScale's weight diagonal ŝ ⊗ x² (Eq. 3) of a linear layer. ``materialize`` writes
+    it out (the same numbers as the (out, 1) × (1, in) matrix product); a sum with anything, or a
+    multiple, is written out first."""
+
+    __slots__ = ("column", "row")
+
+    def __init__(self, column: Tensor, row: Tensor):
+        self.column, self.row = column, row  # (out,), (in,)
+
+    def materialize(self) -> Tensor:
+        return self.column.unsqueeze(1) * self.row.unsqueeze(0)
+
+    def __add__(self, other: Tensor | RankOne) -> Tensor:
+        return self.materialize() + (other.materialize() if isinstance(other, RankOne) else other)
+
+    __radd__ = __add__
+
+    def __rmul__(self, c: float) -> Tensor:
+        return c * self.materialize()
+
+
 class Linear(WeightedMap):
     """y = x Wᵀ + b for inputs (N, in)."""
+
+    def factored_squared_pullback(self, module, ctx, s, need_input):
+        """``squared_pullback`` for a batch of one sample (s: (1, 1, out)), the weight's part left as
+        its factors ŝ ⊗ x² (``RankOne``): the optimizers' update reads it without writing it out."""
+        sums = {"weight": RankOne(s[0, 0], ctx.x[0].square())}
+        if module.bias is not None:
+            sums["bias"] = s[0, 0]
+        return (s @ module.weight.square() if need_input else None), sums
 
     def extra(self, module, x, y):
         if x.dim() != 2:
