@@ -124,6 +124,22 @@ class Dropout(LinearMap):
         return s if ctx.extra is None else s * ctx.extra.square().unsqueeze(1)
 
 
+_SQUARES: dict[tuple, Tensor] = {}
+
+
+def squared_weight(weight: Tensor) -> Tensor:
+    """W ∘ W, written into a buffer kept per shape, dtype and device and reused by every call: for
+    a large layer, a fresh weight-sized tensor per layer and step costs more than the squaring
+    itself (a new allocation's first writes fault its pages in). The result is only valid until
+    the next call for a weight of the same kind: use it at once, keep no reference."""
+    if weight.numel() < 1 << 15:  # small: allocation is cheap, and no buffer is kept
+        return weight.square()
+    key = (weight.shape, weight.dtype, weight.device)
+    if key not in _SQUARES:
+        _SQUARES[key] = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    return torch.square(weight, out=_SQUARES[key])
+
+
 class WeightedMap(ParametrizedRule):
     """Linear and Conv: each output position t is W u_t (+ b), u_t the input patch it sees. The
     parameter side of every walk is written once here, from four layer-specific pieces."""
@@ -152,7 +168,9 @@ class WeightedMap(ParametrizedRule):
         return self.input_and_param_sums(module, ctx, g, ctx.x, module.weight, need_input, per_sample)
 
     def squared_pullback(self, module, ctx, s, need_input, per_sample):
-        return self.input_and_param_sums(module, ctx, s, ctx.x.square(), module.weight.square(), need_input, per_sample)
+        return self.input_and_param_sums(
+            module, ctx, s, ctx.x.square(), squared_weight(module.weight), need_input, per_sample
+        )
 
     def gradient(self, module, ctx, g, per_sample):
         return self.param_sums(module, ctx.x, g, per_sample)
@@ -219,7 +237,7 @@ class Linear(WeightedMap):
         sums = {"weight": RankOne(s[0, 0], ctx.x[0].square())}
         if module.bias is not None:
             sums["bias"] = s[0, 0]
-        return (s @ module.weight.square() if need_input else None), sums
+        return (s @ squared_weight(module.weight) if need_input else None), sums
 
     def extra(self, module, x, y):
         if x.dim() != 2:
@@ -229,7 +247,7 @@ class Linear(WeightedMap):
         return v @ module.weight
 
     def vjp_squared(self, module, ctx, s):
-        return s @ module.weight.square()
+        return s @ squared_weight(module.weight)
 
     def param_sums(self, module, x, v, per_sample):
         out = {"weight": v.unsqueeze(2) * x.unsqueeze(1) if per_sample else v.T @ x}
@@ -286,7 +304,7 @@ class Conv(WeightedMap):
         return self._grad_input(module, module.weight, v, ctx.x.shape)
 
     def vjp_squared(self, module, ctx, s):
-        return self._grad_input(module, module.weight.square(), s, ctx.x.shape)  # Eq. 10
+        return self._grad_input(module, squared_weight(module.weight), s, ctx.x.shape)  # Eq. 10
 
     def param_sums(self, module, x, v, per_sample):
         dims = len(module.kernel_size)
