@@ -7,8 +7,9 @@ every optimizer's update, side by side in one process, as one table.
   (``tape.record`` then ``diagonal_backprop.backpropagate``, which also yields the gradient);
   the others through ``hsbench.curvature.diagonal`` (one sample for the Monte-Carlo ones).
 * ``update``: one whole update (zero_grad, forward, backward, step) of every optimizer on
-  networks of figure 8 (a) and (b) at batch size 1 and on DeepOBS's cifar100_3c3d network (ELU)
-  at ``--batch-3c3d``, divided by ``torch.optim.Adam``'s (defaults, plain ``loss.backward()``);
+  networks of figure 8 (a) and (b) at batch size 1 (and depth 8 at batch size 128) and on
+  DeepOBS's cifar100_3c3d network (ELU) at ``--batch-3c3d``, divided by ``torch.optim.Adam``'s
+  (defaults, plain ``loss.backward()``);
   measured as in the ``update-time`` kind (``hsbench.experiments.update_time``).
 * ``rl update``: one PPO minibatch update as ``hsbench.rl.ppo`` makes it (clipped surrogate of the
   actor and 0.5·MSE of the critic, then per network zero_grad, backward, step; one optimizer per
@@ -78,8 +79,8 @@ UpdateNetwork = tuple[str, Callable[[], nn.Module], Callable[[torch.Generator], 
 def update_networks(tiny: bool, batch_3c3d: int) -> list[UpdateNetwork]:
     """The networks of the update benchmark (``tiny``: the smallest of each panel only)."""
 
-    def mlp_batch(classes: int) -> Callable[[torch.Generator], tuple]:
-        return lambda gen: (torch.randn(1, INPUTS, generator=gen), torch.randint(classes, (1,), generator=gen))
+    def mlp_batch(classes: int, n: int = 1) -> Callable[[torch.Generator], tuple]:
+        return lambda gen: (torch.randn(n, INPUTS, generator=gen), torch.randint(classes, (n,), generator=gen))
 
     problem = get_problem("cifar100_3c3d")
 
@@ -94,6 +95,8 @@ def update_networks(tiny: bool, batch_3c3d: int) -> list[UpdateNetwork]:
 
     found: list[UpdateNetwork] = [(f"fig. 8(a), {o} outputs, batch 1", panel("a", o), mlp_batch(o)) for o in outputs]
     found += [(f"fig. 8(b), depth {d}, batch 1", panel("b", d), mlp_batch(OUTPUTS_B)) for d in depths]
+    if not tiny:  # issue 14: at a large batch the update is bound by its matrix products
+        found.append(("fig. 8(b), depth 8, batch 128", panel("b", 8), mlp_batch(OUTPUTS_B, 128)))
     found.append((f"cifar100_3c3d (ELU), batch {batch_3c3d}", lambda: problem.model("elu"), cifar_batch))
     return found
 
