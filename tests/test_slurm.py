@@ -158,11 +158,40 @@ def test_sbatch_refusal_is_one_line_and_leaves_nothing(slurm_cluster, write_spec
     assert not res.exists() or not list(res.rglob("*"))  # no pickles, scripts or submissions
 
 
+def test_sbatch_refusing_too_much_memory_is_one_line_and_leaves_nothing(slurm_cluster, write_spec, tmp_path):
+    spec = write_spec(SPEC.replace("mem_gb = 1", "mem_gb = 100000"), name="toobig")  # 100 TB: no node has it
+    res = tmp_path / "res"
+    refused = hsbench("run", spec, "--scale", "smoke", "--results", res, "--executor", "slurm", check_rc=1)
+    (line,) = refused.stderr.strip().splitlines()
+    assert line == "hsbench: error: sbatch refused the job array: Memory specification can not be satisfied"
+    assert not res.exists() or not list(res.rglob("*"))
+
+
 def stop_controller() -> None:
     state = os.environ.get("HSBENCH_SLURM_STATE", "/var/spool/hsbench-slurm")
     pid = int(Path(state, "slurmctld.pid").read_text())
     os.kill(pid, 15)
     wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "slurmctld exit", timeout_s=20)
+
+
+def start_controller() -> None:
+    start = subprocess.run(["bash", REPO / "slurm" / "start-cluster.sh"], capture_output=True, text=True)
+    assert start.returncode == 0, start.stdout + start.stderr
+
+
+def test_sbatch_without_the_controller_is_one_line_and_leaves_nothing(slurm_cluster, write_spec, tmp_path):
+    spec = write_spec(SPEC, name="noctldrun")
+    res = tmp_path / "res"
+    stop_controller()
+    try:
+        refused = hsbench("run", spec, "--scale", "smoke", "--results", res, "--executor", "slurm", check_rc=None)
+    finally:
+        start_controller()
+    (line,) = refused.stderr.strip().splitlines()
+    reason = "Batch job submission failed: Unable to contact slurm controller (connect failure)"
+    assert line == f"hsbench: error: sbatch refused the job array: {reason}"
+    assert refused.returncode == 1
+    assert not res.exists() or not list(res.rglob("*"))
 
 
 def test_status_without_the_controller_shows_the_records(slurm_cluster, write_spec, tmp_path):
@@ -178,8 +207,7 @@ def test_status_without_the_controller_shows_the_records(slurm_cluster, write_sp
     try:
         status = hsbench("status", spec, "--scale", "smoke", "--results", res, check_rc=None)
     finally:
-        start = subprocess.run(["bash", REPO / "slurm" / "start-cluster.sh"], capture_output=True, text=True)
-        assert start.returncode == 0, start.stdout + start.stderr
+        start_controller()
     assert "Traceback" not in status.stderr
     assert "unknown   1" in status.stdout and "missing   0" in status.stdout
     assert "the SLURM queue could not be read (squeue: " in status.stdout
