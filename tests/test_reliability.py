@@ -235,6 +235,9 @@ def test_ctrl_c_with_a_pool_stops_its_workers_and_a_rerun_completes(write_spec, 
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, err
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert not [pid for pid in workers if alive(pid)], "pool workers survived Ctrl-C"
     finally:  # whatever the outcome, leave no process of this test behind
         for pid in {proc.pid, *workers}:
