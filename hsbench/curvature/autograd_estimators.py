@@ -60,12 +60,27 @@ def rademacher(params: dict[str, Tensor], samples: int, generator=None) -> dict[
     each entry is one bit of a random byte (several times faster than one integer per entry),
     bit k of a byte (least significant first) giving entry 8·i + k; a 256 × 8 table of ±1
     turns each byte into its eight entries in one lookup."""
-    probes = {}
-    for k, p in params.items():
-        n = samples * p.numel()
-        random_bytes = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8, generator=generator, device=p.device)
-        signs = torch.index_select(_SIGNS.to(device=p.device, dtype=p.dtype), 0, random_bytes.int())  # (bytes, 8)
-        probes[k] = signs.flatten()[:n].reshape(samples, *p.shape)
+    return rademacher_sets(params, [samples], generator)
+
+
+def rademacher_sets(params: dict[str, Tensor], sample_counts: list[int], generator=None) -> dict[str, Tensor]:
+    """The draws of successive ``rademacher`` calls with these sample counts, side by side in one
+    tensor per parameter, shape (sum of the counts, *parameter)."""
+    probes = {k: p.new_empty((sum(sample_counts), *p.shape)) for k, p in params.items()}
+    start = 0
+    for samples in sample_counts:
+        for k, p in params.items():
+            n = samples * p.numel()
+            random_bytes = torch.randint(
+                0, 256, ((n + 7) // 8,), dtype=torch.uint8, generator=generator, device=p.device
+            )
+            into = probes[k][start : start + samples]
+            signs = _SIGNS.to(device=p.device, dtype=p.dtype)
+            if n % 8:
+                into.copy_(torch.index_select(signs, 0, random_bytes.int()).flatten()[:n].view(into.shape))
+            else:  # straight into place
+                torch.index_select(signs, 0, random_bytes.int(), out=into.view(-1, 8))
+        start += samples
     return probes
 
 
@@ -90,19 +105,16 @@ def hutchinson_sets(
     here if None) for a batch loss of a network of Linear layers and activations, else from
     autograd: reverse over reverse, all Hessian-vector products in one vmap."""
     params = _parameters(model)
-    probe_sets = [rademacher(params, samples, generator) for samples in sample_counts]
+    sizes = list(sample_counts)
+    probes = rademacher_sets(params, sizes, generator)
     if not per_sample:
         tape = tape if tape is not None else _tape_or_none(model, loss_fn, inputs, targets)
         if tape is not None and hutchinson_backprop.supported(tape):
             tensors = dict(model.named_parameters())
             with torch.no_grad():
-                found = hutchinson_backprop.backpropagate(
-                    tape, [{tensors[k]: z for k, z in probes.items()} for probes in probe_sets]
-                )
+                found = hutchinson_backprop.backpropagate(tape, {tensors[k]: z for k, z in probes.items()}, sizes)
             return [{k: estimate[tensors[k]] for k in params} for estimate in found]
     loss = _loss(model, loss_fn)
-    sizes = list(sample_counts)
-    probes = {k: torch.cat([s[k] for s in probe_sets]) for k in params}
 
     def estimate(params, x, t, probes, f):
         _, hvp = vjp(lambda p: grad(f)(p, x, t), params)  # reverse over reverse: Hᵀ v = H v

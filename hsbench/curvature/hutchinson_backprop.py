@@ -39,22 +39,16 @@ def supported(tape: Tape) -> bool:
     )
 
 
-def backpropagate(tape: Tape, probe_sets: list[dict[Tensor, Tensor]]) -> list[dict[Tensor, Tensor]]:
-    """For each set of probes ({parameter: (M_s, *parameter)}, the same parameters in every set),
-    mean over its M_s probes z of z ∘ (H z), H the Hessian of the batch loss; keyed by parameter.
+def backpropagate(tape: Tape, probes: dict[Tensor, Tensor], sizes: list[int]) -> list[dict[Tensor, Tensor]]:
+    """For probes z ({parameter: (M, *parameter)}) in consecutive sets of ``sizes`` (summing to M),
+    per set the mean over its probes of z ∘ (H z), H the Hessian of the batch loss; keyed by parameter.
 
-    The sets pass forward and backward together, side by side; only the final contraction is per set."""
+    All probes pass forward and backward together; only the final contraction is per set."""
     scale = tape.scale()  # the loss's reduction: H = scale · Σ_n ∂²ℓ_n
     steps = [step for step, _ in tape.backward_steps()][::-1]  # forward order, from the first layer
-    keys = list(probe_sets[0])
-    sizes = [probes[keys[0]].shape[0] for probes in probe_sets]
     bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
-
-    def over_sets(product) -> Tensor:  # (N, M_s, ...) per set -> (N, M, ...), the sets side by side
-        parts = [product(probes) for probes in probe_sets]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-
-    probed = set(keys)
+    sets = [slice(bounds[s], bounds[s + 1]) for s in range(len(sizes))]
+    z = probes  # Ż of the formulas above
     # forward: the tangent ẋ (N, M, *) at every step's input (None where it is zero)
     tangents: list[Tensor | None] = []
     t: Tensor | None = None
@@ -63,22 +57,22 @@ def backpropagate(tape: Tape, probe_sets: list[dict[Tensor, Tensor]]) -> list[di
         if isinstance(step.rule, Elementwise):
             t = None if t is None else step.rule.derivatives(step.module, step.ctx)[0].unsqueeze(1) * t
             continue
-        w, b, h = _weight_and_bias(step) + (step.ctx.x,)
+        (w, b), h = _weight_and_bias(step), step.ctx.x
         t_out = None if t is None else t @ w.T
-        if w in probed:  # Ż_W h: (M, out, in) @ (in, N) -> (N, M, out)
-            product = over_sets(lambda z: (z[w].flatten(0, 1) @ h.T).unflatten(0, z[w].shape[:2]).permute(2, 0, 1))
+        if w in z:  # Ż_W h: (M, out, in) @ (in, N) -> (N, M, out)
+            product = (z[w].flatten(0, 1) @ h.T).unflatten(0, z[w].shape[:2]).permute(2, 0, 1)
             t_out = product if t_out is None else t_out + product
-        if b is not None and b in probed:
-            product = over_sets(lambda z: z[b].expand(h.shape[0], *z[b].shape))
+        if b is not None and b in z:
+            product = z[b].expand(h.shape[0], *z[b].shape)
             t_out = product if t_out is None else t_out + product
         t = t_out
     out, target, loss = tape.output, tape.target, tape.loss
     if t is None:  # no probed parameter: H z = 0
-        return [{p: z[p].new_zeros(z[p].shape[1:]) for p in keys} for z in probe_sets]
+        return [{p: zp.new_zeros(zp.shape[1:]) for p, zp in z.items()} for _ in sizes]
 
     g = (scale * loss.grad(out, target)).unsqueeze(1)  # (N, 1, C)
     g_dot = t @ (scale * loss.hessian(out, target))  # (N, M, C); H_ℓ is symmetric
-    results: list[dict[Tensor, Tensor]] = [{} for _ in probe_sets]
+    results: list[dict[Tensor, Tensor]] = [{} for _ in sizes]
     for k in range(len(steps) - 1, -1, -1):
         step, t_in = steps[k], tangents[k]
         if isinstance(step.rule, Elementwise):
@@ -86,19 +80,18 @@ def backpropagate(tape: Tape, probe_sets: list[dict[Tensor, Tensor]]) -> list[di
             g_dot = d1 * g_dot if t_in is None else d1 * g_dot + d2 * t_in * g
             g = d1 * g
             continue
-        w, b, h = _weight_and_bias(step) + (step.ctx.x,)
-        for s, (z, result) in enumerate(zip(probe_sets, results, strict=True)):
-            m = slice(bounds[s], bounds[s + 1])
-            if w in probed:
-                result[w] = _weight_estimate(z[w], g_dot[:, m], h, g, None if t_in is None else t_in[:, m])
-            if b is not None and b in probed:
-                result[b] = (z[b] * g_dot[:, m].sum(0)).mean(0)
+        (w, b), h = _weight_and_bias(step), step.ctx.x
+        for m, result in zip(sets, results, strict=True):
+            if w in z:
+                result[w] = _weight_estimate(z[w][m], g_dot[:, m], h, g, None if t_in is None else t_in[:, m])
+            if b is not None and b in z:
+                result[b] = (z[b][m] * g_dot[:, m].sum(0)).mean(0)
         if k > 0:
             g_dot_in = g_dot @ w
-            if w in probed:  # Ż_Wᵀ g_y: (M, in, out) @ (out, N) -> (N, M, in)
-                g_dot_in = g_dot_in + over_sets(lambda z: (z[w].transpose(1, 2) @ g[:, 0].T).permute(2, 0, 1))
+            if w in z:  # Ż_Wᵀ g_y: (M, N, out) @ (M, out, in) -> (M, N, in), the probes read in place
+                g_dot_in = g_dot_in + torch.bmm(g[:, 0].expand(z[w].shape[0], *g[:, 0].shape), z[w]).transpose(0, 1)
             g, g_dot = g @ w, g_dot_in
-    return [{p: result[p] for p in keys} for result in results]
+    return [{p: result[p] for p in z} for result in results]
 
 
 def _weight_and_bias(step: Step) -> tuple[Tensor, Tensor | None]:
@@ -108,12 +101,18 @@ def _weight_and_bias(step: Step) -> tuple[Tensor, Tensor | None]:
 
 def _weight_estimate(zw: Tensor, g_dot: Tensor, h: Tensor, g: Tensor, h_dot: Tensor | None) -> Tensor:
     """mean_m Z_m ∘ Σ_n (ġ_nm h_nᵀ + g_n ḣ_nmᵀ) for probes zw (M, out, in), ġ (N, M, out), h (N, in),
-    g (N, 1, out), ḣ (N, M, in) or None; the first term as one batched product over the out rows."""
-    m = zw.shape[0]
-    rows = zw.transpose(0, 1)  # (out, M, in), a view
+    g (N, 1, out), ḣ (N, M, in) or None."""
     estimate = zw.new_zeros(zw.shape[1:])
     for n in range(h.shape[0]):
-        estimate += (g_dot[n].T.unsqueeze(1) @ rows).squeeze(1) * h[n]
+        estimate += _rows_weighted(zw, g_dot[n]) * h[n]
         if h_dot is not None:
             estimate += g[n, 0].unsqueeze(1) * (zw * h_dot[n].unsqueeze(1)).sum(0)
-    return estimate / m
+    return estimate / zw.shape[0]
+
+
+def _rows_weighted(zw: Tensor, a: Tensor) -> Tensor:
+    """Σ_m a_mj Z_mji for probes zw (M, out, in) and weights a (M, out): for several probes one
+    batched product over the out rows that reads the probes once, for one the product itself."""
+    if zw.shape[0] == 1:
+        return zw[0] * a[0].unsqueeze(1)
+    return (a.T.contiguous().unsqueeze(1) @ zw.transpose(0, 1)).squeeze(1)

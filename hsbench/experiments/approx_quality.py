@@ -146,6 +146,8 @@ class ApproxQuality(ExperimentKind):
         loss_fn = nn.CrossEntropyLoss()
         sgd = optim.make("sgd", model.parameters(), lr=settings["sgd_lr"])  # the run along which examples are met
         requests = {"exact": ("exact", 1), **compared_methods(settings["mc_large"])}
+        grad2 = [label for label, (method, _) in requests.items() if method == "grad2"]  # no draws: order free
+        without_grad2 = {label: request for label, request in requests.items() if label not in grad2}
         layers = [m for m in model if list(m.parameters(recurse=False))]
         layer_of = {id(p): i for i, m in enumerate(layers) for p in m.parameters(recurse=False)}
         names = [name for name, _ in model.named_parameters()]
@@ -168,8 +170,13 @@ class ApproxQuality(ExperimentKind):
             trace, counts = state.get("trace", trace), state.get("counts", counts)
         for i in range(start, settings["examples"]):
             x, y = x_all[order[i] : order[i] + 1], y_all[order[i] : order[i] + 1]
-            if i % every == 0:
-                found = estimates(requests, model, loss_fn, x, y, mc_gen)
+            measured = i % every == 0
+            if measured:
+                found = estimates(without_grad2, model, loss_fn, x, y, mc_gen)
+            optim.train_step(sgd, model, loss_fn, x, y)
+            if measured:  # g² from the SGD step's gradient: the same example and parameters
+                gradients = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+                found |= {label: {n: g.square() for n, g in gradients.items()} for label in grad2}
                 flat = torch.cat([found[label][name].reshape(-1) for label in requests for name in names])
                 flat = flat.view(len(requests), -1)
                 errors = torch.cat([flat[:1], flat[1:] - flat[:1]]).abs_()  # row 0: |exact|
@@ -179,7 +186,6 @@ class ApproxQuality(ExperimentKind):
                 if block:
                     trace[i // block] += totals
                     counts[i // block] += 1
-            optim.train_step(sgd, model, loss_fn, x, y)
             if ctx.checkpoint_due():
                 ctx.save_checkpoint(
                     {
