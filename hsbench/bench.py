@@ -3,9 +3,11 @@ every optimizer's update, side by side in one process, as one table.
 
 * ``backward``: on the MLP 64-512-512-100 (tanh, cross-entropy) at batch size 1, forward pass
   plus backward pass of each method, divided by forward plus autograd's gradient-only backward
-  (``loss.backward()``). HesScale, HesScaleGN and BL89 run as the optimizers run them
-  (``tape.record`` then ``diagonal_backprop.backpropagate``, which also yields the gradient);
-  the others through ``hsbench.curvature.diagonal`` (one sample for the Monte-Carlo ones).
+  (``loss.backward()``). HesScale, HesScaleGN and BL89 run as the optimizers run them: the
+  forward pass of a copy registered with ``extend`` (its hooks record it), then
+  ``loss_diagonals(loss, variant, factored=True)``, which also yields the gradient (at batch size
+  1 the linear weights' diagonals stay rank-one factors); the others through
+  ``hsbench.curvature.diagonal`` (one sample for the Monte-Carlo ones).
 * ``update``: one whole update (zero_grad, forward, backward, step) of every optimizer on
   networks of figure 8 (a) and (b) at batch size 1 (and depth 8 at batch size 128) and on
   DeepOBS's cifar100_3c3d network (ELU) at ``--batch-3c3d``, divided by ``torch.optim.Adam``'s
@@ -26,6 +28,7 @@ The table is printed and written to ``--out`` (default ``plots/bench.md``, which
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 from collections.abc import Callable
@@ -35,9 +38,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from hsbench.curvature import diagonal
-from hsbench.curvature.diagonal_backprop import VARIANTS, backpropagate
-from hsbench.curvature.tape import record
+from hsbench.curvature import diagonal, extend, loss_diagonals
+from hsbench.curvature.diagonal_backprop import VARIANTS
 from hsbench.engine.provenance import git_revision, versions
 from hsbench.experiments.update_time import INPUTS, OUTPUTS_B, panel_network, twin_models, update_tasks
 from hsbench.losses import PPOLoss, log_prob
@@ -52,22 +54,24 @@ GRADIENT = "gradient (autograd)"
 
 
 def backward_tasks(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Task]:
-    """Forward + backward of the gradient (autograd) and of each curvature method on ``model``."""
+    """Forward + backward of the gradient (autograd) and of each curvature method on ``model``
+    (the diagonal backpropagation methods on an extended copy)."""
     loss_fn = nn.CrossEntropyLoss()
+    extended, extended_loss_fn = extend(copy.deepcopy(model)), extend(nn.CrossEntropyLoss())
 
     def gradient() -> None:
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
 
     def ours(variant: str) -> Callable[[], object]:
-        return lambda: backpropagate(record(model, loss_fn, x, y), variant)
+        return lambda: loss_diagonals(extended_loss_fn(extended(x), y), variant, factored=True)
 
     def estimator(method: str) -> Callable[[], object]:
         return lambda: diagonal(method, model, loss_fn, x, y)
 
     nothing = lambda: None  # noqa: E731
     tasks: dict[str, Task] = {GRADIENT: (nothing, gradient)}
-    tasks |= {variant: (nothing, torch.no_grad()(ours(variant))) for variant in VARIANTS}
+    tasks |= {variant: (nothing, ours(variant)) for variant in VARIANTS}
     tasks |= {method: (nothing, estimator(method)) for method in AUTOGRAD_METHODS}
     return tasks
 
