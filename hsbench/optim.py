@@ -247,6 +247,7 @@ class _CompiledUpdate:
     eager step: a compiled call costs about 20 µs of Python, more than their whole update."""
 
     MIN_SIZE = 1 << 16
+    RECOMPILE_LIMIT = 64  # graphs per function (dtypes × forms × vector or rank-one d × shapes); torch's is 8
 
     def __init__(self) -> None:
         self._sums: Callable[..., Tensor] | None = None  # compiled on first use
@@ -265,21 +266,22 @@ class _CompiledUpdate:
         tensors = (item.param, old["exp_avg"], old["exp_avg_sq"], old.get("exp_avg_grad_sq"), item.grad)
         if isinstance(d, RankOne):
             shape = (d.column.shape[0], d.row.shape[0])
-            return (*(None if t is None else t.reshape(shape) for t in tensors), (d.column[:, None], d.row[None, :]))
+            factors = (d.column.reshape(-1, 1).clone(), d.row.reshape(1, -1).clone())  # clones: not views, fewer guards
+            return (*(None if t is None else t.reshape(shape) for t in tensors), factors)
         return (*(None if t is None else t.reshape(-1) for t in tensors), d.reshape(-1))
 
     def sums(self, items: list[_Item], form: _Form) -> list[Tensor]:
         if self._sums is None:
             self._sums = torch.compile(_check_sums, dynamic=True)
         fn = self._sums
-        with torch._dynamo.config.patch(suppress_errors=True):
+        with torch._dynamo.config.patch(suppress_errors=True, recompile_limit=self.RECOMPILE_LIMIT):
             return [fn(*self.flat(item)[1:], item.k, form) for item in items]
 
     def apply(self, items: list[_Item], scale: float, form: _Form) -> None:
         if self._apply is None:
             self._apply = torch.compile(_apply, dynamic=True)
         fn = self._apply
-        with torch._dynamo.config.patch(suppress_errors=True):
+        with torch._dynamo.config.patch(suppress_errors=True, recompile_limit=self.RECOMPILE_LIMIT):
             for item in items:
                 fn(*self.flat(item), item.k, form, scale)
 
