@@ -194,13 +194,12 @@ def _new_state(
     move = new["exp_avg"].div(root.add(k[4])).mul_(k[5])  # −U
     if not form.trust_region:
         return new, move, None
-    if not form.gradient and form.corrected:
-        curvature = root  # the preconditioner's √v̂, already in hand
-    else:
-        curvature = new["exp_avg_sq"].sqrt()
-        if form.corrected:
-            curvature.div_(k[3])
-    return new, move, curvature.mul_(move.square())
+    # √v̂ (or √v) of the HesScale diagonal, for AdaHesScale the preconditioner's root again: computed
+    # anew rather than reused, so that the compiled loop need not store that root for a second use
+    curvature = new["exp_avg_sq"].sqrt()
+    if form.corrected:
+        curvature = curvature / k[3]
+    return new, move, curvature * move.square()
 
 
 def _row(new: dict[str, Tensor], move: Tensor, h_term: Tensor | None) -> Tensor:
