@@ -182,6 +182,13 @@ def test_a_sweep_beyond_the_cap_is_refused_unless_allowed(write_spec, tmp_path, 
     assert main(["run", str(spec), "--results", str(tmp_path / "res"), "--max-runs", "3"]) == 0
 
 
+def interruptible() -> None:
+    """Popen's preexec_fn: SIGINT handled by default in the child, as in a terminal's foreground job.
+    A shell starts background jobs (``cmd &``, e.g. a CI script run in the background) with SIGINT
+    ignored, and Python keeps an inherited ignore, so without this the Ctrl-C tests cannot interrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 SLOW = 'kind = "quadratic"\n[settings]\ndim = 20\nsteps = 20000\nnoise = 0.1\n[seeds]\ncount = 4\n'
 
 
@@ -194,6 +201,7 @@ def test_ctrl_c_says_what_finished_and_a_rerun_resumes(write_spec, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=interruptible,
     )
     runs = res / "interrupted" / "runs"
     deadline = time.monotonic() + 120
@@ -222,6 +230,7 @@ def test_ctrl_c_with_a_pool_stops_its_workers_and_a_rerun_completes(write_spec, 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=interruptible,
         start_new_session=True,  # its own process group, as a terminal's foreground job
     )
     runs = res / "interrupted" / "runs"
