@@ -241,14 +241,16 @@ class _CompiledUpdate:
     for the sums that the divergence check and the step-size scaling need (``_check_sums``), then,
     once all are known, an in-place pass that recomputes the new state and writes it with the move
     (``_apply``). Op by op the update makes about twenty passes over weight-sized tensors and
-    allocates every intermediate; fused it reads m, v, g, d twice and writes m, v, p once.
+    allocates every intermediate; fused it reads m, v (Scaled Adam: w), g, d twice and writes
+    m, v (w), p once.
 
-    Compiled once per dtype and form of the update, for any shape (``dynamic=True``; the step's
-    numbers are symbolic floats, so no recompilation per step). Where no compiler works (no C++
-    compiler, an unsupported device or Python), ``suppress_errors`` makes torch run the same two
-    functions eagerly, which gives the same results. Parameters below ``MIN_SIZE`` entries take the
-    eager step: a compiled call costs about 20 µs of Python, and on figure 8(a)'s networks the
-    compiled path measured slower than the eager one up to 131,072 entries (512 × 256)."""
+    Compiled once per dtype, form of the update and kind of d (vector or rank-one), for any shape
+    (``dynamic=True``; the step's numbers are symbolic floats, so no recompilation per step). Where
+    no compiler works (no C++ compiler, an unsupported device or Python), ``suppress_errors`` makes
+    torch run the same two functions eagerly, which gives the same results. Parameters below
+    ``MIN_SIZE`` entries take the eager step: a compiled call costs about 20 µs of Python, and on
+    figure 8(a)'s networks the compiled path measured slower than the eager one up to 131,072
+    entries (512 × 256)."""
 
     MIN_SIZE = 1 << 18
     RECOMPILE_LIMIT = 64  # graphs per function (dtypes × forms × vector or rank-one d × shapes); torch's is 8
@@ -347,8 +349,9 @@ class DiagonalAdam(torch.optim.Optimizer):
             )
         with flush_denormals():
             items = self._items(self._diagonal)
-            large = [item for item in items if _FUSED.applies(item)]
-            small = [item for item in items if not _FUSED.applies(item)]
+            fused = [_FUSED.applies(item) for item in items]
+            large = [item for item, f in zip(items, fused, strict=True) if f]
+            small = [item for item, f in zip(items, fused, strict=True) if not f]
             if not (large and self._fused_step(large, small)):
                 self._eager_step(items)
         self._diagonal = None
@@ -370,33 +373,23 @@ class DiagonalAdam(torch.optim.Optimizer):
 
     def _eager_step(self, items: list[_Item]) -> None:
         """The step op by op: every new state and move out of place, written only once all are finite."""
-        updates, witnesses, h_terms = [], [], []
-        for item in items:
-            new, move, h_term = _new_state(*item.tensors(), item.k, self._form(), reuse_root=True)
-            if h_term is not None:
-                h_terms.append(h_term.sum())
-            witnesses += _finiteness_witnesses(new, move, self.trust_region is not None)
-            updates.append((item, new, move))
+        form = self._form()
+        updates = [_new_state(*item.tensors(), item.k, form, reuse_root=True) for item in items]
+        h_terms = [h_term.sum() for _, _, h_term in updates if h_term is not None]
+        witnesses = [w for new, move, _ in updates for w in _finiteness_witnesses(new, move, form.trust_region)]
         sums = torch.stack(h_terms + [w.sum() for w in witnesses]).tolist() if updates else []  # one sync
         h = math.fsum(sums[: len(h_terms)])
         if not (math.isfinite(h) and _all_finite(witnesses, sums[len(h_terms) :])):
             raise Diverged(f"{type(self).__name__}.step: the update is not finite; nothing was changed")
-        scale = self._scale(h)
-        for item, new, move in updates:
-            self.state[item.param].update(new, step=item.t)
-            item.param.add_(move, alpha=scale)
+        self._commit(items, updates, self._scale(h))
 
     def _fused_step(self, large: list[_Item], small: list[_Item]) -> bool:
         """The step with the large parameters' update compiled (``_CompiledUpdate``), the small
         ones' op by op. False, with nothing changed, where a sum is not finite (an overflowing sum
         of finite numbers included): the eager step then checks entry by entry."""
         form = self._form()
-        small_updates, rows = [], []
-        for item in small:
-            new, move, h_term = _new_state(*item.tensors(), item.k, form, reuse_root=True)
-            small_updates.append((item, new, move))
-            rows.append(_row(new, move, h_term))
-        rows += _FUSED.sums(large, form)
+        small_updates = [_new_state(*item.tensors(), item.k, form, reuse_root=True) for item in small]
+        rows = [_row(*update) for update in small_updates] + _FUSED.sums(large, form)
         sums = torch.stack(rows).tolist()  # one synchronization
         if not all(math.isfinite(s) for row in sums for s in row):
             return False
@@ -404,10 +397,14 @@ class DiagonalAdam(torch.optim.Optimizer):
         for item in large:  # updated in place: on a parameter's first step, its initial zeros become its state
             self.state[item.param].update({k: v for k, v in item.old.items() if k != "step"}, step=item.t)
         _FUSED.apply(large, scale, form)
-        for item, new, move in small_updates:
+        self._commit(small, small_updates, scale)
+        return True
+
+    def _commit(self, items: list[_Item], updates: list[tuple], scale: float) -> None:
+        """Write each item's new state and move its parameter by scale · (−U)."""
+        for item, (new, move, _) in zip(items, updates, strict=True):
             self.state[item.param].update(new, step=item.t)
             item.param.add_(move, alpha=scale)
-        return True
 
     def _form(self) -> _Form:
         return _Form(self.precondition == "gradient", self.trust_region is not None, self.trust_region_bias_correction)
