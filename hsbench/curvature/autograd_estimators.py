@@ -67,6 +67,7 @@ def rademacher_sets(params: dict[str, Tensor], sample_counts: list[int], generat
     """The draws of successive ``rademacher`` calls with these sample counts, side by side in one
     tensor per parameter, shape (sum of the counts, *parameter)."""
     probes = {k: p.new_empty((sum(sample_counts), *p.shape)) for k, p in params.items()}
+    signs = {k: _SIGNS.to(device=p.device, dtype=p.dtype) for k, p in params.items()}
     start = 0
     for samples in sample_counts:
         for k, p in params.items():
@@ -75,11 +76,10 @@ def rademacher_sets(params: dict[str, Tensor], sample_counts: list[int], generat
                 0, 256, ((n + 7) // 8,), dtype=torch.uint8, generator=generator, device=p.device
             )
             into = probes[k][start : start + samples]
-            signs = _SIGNS.to(device=p.device, dtype=p.dtype)
             if n % 8:
-                into.copy_(torch.index_select(signs, 0, random_bytes.int()).flatten()[:n].view(into.shape))
+                into.copy_(torch.index_select(signs[k], 0, random_bytes.int()).flatten()[:n].view(into.shape))
             else:  # straight into place
-                torch.index_select(signs, 0, random_bytes.int(), out=into.view(-1, 8))
+                torch.index_select(signs[k], 0, random_bytes.int(), out=into.view(-1, 8))
         start += samples
     return probes
 

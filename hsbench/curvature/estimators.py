@@ -51,9 +51,14 @@ def _squared_gradient(batch, mc_samples, generator, per_sample):
 
 
 def _hutchinson(batch, mc_samples, generator, per_sample):
-    return autograd_estimators.hutchinson(
-        batch.model, batch.loss_fn, batch.inputs, batch.targets, mc_samples, generator, per_sample
+    try:  # the shared recording, where the curvature core knows the model and loss
+        tape = None if per_sample else batch.tape()
+    except ValueError:  # autograd's Hessian-vector products then
+        tape = None
+    [estimate] = autograd_estimators.hutchinson_sets(
+        batch.model, batch.loss_fn, batch.inputs, batch.targets, [mc_samples], generator, per_sample, tape
     )
+    return estimate
 
 
 def _diagonal_backprop(variant: str) -> Estimator:
