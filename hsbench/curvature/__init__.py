@@ -11,6 +11,7 @@ over an actor and a critic network; it is what the optimizers of ``hsbench.optim
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from hsbench.curvature import diagonal_backprop, hessian_backprop, sampled_backprop
 from hsbench.curvature.autograd_estimators import rademacher
-from hsbench.curvature.estimators import ESTIMATORS, Batch
+from hsbench.curvature.estimators import ESTIMATORS, Batch, hutchinson_sets
 from hsbench.curvature.loss_rules import LossRule
 from hsbench.curvature.recording import check_reached, extend, recorded_terms
 from hsbench.curvature.tape import Backward, Tape
@@ -80,17 +81,25 @@ def diagonals(
 
     ``requests`` maps a label to ``(method, mc_samples)``, e.g. ``{"ggn-mc-50": ("ggn-mc", 50)}``;
     the result maps each label to what ``diagonal`` returns for it. Draws are made in the order
-    of ``requests``."""
+    of ``requests``; consecutive Hutchinson requests share one pass of Hessian-vector products
+    (the same draws as one by one)."""
     for method, mc_samples in requests.values():
         if method not in METHODS:
             raise ValueError(f"unknown curvature method {method!r}; valid methods: {', '.join(METHODS)}")
         if not (isinstance(mc_samples, int) and mc_samples >= 1):
             raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}")
     batch = Batch(model, loss_fn, inputs, targets)
-    return {
-        label: ESTIMATORS[method](batch, mc_samples, generator, per_sample)
-        for label, (method, mc_samples) in requests.items()
-    }
+    found: dict[str, dict[str, Tensor]] = {}
+    for hutchinson, run in itertools.groupby(requests, key=lambda label: requests[label][0] == "hutchinson"):
+        labels = list(run)
+        if hutchinson:
+            counts = [requests[label][1] for label in labels]
+            found.update(zip(labels, hutchinson_sets(batch, counts, generator, per_sample), strict=True))
+        else:
+            for label in labels:
+                method, mc_samples = requests[label]
+                found[label] = ESTIMATORS[method](batch, mc_samples, generator, per_sample)
+    return found
 
 
 TapeWalk = Callable[[Tape, int, "torch.Generator | None"], Backward]

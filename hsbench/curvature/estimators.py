@@ -51,14 +51,22 @@ def _squared_gradient(batch, mc_samples, generator, per_sample):
 
 
 def _hutchinson(batch, mc_samples, generator, per_sample):
-    try:  # the shared recording, where the curvature core knows the model and loss
-        tape = None if per_sample else batch.tape()
-    except ValueError:  # autograd's Hessian-vector products then
-        tape = None
-    [estimate] = autograd_estimators.hutchinson_sets(
-        batch.model, batch.loss_fn, batch.inputs, batch.targets, [mc_samples], generator, per_sample, tape
-    )
+    [estimate] = hutchinson_sets(batch, [mc_samples], generator, per_sample)
     return estimate
+
+
+def hutchinson_sets(
+    batch: Batch, sample_counts: list[int], generator: torch.Generator | None, per_sample: bool
+) -> list[dict[str, Tensor]]:
+    """Hutchinson estimates with these sample counts, the draws of as many successive calls, in one
+    pass (``autograd_estimators.hutchinson_sets``) on the batch's shared recording where there is one."""
+    try:
+        tape = None if per_sample else batch.tape()
+    except ValueError:  # a model or loss the curvature core does not know: autograd's products
+        tape = None
+    return autograd_estimators.hutchinson_sets(
+        batch.model, batch.loss_fn, batch.inputs, batch.targets, sample_counts, generator, per_sample, tape
+    )
 
 
 def _diagonal_backprop(variant: str) -> Estimator:

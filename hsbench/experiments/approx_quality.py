@@ -32,13 +32,14 @@ if TYPE_CHECKING:
     from matplotlib import figure
     from torch import nn
 
-    from hsbench import optim
+    from hsbench import curvature, optim
 else:  # imported on first use (hsbench.engine.kind)
     np = LazyModule("numpy")
     pd = LazyModule("pandas")
     torch = LazyModule("torch")
     figure = LazyModule("matplotlib.figure")
     nn = LazyModule("torch.nn")
+    curvature = LazyModule("hsbench.curvature")
     optim = LazyModule("hsbench.optim")
 
 
@@ -74,33 +75,6 @@ def load_examples(
         y = torch.randint(0, settings["classes"], (count,), generator=generator)
         return x, y, f"random data ({settings['inputs']} Gaussian inputs, {settings['classes']} classes)"
     return mnist_like(settings["data"], data_dir)
-
-
-def estimates(
-    requests: dict[str, tuple[str, int]], model: nn.Module, loss_fn: nn.Module, x, y, generator
-) -> dict[str, dict[str, torch.Tensor]]:
-    """What ``curvature.diagonals(requests, ...)`` returns, same draws in the same order, faster:
-    a run of consecutive Hutchinson requests shares one pass of Hessian-vector products
-    (``autograd_estimators.hutchinson_sets``) and the recorded forward pass of the other methods."""
-    from hsbench.curvature.autograd_estimators import hutchinson_sets
-    from hsbench.curvature.estimators import ESTIMATORS, Batch
-
-    batch = Batch(model, loss_fn, x, y)
-    labels = list(requests)
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    for k, label in enumerate(labels):
-        method, samples = requests[label]
-        if label in found:
-            continue
-        if method != "hutchinson":
-            found[label] = ESTIMATORS[method](batch, samples, generator, False)
-            continue
-        run = [label]
-        while k + len(run) < len(labels) and requests[labels[k + len(run)]][0] == "hutchinson":
-            run.append(labels[k + len(run)])
-        counts = [requests[r][1] for r in run]
-        found.update(zip(run, hutchinson_sets(model, loss_fn, x, y, counts, generator, tape=batch.tape()), strict=True))
-    return found
 
 
 class ApproxQuality(ExperimentKind):
@@ -172,7 +146,7 @@ class ApproxQuality(ExperimentKind):
             x, y = x_all[order[i] : order[i] + 1], y_all[order[i] : order[i] + 1]
             measured = i % every == 0
             if measured:
-                found = estimates(without_grad2, model, loss_fn, x, y, mc_gen)
+                found = curvature.diagonals(without_grad2, model, loss_fn, x, y, generator=mc_gen)
             optim.train_step(sgd, model, loss_fn, x, y)
             if measured:  # g² from the SGD step's gradient: the same example and parameters
                 gradients = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
