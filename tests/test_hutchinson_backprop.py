@@ -45,10 +45,28 @@ def test_walk_equals_autograd_for_the_same_probes(case, monkeypatch):
             torch.testing.assert_close(one_by_one[name], value, rtol=0, atol=1e-13 * scale)
 
 
-def test_networks_the_walk_does_not_know_go_through_autograd():
+def test_networks_the_walk_does_not_know_go_through_autograd(monkeypatch):
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)).double()
     x, y = torch.randn(2, 1, 10, dtype=torch.float64), torch.tensor([0, 2])
-    tape = autograd_estimators._tape_or_none(model, nn.CrossEntropyLoss(), x, y)
+    loss_fn = nn.CrossEntropyLoss()
+    tape = autograd_estimators._tape_or_none(model, loss_fn, x, y)
     assert tape is not None and not hutchinson_backprop.supported(tape)
-    found = autograd_estimators.hutchinson(model, nn.CrossEntropyLoss(), x, y, 3, torch.Generator().manual_seed(0))
-    assert found.keys() == dict(model.named_parameters()).keys()
+    monkeypatch.setattr(hutchinson_backprop, "backpropagate", lambda *args: pytest.fail("the walk was used"))
+    found = autograd_estimators.hutchinson(model, loss_fn, x, y, 3, torch.Generator().manual_seed(0))
+
+    # reference: the same probes, each Hessian-vector product by torch.autograd.functional.hvp
+    names = [name for name, _ in model.named_parameters()]
+    params = tuple(p.detach() for p in model.parameters())
+    probes = autograd_estimators.rademacher(dict(zip(names, params, strict=True)), 3, torch.Generator().manual_seed(0))
+
+    def loss(*values):
+        return loss_fn(torch.func.functional_call(model, dict(zip(names, values, strict=True)), (x,)), y)
+
+    products = [
+        torch.autograd.functional.hvp(loss, params, tuple(probes[name][m] for name in names))[1] for m in range(3)
+    ]
+    assert found.keys() == set(names)
+    for i, name in enumerate(names):
+        reference = torch.stack([probes[name][m] * products[m][i] for m in range(3)]).mean(0)
+        torch.testing.assert_close(found[name], reference, rtol=1e-12, atol=1e-14)
