@@ -61,9 +61,9 @@ class Field:
     """One setting of a kind: its type, default, admissible values and a one-line doc.
 
     ``type`` is one of int, float, str, bool (an int is accepted where a float is expected).
-    ``choices`` is a collection or a zero-argument callable returning one, so that the
-    admissible values may live in another module (e.g. the list of curvature methods); it is
-    called on every check, so a kind's choices import no torch (see the module docstring).
+    ``choices`` is a collection (hsbench's kinds use the plain name tuples of
+    ``hsbench.experiments.names``) or a zero-argument callable returning one; a callable is
+    called on every check, so it must not import torch (see the module docstring).
     ``low`` / ``high`` bound numbers inclusively.
     """
 
