@@ -15,8 +15,9 @@ recorded steps, for M probes at once (shape (N, M, ...)):
 The estimate mean_m z_m ∘ (H z_m) of a weight is then contracted over the probes without forming
 H z_m: Σ_m Z_m ∘ (ġ_m hᵀ) = (Σ_m Z_m ∘ ġ_m 1ᵀ) ∘ 1 hᵀ, one batched product that reads the probes
 once. Autograd's Hessian-vector products (``autograd_estimators``) write H z for every probe and
-read it again, several passes over M × (number of parameters) entries; this walk makes two (the
-forward product Ż_W h and the contraction), plus one at a layer whose input still needs ġ. The
+read it again, several passes over M × (number of parameters) entries; this walk makes two per
+example (the forward product Ż_W h and the contraction), plus, at a layer whose input still
+needs ġ, one for Ż_Wᵀ g_y and one for the g_y ḣᵀ term (a temporary of M weights). The
 results are those of autograd up to float rounding (same probes, other order of summation).
 """
 
