@@ -86,7 +86,8 @@ def train_step(opt: Optimizer, model: nn.Module, loss_fn: nn.Module, x: Tensor, 
 
 
 def check_finite_loss(loss: Tensor, who: str) -> None:
-    if not bool(torch.isfinite(loss).all()):
+    finite = math.isfinite(loss.item()) if loss.numel() == 1 else bool(torch.isfinite(loss).all())
+    if not finite:
         raise Diverged(f"{who}.backward: the loss is {loss.detach().cpu().tolist()}")
 
 
@@ -127,9 +128,12 @@ def check_hyperparameters(hyper: dict) -> None:
         raise ValueError(f"trust_region must be > 0; got {hyper['trust_region']}")
 
 
+_SUBNORMAL = torch.tensor([1e-39])
+
+
 def _flushing_denormals() -> bool:
     """Whether the CPU treats subnormal floats as zero now (torch has no getter: probed)."""
-    return float(torch.tensor([1e-39]) * 1.0) == 0.0
+    return _SUBNORMAL.mul(1.0).item() == 0.0
 
 
 @contextmanager

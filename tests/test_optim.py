@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from hsbench.curvature import diagonal, extend
+from hsbench.curvature import diagonal, diagonal_backprop, extend
 from hsbench.data import embedded_mnist
 from hsbench.engine.kind import ExperimentKind
 from hsbench.engine.runner import RunOptions, execute
@@ -408,3 +408,25 @@ def test_an_overflowing_second_moment_alone_is_divergence(name):
     with pytest.raises(Diverged, match="not finite"):
         opt.step()
     assert same(model.state_dict(), params) and same(opt.state_dict(), state)
+
+
+@pytest.mark.parametrize("caller_flushes", [False, True])
+def test_curvature_optimizers_flush_subnormals_inside_and_restore_the_callers_mode(caller_flushes, monkeypatch):
+    subnormal = torch.tensor([1e-39])
+    seen = []
+    walk = diagonal_backprop.backpropagate
+
+    def spying(*args, **kwargs):  # records whether subnormals flush to zero during the curvature walk
+        seen.append(float(subnormal * 1.0) == 0.0)
+        return walk(*args, **kwargs)
+
+    monkeypatch.setattr(diagonal_backprop, "backpropagate", spying)
+    model, loss_fn, x, y = small_problem(conv=False)
+    opt = make("adahesscale", model.parameters())
+    torch.set_flush_denormal(caller_flushes)
+    try:
+        train_step(opt, model, loss_fn, x, y)
+        after = float(subnormal * 1.0) == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+    assert seen == [True] and after == caller_flushes

@@ -21,7 +21,7 @@ from hsbench.curvature import diagonal_backprop, hessian_backprop, sampled_backp
 from hsbench.curvature.autograd_estimators import rademacher
 from hsbench.curvature.estimators import ESTIMATORS, Batch, hutchinson_sets
 from hsbench.curvature.loss_rules import LossRule
-from hsbench.curvature.recording import check_reached, extend, recorded_terms
+from hsbench.curvature.recording import extend, reached_parameters, recorded_terms
 from hsbench.curvature.tape import Backward, Tape
 
 METHODS = tuple(ESTIMATORS)
@@ -155,26 +155,23 @@ def loss_diagonals(
     if method not in METHODS:
         raise ValueError(f"unknown curvature method {method!r}; valid methods: {', '.join(METHODS)}")
     terms = recorded_terms(loss, who)
-    if parameters is not None:
-        check_reached([tape for _, tape in terms], parameters, who)
-    trainable = {id(p): p for _, tape in terms for step in tape.steps for p in step.parameters if p.requires_grad}
-    reached: list[Tensor] = list(trainable.values())
+    reached = reached_parameters([tape for _, tape in terms], who, parameters)
     if method not in _TAPE_WALKS:  # hutchinson, grad2: autograd through the loss's own graph
         return _autograd_diagonals(loss, reached, method, mc_samples, generator)
     if method not in ("ggn-mc", "kfac"):  # linear in the output's (g, H): one walk per network output
         terms = _combined_per_output(terms)
     grads: dict[Tensor, Tensor] = {}
     diags: dict[Tensor, Tensor] = {}
-    for c, tape in terms:
-        with torch.no_grad():
+    with torch.no_grad():
+        for c, tape in terms:
             if factored and method in diagonal_backprop.VARIANTS:
                 found = diagonal_backprop.backpropagate(tape, method, False, True)
             else:
                 found = _TAPE_WALKS[method](tape, mc_samples, generator)
-        for into, values in ((grads, found.gradients), (diags, found.diagonals)):
-            for p, value in values.items():
-                value = value if c == 1.0 else c * value
-                into[p] = into[p] + value if p in into else value
+            for into, values in ((grads, found.gradients), (diags, found.diagonals)):
+                for p, value in values.items():
+                    value = value if c == 1.0 else c * value
+                    into[p] = into[p] + value if p in into else value
     if not grads:  # exact, ggn: the gradient from autograd
         grads = dict(zip(reached, torch.autograd.grad(loss, reached, retain_graph=True), strict=True))
     return Backward(grads, diags)

@@ -250,13 +250,16 @@ class Linear(WeightedMap):
         return s @ squared_weight(module.weight)
 
     def param_sums(self, module, x, v, per_sample):
-        out = {"weight": v.unsqueeze(2) * x.unsqueeze(1) if per_sample else v.T @ x}
+        out = {"weight": v.unsqueeze(2) * x.unsqueeze(1) if per_sample else torch.mm(v.T, x)}
         if module.bias is not None:
             out["bias"] = v if per_sample else v.sum(0)
         return out
 
     def input_and_param_sums(self, module, ctx, v, x, weight, need_input, per_sample):
-        return (v @ weight if need_input else None), self.param_sums(module, x, v[:, 0], per_sample)
+        """Two-dimensional products (``torch.mm``, the same numbers as ``v @ weight`` on (N, 1, out)):
+        at the sizes of reinforcement-learning policies, ``matmul``'s reshaping costs as much as the product."""
+        v = v[:, 0]
+        return (torch.mm(v, weight).unsqueeze(1) if need_input else None), self.param_sums(module, x, v, per_sample)
 
     def squared_gradients(self, module, ctx, v, per_sample):
         """Rank-one gradients square to v² ⊗ x²."""

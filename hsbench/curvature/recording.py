@@ -126,15 +126,17 @@ def _walk(node, c: float, terms: dict[int, list], who: str) -> None:
         raise _not_recorded(who, "a product or quotient of two losses" if two_losses else kind)
 
 
-def check_reached(tapes: list[Tape], parameters: Sequence[Tensor], who: str) -> None:
-    """``RuntimeError`` if a tensor in ``parameters`` is not a parameter of a recorded step."""
-    reached = {id(p) for tape in tapes for step in tape.steps for p in step.parameters}
-    missing = [tuple(p.shape) for p in parameters if id(p) not in reached]
+def reached_parameters(tapes: list[Tape], who: str, parameters: Sequence[Tensor] | None = None) -> list[Tensor]:
+    """The trainable parameters of the tapes' recorded steps, each once, in recorded order;
+    ``RuntimeError`` if a tensor in ``parameters`` is not a parameter of a recorded step."""
+    reached = {id(p): p for tape in tapes for step in tape.steps for p in step.parameters}
+    missing = [tuple(p.shape) for p in parameters or () if id(p) not in reached]
     if missing:
         raise RuntimeError(
             f"{who}: {len(missing)} parameter(s) (shapes {missing}) are not reached by the recorded forward "
             "pass; the model must be a chain of extended modules from its input to the loss"
         )
+    return [p for p in reached.values() if p.requires_grad]
 
 
 def tape_of(loss: Tensor, parameters: list[Tensor], who: str) -> Tape:
@@ -142,5 +144,5 @@ def tape_of(loss: Tensor, parameters: list[Tensor], who: str) -> Tape:
     terms = recorded_terms(loss, who)
     if len(terms) != 1 or terms[0][0] != 1.0:
         raise _not_recorded(who, f"a weighted sum of {len(terms)} losses where one loss is expected")
-    check_reached([terms[0][1]], parameters, who)
+    reached_parameters([terms[0][1]], who, parameters)
     return terms[0][1]
