@@ -128,12 +128,14 @@ def check_hyperparameters(hyper: dict) -> None:
         raise ValueError(f"trust_region must be > 0; got {hyper['trust_region']}")
 
 
-_SUBNORMAL = torch.tensor([1e-39])
+_SUBNORMAL = 5e-324  # the smallest positive double
 
 
 def _flushing_denormals() -> bool:
-    """Whether the CPU treats subnormal floats as zero now (torch has no getter: probed)."""
-    return _SUBNORMAL.mul(1.0).item() == 0.0
+    """Whether the CPU treats subnormal floats as zero now (torch has no getter: probed). Python's
+    own float product runs on the thread's floating-point unit in the mode that
+    ``torch.set_flush_denormal`` sets (x86's MXCSR, AArch64's FPCR): a tenth of a tensor op's cost."""
+    return _SUBNORMAL * 1.0 == 0.0
 
 
 @contextmanager
@@ -206,8 +208,8 @@ def _new_state(
         return new, move, root * move.square()
     curvature = new["exp_avg_sq"].sqrt()
     if form.corrected:
-        curvature = curvature / k[3]
-    return new, move, curvature * move.square()
+        curvature.div_(k[3])
+    return new, move, curvature.mul_(move.square())
 
 
 def _row(new: dict[str, Tensor], move: Tensor, h_term: Tensor | None) -> Tensor:
