@@ -48,7 +48,12 @@ def log_prob(z: Tensor, actions: Tensor, distribution: str, variance: str = "log
     if distribution == "categorical":
         return torch.log_softmax(z, dim=-1).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
     mean, var = gaussian_split(z, variance)
-    return -0.5 * (var.log() + (actions - mean) ** 2 / var + math.log(2 * math.pi)).sum(-1)
+    return gaussian_log_prob(var, (actions - mean).square() / var)
+
+
+def gaussian_log_prob(var: Tensor, scaled_square: Tensor) -> Tensor:
+    """log N(a | μ, σ²) per sample, shape (N,), from σ² and (a − μ)² / σ², both (N, D)."""
+    return -0.5 * (var.log() + scaled_square + math.log(2 * math.pi)).sum(-1)
 
 
 class GaussianHead(nn.Module):

@@ -92,10 +92,11 @@ def check_finite_loss(loss: Tensor, who: str) -> None:
 
 
 def _all_finite(tensors: list[Tensor], sums: list[float] | None = None) -> bool:
-    """Whether every entry of every tensor is finite, from their sums (``sums``, else computed here
-    with one synchronization): a sum is finite whenever every entry is finite, and not finite
-    when one is not, unless finite entries overflow it; only then are the entries looked at. One
-    pass without writes, where ``torch.isfinite(t).all()`` costs several and a boolean tensor."""
+    """Whether every entry of every tensor is finite, from sums that together cover every entry
+    once (``sums``: one per tensor or one over all; else computed here, one per tensor, with one
+    synchronization): a sum is finite whenever every entry is finite, and not finite when one is
+    not, unless finite entries overflow it; only then are the entries looked at. One pass
+    without writes, where ``torch.isfinite(t).all()`` costs several and a boolean tensor."""
     if not tensors:
         return True
     if sums is None:
@@ -383,7 +384,9 @@ class DiagonalAdam(torch.optim.Optimizer):
         updates = [_new_state(*item.tensors(), item.k, form, reuse_root=True) for item in items]
         h_terms = [h_term.sum() for _, _, h_term in updates if h_term is not None]
         witnesses = [w for new, move, _ in updates for w in _finiteness_witnesses(new, move, form.trust_region)]
-        sums = torch.stack(h_terms + [w.sum() for w in witnesses]).tolist() if updates else []  # one sync
+        # the witnesses' finiteness from one sum over all of them (a reduction per tensor costs more than the copy)
+        joined = [torch.cat([w.reshape(-1) for w in witnesses]).sum()] if witnesses else []
+        sums = torch.stack(h_terms + joined).tolist() if h_terms or joined else []  # one sync
         h = math.fsum(sums[: len(h_terms)])
         if not (math.isfinite(h) and _all_finite(witnesses, sums[len(h_terms) :])):
             raise Diverged(f"{type(self).__name__}.step: the update is not finite; nothing was changed")

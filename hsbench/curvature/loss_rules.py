@@ -18,6 +18,7 @@ per sample and unscaled, of shape (N, D) with D the size of one output:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -30,19 +31,25 @@ def _flat(z: Tensor) -> Tensor:
     return z.reshape(z.shape[0], -1)
 
 
-def _log_prob_derivatives(z: Tensor, actions: Tensor, distribution: str, variance: str) -> tuple[Tensor, Tensor]:
-    """(∂ log π / ∂z, diagonal of ∂² log π / ∂z²), both (N, D_out)."""
+def _log_prob_derivatives(
+    z: Tensor, actions: Tensor, distribution: str, variance: str
+) -> tuple[Tensor, Tensor, Callable[[], Tensor]]:
+    """(∂ log π / ∂z, diagonal of ∂² log π / ∂z², both (N, D_out), and a function giving log π
+    itself (N,) from the same intermediate results, the numbers of ``losses.log_prob``)."""
     if distribution == "categorical":
         q = torch.softmax(z, -1)
-        return nn.functional.one_hot(actions.long(), z.shape[-1]).to(z.dtype) - q, q.square() - q
+        g, h = nn.functional.one_hot(actions.long(), z.shape[-1]).to(z.dtype) - q, q.square() - q
+        return g, h, lambda: losses.log_prob(z, actions, distribution)
     mean, var = losses.gaussian_split(z, variance)
-    r2 = (actions - mean).square()
-    g_mean, h_mean = (actions - mean) / var, -1 / var
+    diff = actions - mean
+    scaled = diff.square() / var  # (a − μ)² / σ²
+    g_mean, h_mean = diff / var, -1 / var
     if variance == "raw":  # appendix B.2
-        g_var, h_var = 0.5 * (r2 / var - 1) / var, (0.5 - r2 / var) / var.square()
+        g_var, h_var = 0.5 * (scaled - 1) / var, (0.5 - scaled) / var.square()
     else:  # ν = log σ²
-        g_var, h_var = 0.5 * (r2 / var - 1), -0.5 * r2 / var
-    return torch.cat([g_mean, g_var], -1), torch.cat([h_mean, h_var], -1)
+        g_var, h_var = 0.5 * (scaled - 1), -0.5 * scaled
+    g, h = torch.cat([g_mean, g_var], -1), torch.cat([h_mean, h_var], -1)
+    return g, h, lambda: losses.gaussian_log_prob(var, scaled)
 
 
 class LossRule(ABC):
@@ -169,7 +176,7 @@ class PolicyGradient(LossRule):
 
     def _derivatives(self, z, target):
         actions, advantages = target
-        g, h = _log_prob_derivatives(z, actions, self.loss_fn.distribution, self.loss_fn.variance)
+        g, h, _ = _log_prob_derivatives(z, actions, self.loss_fn.distribution, self.loss_fn.variance)
         return g, h, advantages.unsqueeze(1)
 
     def grad(self, z, target):
@@ -197,9 +204,9 @@ class PPO(LossRule):
     ∂r = r g and ∂²r = r (g² + h) on the diagonal (g, h: derivatives of log π); elsewhere 0."""
 
     def _derivatives(self, z, target):
-        actions, advantages, _ = target
-        g, h = _log_prob_derivatives(z, actions, self.loss_fn.distribution, self.loss_fn.variance)
-        r = self.loss_fn.ratio(z, target)
+        actions, advantages, old_log_probs = target
+        g, h, log_prob = _log_prob_derivatives(z, actions, self.loss_fn.distribution, self.loss_fn.variance)
+        r = (log_prob() - old_log_probs).exp()  # losses.PPOLoss.ratio
         eps = self.loss_fn.clip
         active = ((advantages > 0) & (r <= 1 + eps)) | ((advantages < 0) & (r >= 1 - eps))
         return g, h, (-advantages * r * active).unsqueeze(1)  # last: ∂ℓ/∂r restricted to active samples
