@@ -237,7 +237,7 @@ class Linear(WeightedMap):
         sums = {"weight": RankOne(s[0, 0], ctx.x[0].square())}
         if module.bias is not None:
             sums["bias"] = s[0, 0]
-        return (s @ squared_weight(module.weight) if need_input else None), sums
+        return (torch.mm(s[0], squared_weight(module.weight)).unsqueeze(1) if need_input else None), sums
 
     def extra(self, module, x, y):
         if x.dim() != 2:
