@@ -7,6 +7,7 @@ installs them). Skipped elsewhere, except under CI (CI=true), where it fails ins
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -19,6 +20,8 @@ from conftest import REPO, hsbench, outcomes
 
 from hsbench.cli import main
 from hsbench.engine import executors
+from hsbench.engine.spec import load_spec
+from hsbench.experiments import KINDS
 
 SPEC = """
 kind = "quadratic"
@@ -99,6 +102,12 @@ steps = 15000
 noise = 0.1
 optimizer = "adam"
 """
+
+
+def slurm_config(name: str) -> str:
+    """A setting of the running slurmctld as ``scontrol show config`` prints it (e.g. MinJobAge: '300 sec')."""
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    return next(line.split("=", 1)[1].strip() for line in out.splitlines() if line.split("=")[0].strip() == name)
 
 
 def job_field(job: str, name: str) -> str:
@@ -258,3 +267,109 @@ def test_a_job_cancelled_while_pending_is_shown_cancelled_and_runs_again(
     rerun = hsbench("run", spec, "--results", res, "--executor", "slurm")
     assert "1 cancelled" in rerun.stdout and "submitted SLURM array job(s)" in rerun.stdout
     subprocess.run(["scancel", "--name", "hsbench-cancelledpending"], check=True)
+
+
+def default_partition() -> str:
+    """The cluster's default partition (sinfo marks it with '*')."""
+    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, check=True).stdout
+    return next(p.removesuffix("*") for p in out.split() if p.endswith("*"))
+
+
+def set_partition(partition: str, state: str) -> None:
+    subprocess.run(["scontrol", "update", f"PartitionName={partition}", f"State={state}"], check=True)
+
+
+def job_records() -> int:
+    """Jobs slurmctld holds, ended ones included until MinJobAge; each array task counts, as for MaxJobCount."""
+    out = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True, check=True).stdout
+    count = 0
+    for line in out.splitlines():
+        tasks = next((w.split("=")[1].split("%")[0] for w in line.split() if w.startswith("ArrayTaskId=")), "0")
+        for part in tasks.split(","):  # e.g. 0-999 or 0-99:2 or 7
+            bounds, _, step = part.partition(":")
+            first, _, last = bounds.partition("-")
+            count += len(range(int(first), int(last or first) + 1, int(step or 1)))
+    return count
+
+
+def minutes(limit: str) -> int:
+    """squeue's time limit (M:SS, H:MM:SS or D-HH:MM:SS) in minutes."""
+    days, _, clock = limit.rpartition("-")
+    hours, mins, _ = ([0, 0, 0] + [int(x) for x in clock.split(":")])[-3:]
+    return int(days or 0) * 1440 + hours * 60 + mins
+
+
+def gigabytes(memory: str) -> float:
+    """squeue's minimum memory (e.g. 4G, 500M, 0: megabytes without a unit) in GB of 1024 MB, as submitit's."""
+    number, unit = (memory[:-1], memory[-1]) if memory[-1].isalpha() else (memory, "M")
+    return float(number) * {"M": 1 / 1024, "G": 1, "T": 1024}[unit]
+
+
+def test_the_paper_sweep_of_figure5_is_submitted_whole(slurm_cluster, tmp_path):
+    """`hsbench run figure5 --scale paper --executor slurm` queues every run of the spec, none runs.
+
+    The default partition is DOWN while the test runs: SLURM accepts the arrays but starts no
+    task. The arrays are also held once submitted, so that a test killed after the submission
+    leaves nothing that would train when the partition comes UP again (a restart of slurmctld
+    brings it UP; ``scontrol update PartitionName=debug State=UP`` does without one). The
+    cleanup cancels whatever hsbench recorded as submitted, then brings the partition back UP.
+    """
+    spec = load_spec(REPO / "experiments" / "figure5.toml", KINDS)
+    runs = spec.runs("paper")
+    scaled = spec.resolve("paper")
+    assert len(runs) == math.prod(map(len, scaled.grid.values())) * len(scaled.seeds)
+    slurm = scaled.slurm
+    res = tmp_path / "res"
+    submissions = res / "figure5" / "submissions"
+    partition = default_partition()
+    if int(slurm_config("MaxJobCount")) - job_records() < len(runs):  # sbatch would retry for minutes, then fail
+        wait = slurm_config("MinJobAge")
+        pytest.fail(f"slurmctld holds too many ended jobs to take {len(runs)} more; they go after MinJobAge ({wait})")
+
+    def submitted() -> dict[str, dict[str, str]]:
+        """Array job id -> (run id -> array task), as hsbench recorded each submitted array."""
+        found = (json.loads(p.read_text()) for p in submissions.glob("*.json")) if submissions.is_dir() else ()
+        return {s["job_id"]: s["tasks"] for s in sorted(found, key=lambda s: int(s["job_id"]))}
+
+    set_partition(partition, "DOWN")
+    try:
+        out = hsbench("run", "figure5", "--scale", "paper", "--executor", "slurm", "--results", res).stdout
+        arrays = submitted()
+        subprocess.run(["scontrol", "hold", ",".join(arrays)], check=True)
+
+        assert f"figure5 (scale paper): {len(runs)} runs: {len(runs)} missing" in out
+        assert f"submitted SLURM array job(s) {' '.join(arrays)} ({len(runs)} tasks)" in out
+        tasks = {run_id: task for array in arrays.values() for run_id, task in array.items()}
+        assert sorted(tasks) == sorted(run.id for run in runs)  # every run of the sweep, once
+
+        queue = subprocess.run(
+            ["squeue", "-h", "--array", "-j", ",".join(arrays), "-o", "%i|%T|%l|%C|%m|%j"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        queued = {}
+        for line in queue.splitlines():
+            task, state, limit, cpus, memory, name = line.split("|")
+            queued[task] = state
+            assert (minutes(limit), int(cpus), gigabytes(memory)) == (
+                slurm["time_min"],
+                slurm["cpus_per_task"],
+                slurm["mem_gb"],
+            ), line
+            assert name == "hsbench-figure5"
+        assert sorted(queued) == sorted(tasks.values()) and set(queued.values()) == {"PENDING"}
+        for array, array_tasks in arrays.items():  # task indices 0..n-1, at most ARRAY_LIMIT per array
+            assert len(array_tasks) <= executors.ARRAY_LIMIT
+            assert sorted(int(t.split("_")[1]) for t in array_tasks.values()) == list(range(len(array_tasks)))
+            assert job_field(array, "ArrayTaskThrottle") == str(slurm["array_parallelism"])
+
+        status = hsbench("status", "figure5", "--scale", "paper", "--results", res).stdout
+        assert f"figure5 (scale paper): {len(runs)} runs" in status
+        assert f"pending   {len(runs)}\n" in status and "running   0\n" in status and "missing   0\n" in status
+    finally:
+        jobs = ",".join(submitted())
+        if jobs:
+            subprocess.run(["scancel", jobs], check=True)
+            wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", jobs], capture_output=True).stdout, "scancel")
+        set_partition(partition, "UP")  # only once nothing of the sweep is left to start
