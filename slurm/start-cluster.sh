@@ -5,6 +5,8 @@
 # Needs the Debian/Ubuntu packages: slurmctld slurmd slurm-client munge.
 # Writes /etc/slurm/slurm.conf for this host (refuses to replace one it did not generate);
 # state, logs and pid files go under $HSBENCH_SLURM_STATE (default /var/spool/hsbench-slurm).
+# MaxJobCount 50000 (SLURM default 10000, ended jobs counted for MinJobAge 300 s): the paper-scale
+# submission test (2,700 array tasks) can run several times in a row.
 # No accounting daemon: `sacct` reports nothing, which hsbench does not need.
 # Stop with slurm/stop-cluster.sh.
 set -euo pipefail
@@ -66,6 +68,7 @@ AccountingStorageType=accounting_storage/none
 MpiDefault=none
 ReturnToService=2
 SlurmdTimeout=60
+MaxJobCount=50000
 $NODE NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
