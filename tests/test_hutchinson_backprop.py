@@ -70,3 +70,52 @@ def test_networks_the_walk_does_not_know_go_through_autograd(monkeypatch):
     for i, name in enumerate(names):
         reference = torch.stack([probes[name][m] * products[m][i] for m in range(3)]).mean(0)
         torch.testing.assert_close(found[name], reference, rtol=1e-12, atol=1e-14)
+
+
+def test_probes_unpacked_only_where_the_inputs_are_nonzero_give_the_same_estimates_and_draws(monkeypatch):
+    """Blank input columns (every sample 0 there, as MNIST's background) make the first weight's
+    estimate 0 in those columns: its probes are unpacked only in the 8-column blocks with a
+    nonzero input (``needed_blocks``), from the same random bytes as the full probes."""
+    torch.manual_seed(0)
+    model = mlp(24, 5, 2, 3, "tanh").double()
+    loss_fn = nn.CrossEntropyLoss()
+    x = torch.randn(2, 24, dtype=torch.float64)
+    x[:, 8:16] = 0  # block 1 blank in both samples
+    x[0, :3], x[1, 20:] = 0, 0  # blocks 0 and 2 partly blank
+    y = torch.tensor([0, 2])
+    tape = autograd_estimators._tape_or_none(model, loss_fn, x, y)
+    assert tape is not None
+    first = next(m for m in model if isinstance(m, nn.Linear)).weight
+    (name,) = [n for n, p in model.named_parameters() if p is first]
+    (blocks,) = hutchinson_backprop.needed_blocks(tape).values()
+    assert hutchinson_backprop.needed_blocks(tape).keys() == {first} and blocks.tolist() == [0, 2]
+
+    # the probes: the full draw's entries in columns 0-7 and 16-23, and the generator left as by the full draw
+    params = autograd_estimators._parameters(model)
+    full_draw, blocked_draw = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    full = autograd_estimators.rademacher_sets(params, [1, 7], full_draw)
+    blocked = autograd_estimators.rademacher_sets(params, [1, 7], blocked_draw, {name: blocks})
+    kept = [*range(8), *range(16, 24)]
+    assert torch.equal(blocked[name], full[name][:, :, kept])
+    assert all(torch.equal(blocked[other], full[other]) for other in params if other != name)
+    assert torch.equal(blocked_draw.get_state(), full_draw.get_state())
+
+    # the estimates: equal to those from the full probes, exactly 0 in the blank block
+    def estimates(use_blocks: bool) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+        generator = torch.Generator().manual_seed(3)
+        with monkeypatch.context() as patch:
+            if not use_blocks:
+                patch.setattr(hutchinson_backprop, "needed_blocks", lambda tape: {})
+            found = autograd_estimators.hutchinson_sets(model, loss_fn, x, y, [1, 7], generator)
+        return found, torch.randint(0, 2**31, (4,), generator=generator)  # the draws that follow
+
+    (found, after), (reference, after_reference) = estimates(True), estimates(False)
+    assert torch.equal(after, after_reference)
+    for estimate, expected in zip(found, reference, strict=True):
+        assert estimate.keys() == expected.keys() == params.keys()
+        for key, value in estimate.items():
+            scale = float(expected[key].abs().max())
+            assert scale > 1e-6
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-13 * scale)
+        assert torch.equal(estimate[name][:, 8:16], torch.zeros(5, 8, dtype=torch.float64))
+        assert bool((estimate[name][:, kept] != 0).all())

@@ -5,6 +5,8 @@ recorded forward pass instead (``hutchinson_backprop``), same numbers up to floa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
@@ -63,25 +65,54 @@ def rademacher(params: dict[str, Tensor], samples: int, generator=None) -> dict[
     return rademacher_sets(params, [samples], generator)
 
 
-def rademacher_sets(params: dict[str, Tensor], sample_counts: list[int], generator=None) -> dict[str, Tensor]:
+def rademacher_sets(
+    params: dict[str, Tensor], sample_counts: list[int], generator=None, blocks: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
     """The draws of successive ``rademacher`` calls with these sample counts, side by side in one
-    tensor per parameter, shape (sum of the counts, *parameter)."""
-    probes = {k: p.new_empty((sum(sample_counts), *p.shape)) for k, p in params.items()}
-    signs = {k: _SIGNS.to(device=p.device, dtype=p.dtype) for k, p in params.items()}
+    tensor per parameter, shape (sum of the counts, *parameter).
+
+    ``blocks`` ({name: indices b of blocks of 8 columns 8b, …, 8b + 7}) unpacks a matrix parameter
+    only at those blocks' columns, shape (sum of the counts, rows, 8 · number of blocks): with a
+    multiple of 8 columns each random byte holds one block of one row, so only the kept blocks'
+    bytes are turned into entries; all bytes are drawn as for the full draw, so the generator
+    ends in the same state and every entry kept is the full draw's."""
+    blocks = blocks or {}
+    probes = {k: p.new_empty((sum(sample_counts), *_kept_shape(p, blocks.get(k)))) for k, p in params.items()}
+    kept_bytes = {}  # per blocked parameter: the position of each (probe row, kept block) byte in its set's bytes
+    for k, b in blocks.items():
+        rows = torch.arange(len(probes[k]) * params[k].shape[0], device=b.device)
+        kept_bytes[k] = (rows.unsqueeze(1) * (params[k].shape[1] // 8) + b).flatten()
     start = 0
     for samples in sample_counts:
         for k, p in params.items():
-            n = samples * p.numel()
             random_bytes = torch.randint(
-                0, 256, ((n + 7) // 8,), dtype=torch.uint8, generator=generator, device=p.device
+                0, 256, ((samples * p.numel() + 7) // 8,), dtype=torch.uint8, generator=generator, device=p.device
             )
             into = probes[k][start : start + samples]
+            if k in kept_bytes:  # the bytes of the kept blocks, row after row
+                random_bytes = random_bytes.index_select(0, kept_bytes[k][: into.numel() // 8])
+            signs, n = _signs(p.dtype, p.device), into.numel()
             if n % 8:
-                into.copy_(torch.index_select(signs[k], 0, random_bytes.int()).flatten()[:n].view(into.shape))
+                into.copy_(torch.index_select(signs, 0, random_bytes.int()).flatten()[:n].view(into.shape))
             else:  # straight into place
-                torch.index_select(signs[k], 0, random_bytes.int(), out=into.view(-1, 8))
+                torch.index_select(signs, 0, random_bytes.int(), out=into.view(-1, 8))
         start += samples
     return probes
+
+
+def _kept_shape(p: Tensor, blocks: Tensor | None) -> tuple[int, ...]:
+    """The shape of one probe of ``p`` unpacked at these blocks of 8 columns (None: all of it)."""
+    if blocks is None:
+        return tuple(p.shape)
+    if p.dim() != 2 or p.shape[1] % 8:
+        raise ValueError(f"blocks of 8 columns need a matrix with a multiple of 8 columns; got shape {tuple(p.shape)}")
+    return (p.shape[0], 8 * len(blocks))
+
+
+@functools.cache
+def _signs(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``_SIGNS`` in this dtype on this device, made once."""
+    return _SIGNS.to(device=device, dtype=dtype)
 
 
 _SIGNS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1) * 2 - 1
@@ -103,17 +134,23 @@ def hutchinson_sets(
 
     H z comes from ``hutchinson_backprop``'s walk of the recorded forward pass (``tape``, recorded
     here if None) for a batch loss of a network of Linear layers and activations, else from
-    autograd: reverse over reverse, all Hessian-vector products in one vmap."""
+    autograd: reverse over reverse, all Hessian-vector products in one vmap. The walk unpacks the
+    probes of the first layer's weight only where its estimate can be nonzero (``needed_blocks``)."""
     params = _parameters(model)
     sizes = list(sample_counts)
-    probes = rademacher_sets(params, sizes, generator)
     if not per_sample:
         tape = tape if tape is not None else _tape_or_none(model, loss_fn, inputs, targets)
         if tape is not None and hutchinson_backprop.supported(tape):
-            tensors = dict(model.named_parameters())
+            tensors = {k: p for k, p in model.named_parameters() if k in params}
+            name = {p: k for k, p in tensors.items()}
+            blocks = {w: b for w, b in hutchinson_backprop.needed_blocks(tape).items() if w in name}
+            probes = rademacher_sets(params, sizes, generator, {name[w]: b for w, b in blocks.items()})
             with torch.no_grad():
-                found = hutchinson_backprop.backpropagate(tape, {tensors[k]: z for k, z in probes.items()}, sizes)
-            return [{k: estimate[tensors[k]] for k in params} for estimate in found]
+                found = hutchinson_backprop.backpropagate(
+                    tape, {p: probes[k] for k, p in tensors.items()}, sizes, blocks
+                )
+            return [{k: estimate[p] for k, p in tensors.items()} for estimate in found]
+    probes = rademacher_sets(params, sizes, generator)
     loss = _loss(model, loss_fn)
 
     def estimate(params, x, t, probes, f):
