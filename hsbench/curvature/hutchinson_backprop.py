@@ -76,13 +76,17 @@ def backpropagate(
     bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
     sets = [slice(bounds[s], bounds[s + 1]) for s in range(len(sizes))]
     z = probes  # Ż of the formulas above
-    # forward: the tangent ẋ (N, M, *) at every step's input (None where it is zero)
+    # forward: the tangent ẋ (N, M, *) at every step's input (None where it is zero), and at
+    # every activation (σ'(x), σ''(x)) (N, 1, *) for both passes
     tangents: list[Tensor | None] = []
+    derivatives: dict[int, tuple[Tensor, Tensor]] = {}
     t: Tensor | None = None
-    for step in steps:
+    for k, step in enumerate(steps):
         tangents.append(t)
         if isinstance(step.rule, Elementwise):
-            t = None if t is None else step.rule.derivatives(step.module, step.ctx)[0].unsqueeze(1) * t
+            d1, d2 = (d.unsqueeze(1) for d in step.rule.derivatives(step.module, step.ctx))
+            derivatives[k] = d1, d2
+            t = None if t is None else d1 * t
             continue
         (w, b), h = _weight_and_bias(step), _input(step, columns)
         t_out = None if t is None else t @ w.T
@@ -103,18 +107,19 @@ def backpropagate(
     for k in range(len(steps) - 1, -1, -1):
         step, t_in = steps[k], tangents[k]
         if isinstance(step.rule, Elementwise):
-            d1, d2 = (d.unsqueeze(1) for d in step.rule.derivatives(step.module, step.ctx))
+            d1, d2 = derivatives[k]
             g_dot = d1 * g_dot if t_in is None else d1 * g_dot + d2 * t_in * g
             g = d1 * g
             continue
         (w, b), h = _weight_and_bias(step), _input(step, columns)
+        g_dot_sum = g_dot.sum(0)  # (M, out)
         for m, result in zip(sets, results, strict=True):
             if w in z:
                 result[w] = _weight_estimate(z[w][m], g_dot[:, m], h, g, None if t_in is None else t_in[:, m])
                 if w in columns:
                     result[w] = w.new_zeros(w.shape).index_copy_(1, columns[w], result[w])
             if b is not None and b in z:
-                result[b] = (z[b][m] * g_dot[:, m].sum(0)).mean(0)
+                result[b] = (z[b][m] * g_dot_sum[m]).mean(0)
         if k > 0:
             g_dot_in = g_dot @ w
             if w in z:  # Ż_Wᵀ g_y: (M, N, out) @ (M, out, in) -> (M, N, in), the probes read in place
@@ -137,12 +142,13 @@ def _input(step: Step, columns: dict[Tensor, Tensor]) -> Tensor:
 def _weight_estimate(zw: Tensor, g_dot: Tensor, h: Tensor, g: Tensor, h_dot: Tensor | None) -> Tensor:
     """mean_m Z_m ∘ Σ_n (ġ_nm h_nᵀ + g_n ḣ_nmᵀ) for probes zw (M, out, in), ġ (N, M, out), h (N, in),
     g (N, 1, out), ḣ (N, M, in) or None."""
-    estimate = zw.new_zeros(zw.shape[1:])
+    estimate = _rows_weighted(zw, g_dot[0]).mul_(h[0])
     for n in range(h.shape[0]):
-        estimate += _rows_weighted(zw, g_dot[n]) * h[n]
+        if n > 0:
+            estimate += _rows_weighted(zw, g_dot[n]) * h[n]
         if h_dot is not None:
             estimate += g[n, 0].unsqueeze(1) * (zw * h_dot[n].unsqueeze(1)).sum(0)
-    return estimate / zw.shape[0]
+    return estimate.div_(zw.shape[0])
 
 
 def _rows_weighted(zw: Tensor, a: Tensor) -> Tensor:
@@ -150,4 +156,4 @@ def _rows_weighted(zw: Tensor, a: Tensor) -> Tensor:
     batched product over the out rows that reads the probes once, for one the product itself."""
     if zw.shape[0] == 1:
         return zw[0] * a[0].unsqueeze(1)
-    return (a.T.contiguous().unsqueeze(1) @ zw.transpose(0, 1)).squeeze(1)
+    return torch.bmm(a.T.contiguous().unsqueeze(1), zw.transpose(0, 1)).squeeze(1)
