@@ -506,3 +506,28 @@ def test_cuda_matches_cpu():
         found = diagonal(method, model.cuda(), loss_fn, x.cuda(), t.cuda())
         assert_close({k: v.cpu() for k, v in found.items()}, expected)
         model.cpu()
+
+
+def test_the_walks_of_one_recording_compute_each_loss_derivative_once(monkeypatch):
+    from hsbench.curvature import diagonals
+    from hsbench.curvature.loss_rules import CrossEntropy
+
+    calls: dict[str, int] = {}
+    for name in ("grad", "hessian_diagonal", "bl89_diagonal", "hessian"):
+        original = getattr(CrossEntropy, name)
+
+        def counted(self, z, target, name=name, original=original):
+            calls[name] = calls.get(name, 0) + 1
+            return original(self, z, target)
+
+        monkeypatch.setattr(CrossEntropy, name, counted)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    methods = ("exact", "ggn", "hesscale", "hesscale-gn", "bl89", "ggn-mc", "kfac")
+    shared = diagonals({m: (m, 2) for m in methods}, model, nn.CrossEntropyLoss(), x, y, generator=torch.Generator())
+    assert calls == {"grad": 1, "hessian_diagonal": 1, "bl89_diagonal": 1, "hessian": 1}
+    for m in methods:  # each alone, from the same draws: the same numbers
+        alone = diagonals({m: (m, 2)}, model, nn.CrossEntropyLoss(), x, y, generator=torch.Generator())[m]
+        if m not in ("ggn-mc", "kfac"):
+            assert all(torch.equal(alone[k], shared[m][k]) for k in alone)

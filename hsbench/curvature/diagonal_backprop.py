@@ -29,12 +29,9 @@ def backpropagate(tape: Tape, variant: str, per_sample: bool = False, factored: 
     leading batch dimension and belong to each sample's own loss ℓ_n (unscaled). ``factored``:
     for a batch of one sample, the diagonals of linear layers' weights are ``RankOne`` factors,
     not tensors (for the optimizers, which never need them written out)."""
-    z, target, loss = tape.output, tape.target, tape.loss
+    z = tape.output
     scale = 1.0 if per_sample else tape.scale()  # everything below is linear in (g, ŝ) at the output
-    if variant == "bl89":
-        g, s = loss.grad(z, target), loss.bl89_diagonal(z, target)
-    else:
-        g, s = loss.grad_and_hessian_diagonal(z, target)
+    g, s = tape.loss_derivatives("grad", "bl89_diagonal" if variant == "bl89" else "hessian_diagonal")
     g = (scale * g).reshape(z.shape[0], 1, *z.shape[1:])
     s = (scale * s).reshape(g.shape)
     grads: dict[Tensor, Tensor] = {}

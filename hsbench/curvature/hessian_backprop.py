@@ -36,9 +36,10 @@ def output_hessians(
 ) -> Iterator[tuple[Step, Tensor]]:
     """(step, per-sample Hessian of scale·ℓ_n w.r.t. the step's output, shape (N, D, D)), from the
     last module backward to the first module with parameters."""
-    z, target, loss = tape.output, tape.target, tape.loss
-    h = scale * loss.hessian(z, target)  # everything below is linear in (H, g) at the output
-    g = (scale * loss.grad(z, target)).reshape(z.shape[0], 1, *z.shape[1:])
+    z = tape.output
+    hessian, grad = tape.loss_derivatives("hessian", "grad")
+    h = scale * hessian  # everything below is linear in (H, g) at the output
+    g = (scale * grad).reshape(z.shape[0], 1, *z.shape[1:])
     for step, need_input in tape.backward_steps():
         yield step, h
         if not need_input:

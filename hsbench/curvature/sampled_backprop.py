@@ -26,7 +26,7 @@ def backpropagate(tape: Tape, method: str, samples: int, generator=None, per_sam
     keyed by parameter. The gradient travels as one more vector beside the sampled ones."""
     z, target, loss = tape.output, tape.target, tape.loss
     scale = 1.0 if per_sample else tape.scale()  # gradients are linear in g, diagonals quadratic in S
-    grad = scale * loss.grad(z, target).unsqueeze(1)
+    grad = scale * tape.loss_derivatives("grad")[0].unsqueeze(1)
     factors = scale**0.5 * loss.mc_factor(z, target, samples, generator)
     v = torch.cat([grad, factors], 1).reshape(z.shape[0], samples + 1, *z.shape[1:])
     grads: dict[Tensor, Tensor] = {}

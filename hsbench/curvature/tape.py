@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -52,6 +52,20 @@ class Tape:
     output: Tensor
     target: object
     loss: LossRule
+    _derivatives: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def loss_derivatives(self, *names: str) -> tuple[Tensor, ...]:
+        """``self.loss.<name>(output, target)`` for each name ("grad", "hessian_diagonal",
+        "bl89_diagonal", "hessian"), each computed once per tape: the walks of one recording share
+        them, and must not change them in place. Gradient and Hessian diagonal asked for together
+        come from ``LossRule.grad_and_hessian_diagonal`` (faster for the policy losses)."""
+        known = self._derivatives
+        if "grad" not in known and "hessian_diagonal" not in known and {"grad", "hessian_diagonal"} <= set(names):
+            known["grad"], known["hessian_diagonal"] = self.loss.grad_and_hessian_diagonal(self.output, self.target)
+        for name in names:
+            if name not in known:
+                known[name] = getattr(self.loss, name)(self.output, self.target)
+        return tuple(known[name] for name in names)
 
     def backward_steps(self) -> Iterator[tuple[Step, bool]]:
         """Steps from last to first, each with ``need_input``: whether the step's input still needs a
