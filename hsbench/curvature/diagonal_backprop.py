@@ -22,13 +22,16 @@ from hsbench.curvature.tape import Backward, Tape
 VARIANTS = ("hesscale", "hesscale-gn", "bl89")
 
 
-def backpropagate(tape: Tape, variant: str, per_sample: bool = False, factored: bool = False) -> Backward:
+def backpropagate(
+    tape: Tape, variant: str, per_sample: bool = False, factored: bool = False, gradients: bool = True
+) -> Backward:
     """Gradient and diagonal estimate of every trainable parameter, keyed by the parameter.
 
     Batch results (per_sample=False) are those of the batch loss; per-sample results have a
     leading batch dimension and belong to each sample's own loss ℓ_n (unscaled). ``factored``:
     for a batch of one sample, the diagonals of linear layers' weights are ``RankOne`` factors,
-    not tensors (for the optimizers, which never need them written out)."""
+    not tensors (for the optimizers, which never need them written out). ``gradients=False``:
+    the parameters' gradients are not computed (empty), only ∂ℓ/∂y that the diagonals need."""
     z = tape.output
     scale = 1.0 if per_sample else tape.scale()  # everything below is linear in (g, ŝ) at the output
     g, s = tape.loss_derivatives("grad", "bl89_diagonal" if variant == "bl89" else "hessian_diagonal")
@@ -47,8 +50,11 @@ def backpropagate(tape: Tape, variant: str, per_sample: bool = False, factored: 
             g.mul_(d1)
             continue
         if isinstance(rule, ParametrizedRule) and step.has_parameters:  # input and parameter parts in one call
-            g_in, sums = rule.pullback(module, ctx, g, need_input, per_sample)
-            step.accumulate(grads, sums)
+            if gradients:
+                g_in, sums = rule.pullback(module, ctx, g, need_input, per_sample)
+                step.accumulate(grads, sums)
+            else:
+                g_in = rule.vjp(module, ctx, g) if need_input else None
             if factored and isinstance(rule, Linear):
                 s_in, sums = rule.factored_squared_pullback(module, ctx, s, need_input)
             else:

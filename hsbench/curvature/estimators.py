@@ -72,7 +72,8 @@ def hutchinson_sets(
 def _diagonal_backprop(variant: str) -> Estimator:
     def estimate(batch, mc_samples, generator, per_sample):
         with torch.no_grad():
-            return batch.by_name(diagonal_backprop.backpropagate(batch.tape(), variant, per_sample).diagonals)
+            found = diagonal_backprop.backpropagate(batch.tape(), variant, per_sample, gradients=False)
+            return batch.by_name(found.diagonals)
 
     return estimate
 
@@ -88,7 +89,9 @@ def _hessian_backprop(curvature_of_activations: bool) -> Estimator:
 def _sampled_backprop(method: str) -> Estimator:
     def estimate(batch, mc_samples, generator, per_sample):
         with torch.no_grad():
-            found = sampled_backprop.backpropagate(batch.tape(), method, mc_samples, generator, per_sample)
+            found = sampled_backprop.backpropagate(
+                batch.tape(), method, mc_samples, generator, per_sample, gradients=False
+            )
             return batch.by_name(found.diagonals)
 
     return estimate

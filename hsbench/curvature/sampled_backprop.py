@@ -21,9 +21,12 @@ from hsbench.curvature.contracts import Elementwise, ParametrizedRule
 from hsbench.curvature.tape import Backward, Tape
 
 
-def backpropagate(tape: Tape, method: str, samples: int, generator=None, per_sample: bool = False) -> Backward:
+def backpropagate(
+    tape: Tape, method: str, samples: int, generator=None, per_sample: bool = False, gradients: bool = True
+) -> Backward:
     """Gradient and ``ggn-mc`` or ``kfac`` diagonal (``samples`` Monte-Carlo vectors per example),
-    keyed by parameter. The gradient travels as one more vector beside the sampled ones."""
+    keyed by parameter. The gradient travels as one more vector beside the sampled ones;
+    ``gradients=False``: the parameters' gradients are not computed (empty)."""
     z, target, loss = tape.output, tape.target, tape.loss
     scale = 1.0 if per_sample else tape.scale()  # gradients are linear in g, diagonals quadratic in S
     grad = scale * tape.loss_derivatives("grad")[0].unsqueeze(1)
@@ -37,7 +40,8 @@ def backpropagate(tape: Tape, method: str, samples: int, generator=None, per_sam
             v.mul_(rule.derivatives(module, ctx)[0].unsqueeze(1))  # v is this pass's own
             continue
         if isinstance(rule, ParametrizedRule) and step.has_parameters:
-            step.accumulate(grads, rule.gradient(module, ctx, v[:, 0], per_sample))
+            if gradients:
+                step.accumulate(grads, rule.gradient(module, ctx, v[:, 0], per_sample))
             diagonal = rule.kfac if method == "kfac" else rule.squared_gradients
             step.accumulate(diags, diagonal(module, ctx, v[:, 1:], per_sample))
         if need_input:
