@@ -265,6 +265,10 @@ class Linear(WeightedMap):
         """Rank-one gradients square to v² ⊗ x²."""
         return self.param_sums(module, ctx.x.square(), v.square().mean(1), per_sample)
 
+    def hessian_diagonals(self, module, ctx, h, per_sample):
+        """diag(H) ⊗ x² (``WeightedMap.hessian_diagonals`` with one output position, as products)."""
+        return self.param_sums(module, ctx.x.square(), torch.diagonal(h, dim1=1, dim2=2), per_sample)
+
     def patches(self, module, x):
         """(N, G=1, in, T=1)."""
         return x[:, None, :, None]
