@@ -22,7 +22,7 @@ results are those of autograd up to float rounding (same probes, other order of 
 
 At the first layer ḣ = 0 and no earlier step needs ġ_h, so (H z)_W = Σ_n ġ_n h_nᵀ: a column i
 of the weight where every input h_ni is 0 has (H z)_W = 0 and so a zero estimate, and adds
-nothing to Ż_W h. On images with a blank background (MNIST: 82 % of the pixels exactly 0) most
+nothing to Ż_W h. On images with a blank background (MNIST: 81 % of the pixels exactly 0) most
 columns are such; ``needed_blocks`` names the others in blocks of 8 columns (one random byte of
 the probes each), the probes are unpacked there only (``autograd_estimators.rademacher_sets``,
 the same draws), and the walk's products at that weight read those columns only.
