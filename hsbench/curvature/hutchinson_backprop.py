@@ -97,12 +97,12 @@ def backpropagate(
             product = z[b].expand(h.shape[0], *z[b].shape)
             t_out = product if t_out is None else t_out + product
         t = t_out
-    out, target, loss = tape.output, tape.target, tape.loss
     if t is None:  # no probed parameter: H z = 0
         return [{p: zp.new_zeros(zp.shape[1:]) for p, zp in z.items()} for _ in sizes]
 
-    g = (scale * loss.grad(out, target)).unsqueeze(1)  # (N, 1, C)
-    g_dot = t @ (scale * loss.hessian(out, target))  # (N, M, C); H_ℓ is symmetric
+    grad, hessian = tape.loss_derivatives("grad", "hessian")
+    g = (scale * grad).unsqueeze(1)  # (N, 1, C)
+    g_dot = t @ (scale * hessian)  # (N, M, C); H_ℓ is symmetric
     results: list[dict[Tensor, Tensor]] = [{} for _ in sizes]
     for k in range(len(steps) - 1, -1, -1):
         step, t_in = steps[k], tangents[k]
