@@ -9,6 +9,7 @@ in ``ESTIMATORS``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,9 +36,14 @@ class Batch:
             self._tape = record(self.model, self.loss_fn, self.inputs, self.targets)
         return self._tape
 
+    @functools.cached_property
+    def trainable(self) -> list[tuple[str, Tensor]]:
+        """(name, parameter) of the model's trainable parameters, listed once per batch."""
+        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+
     def by_name(self, found: dict[Tensor, Tensor]) -> dict[str, Tensor]:
         """Values keyed by parameter tensor -> keyed by parameter name, trainable parameters only."""
-        return {name: found[p] for name, p in self.model.named_parameters() if p.requires_grad}
+        return {name: found[p] for name, p in self.trainable}
 
 
 class Estimator(Protocol):
