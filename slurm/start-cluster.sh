@@ -76,7 +76,15 @@ if cmp -s "$CONF.new" "$CONF"; then
     rm "$CONF.new"
 else
     mv "$CONF.new" "$CONF"
-    if alive "$STATE/slurmctld.pid"; then scontrol reconfigure; fi
+    # a changed configuration needs restarted daemons (scontrol reconfigure does not apply e.g. MaxJobCount)
+    for pidfile in "$STATE/slurmd.pid" "$STATE/slurmctld.pid"; do
+        if alive "$pidfile"; then
+            kill "$(cat "$pidfile")"
+            for _ in $(seq 100); do alive "$pidfile" || break; sleep 0.1; done
+            alive "$pidfile" && die "pid $(cat "$pidfile") ($pidfile) did not exit for the restart"
+            rm -f "$pidfile"
+        fi
+    done
 fi
 
 # --- daemons (each forks into the background and writes its pid file)
@@ -87,7 +95,9 @@ alive "$STATE/slurmd.pid" || slurmd
 for _ in $(seq 60); do
     state=$(sinfo -h -N -n "$HOST" -o %t 2>/dev/null | head -n 1 || true)
     case "$state" in
-        idle|mix|alloc) echo "start-cluster: SLURM node $HOST is up ($state); partition 'debug'"; exit 0 ;;
+        idle|mix|alloc)
+            scontrol update PartitionName=debug State=UP  # e.g. after a test killed while it held it DOWN
+            echo "start-cluster: SLURM node $HOST is up ($state); partition 'debug'"; exit 0 ;;
         down*|drain*|drng*) scontrol update NodeName="$HOST" State=RESUME 2>/dev/null || true ;;
     esac
     sleep 1

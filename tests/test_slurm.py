@@ -311,8 +311,8 @@ def test_the_paper_sweep_of_figure5_is_submitted_whole(slurm_cluster, tmp_path):
     The default partition is DOWN while the test runs: SLURM accepts the arrays but starts no
     task. The arrays are also held once submitted, so that a test killed after the submission
     leaves nothing that would train when the partition comes UP again (a restart of slurmctld
-    brings it UP; ``scontrol update PartitionName=debug State=UP`` does without one). The
-    cleanup cancels whatever hsbench recorded as submitted, then brings the partition back UP.
+    brings it UP, and so does slurm/start-cluster.sh). The cleanup cancels every job of the sweep's
+    name (hsbench-figure5 on this test cluster), recorded or not, then brings the partition back UP.
     """
     spec = load_spec(REPO / "experiments" / "figure5.toml", KINDS)
     runs = spec.runs("paper")
@@ -322,9 +322,13 @@ def test_the_paper_sweep_of_figure5_is_submitted_whole(slurm_cluster, tmp_path):
     res = tmp_path / "res"
     submissions = res / "figure5" / "submissions"
     partition = default_partition()
-    if int(slurm_config("MaxJobCount")) - job_records() < len(runs):  # sbatch would retry for minutes, then fail
+    limit = int(slurm_config("MaxJobCount"))
+    if limit - job_records() < len(runs):  # sbatch would retry for minutes, then fail
         wait = slurm_config("MinJobAge")
-        pytest.fail(f"slurmctld holds too many ended jobs to take {len(runs)} more; they go after MinJobAge ({wait})")
+        pytest.fail(
+            f"slurmctld (MaxJobCount {limit}) holds too many jobs to take {len(runs)} more; ended ones go after "
+            f"MinJobAge ({wait}); slurm/start-cluster.sh sets MaxJobCount 50000 (it restarts a running slurmctld)"
+        )
 
     def submitted() -> dict[str, dict[str, str]]:
         """Array job id -> (run id -> array task), as hsbench recorded each submitted array."""
@@ -368,8 +372,9 @@ def test_the_paper_sweep_of_figure5_is_submitted_whole(slurm_cluster, tmp_path):
         assert f"figure5 (scale paper): {len(runs)} runs" in status
         assert f"pending   {len(runs)}\n" in status and "running   0\n" in status and "missing   0\n" in status
     finally:
-        jobs = ",".join(submitted())
-        if jobs:
-            subprocess.run(["scancel", jobs], check=True)
-            wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", jobs], capture_output=True).stdout, "scancel")
-        set_partition(partition, "UP")  # only once nothing of the sweep is left to start
+        try:  # every array of the sweep, also one that sbatch accepted and hsbench did not record
+            subprocess.run(["scancel", "--name", "hsbench-figure5"], check=True)
+            left = lambda: subprocess.run(["squeue", "-h", "--name", "hsbench-figure5"], capture_output=True).stdout  # noqa: E731
+            wait_for(lambda: not left(), "scancel")
+        finally:  # only once nothing of the sweep is left to start; slurm/start-cluster.sh also brings it UP
+            set_partition(partition, "UP")
