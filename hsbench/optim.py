@@ -86,6 +86,7 @@ def train_step(opt: Optimizer, model: nn.Module, loss_fn: nn.Module, x: Tensor, 
 
 
 def check_finite_loss(loss: Tensor, who: str) -> None:
+    """:class:`Diverged` naming ``who`` if ``loss`` has a non-finite entry (a scalar: one ``item()``)."""
     finite = math.isfinite(loss.item()) if loss.numel() == 1 else bool(torch.isfinite(loss).all())
     if not finite:
         raise Diverged(f"{who}.backward: the loss is {loss.detach().cpu().tolist()}")
@@ -129,7 +130,8 @@ def check_hyperparameters(hyper: dict) -> None:
         raise ValueError(f"trust_region must be > 0; got {hyper['trust_region']}")
 
 
-_SUBNORMAL = 5e-324  # the smallest positive double
+_SUBNORMAL = 5e-324  # the smallest positive double; a module global, never inlined: CPython folds
+# a product of literals at compile time, which would make the probe below constant
 
 
 def _flushing_denormals() -> bool:
@@ -384,9 +386,12 @@ class DiagonalAdam(torch.optim.Optimizer):
         updates = [_new_state(*item.tensors(), item.k, form, reuse_root=True) for item in items]
         h_terms = [h_term.sum() for _, _, h_term in updates if h_term is not None]
         witnesses = [w for new, move, _ in updates for w in _finiteness_witnesses(new, move, form.trust_region)]
-        # the witnesses' finiteness from one sum over all of them (a reduction per tensor costs more than the copy)
-        joined = [torch.cat([w.reshape(-1) for w in witnesses]).sum()] if witnesses else []
-        sums = torch.stack(h_terms + joined).tolist() if h_terms or joined else []  # one sync
+        # the witnesses' finiteness from sums covering each entry once: one per large witness, one over
+        # all small ones joined (for small tensors a reduction per tensor costs more than the copy)
+        small = [w.reshape(-1) for w in witnesses if w.numel() < _CompiledUpdate.MIN_SIZE]
+        covering = [w.sum() for w in witnesses if w.numel() >= _CompiledUpdate.MIN_SIZE]
+        covering += [torch.cat(small).sum()] if small else []
+        sums = torch.stack(h_terms + covering).tolist() if h_terms or covering else []  # one sync
         h = math.fsum(sums[: len(h_terms)])
         if not (math.isfinite(h) and _all_finite(witnesses, sums[len(h_terms) :])):
             raise Diverged(f"{type(self).__name__}.step: the update is not finite; nothing was changed")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from hsbench import optim
 from hsbench.curvature import diagonal, diagonal_backprop, extend
 from hsbench.data import embedded_mnist
 from hsbench.engine.kind import ExperimentKind
@@ -412,21 +413,28 @@ def test_an_overflowing_second_moment_alone_is_divergence(name):
 
 @pytest.mark.parametrize("caller_flushes", [False, True])
 def test_curvature_optimizers_flush_subnormals_inside_and_restore_the_callers_mode(caller_flushes, monkeypatch):
-    subnormal = torch.tensor([1e-39])
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormal floats")
+    subnormal = torch.tensor([1e-39], dtype=torch.float32)
+    flushing = lambda: float(subnormal * 1.0) == 0.0  # noqa: E731
     seen = []
-    walk = diagonal_backprop.backpropagate
+    walk, update = diagonal_backprop.backpropagate, optim._new_state
 
-    def spying(*args, **kwargs):  # records whether subnormals flush to zero during the curvature walk
-        seen.append(float(subnormal * 1.0) == 0.0)
-        return walk(*args, **kwargs)
+    def spying(function):  # records whether subnormals flush to zero while ``function`` runs
+        def spy(*args, **kwargs):
+            seen.append((function.__name__, flushing()))
+            return function(*args, **kwargs)
 
-    monkeypatch.setattr(diagonal_backprop, "backpropagate", spying)
+        return spy
+
+    monkeypatch.setattr(diagonal_backprop, "backpropagate", spying(walk))
+    monkeypatch.setattr(optim, "_new_state", spying(update))
     model, loss_fn, x, y = small_problem(conv=False)
     opt = make("adahesscale", model.parameters())
     torch.set_flush_denormal(caller_flushes)
     try:
         train_step(opt, model, loss_fn, x, y)
-        after = float(subnormal * 1.0) == 0.0
+        after = flushing()
     finally:
         torch.set_flush_denormal(False)
-    assert seen == [True] and after == caller_flushes
+    assert set(seen) == {("backpropagate", True), ("_new_state", True)} and after == caller_flushes
