@@ -508,8 +508,9 @@ def test_cuda_matches_cpu():
         model.cpu()
 
 
-def test_the_walks_of_one_recording_compute_each_loss_derivative_once(monkeypatch):
-    from hsbench.curvature import diagonals
+@pytest.mark.parametrize("reduction, per_sample", [("mean", False), ("sum", False), ("sum", True)])
+def test_the_walks_of_one_recording_compute_each_loss_derivative_once(reduction, per_sample, monkeypatch):
+    from hsbench.curvature.estimators import ESTIMATORS, Batch, hutchinson_sets
     from hsbench.curvature.loss_rules import CrossEntropy
 
     calls: dict[str, int] = {}
@@ -524,10 +525,54 @@ def test_the_walks_of_one_recording_compute_each_loss_derivative_once(monkeypatc
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    batch = Batch(model, nn.CrossEntropyLoss(reduction=reduction), x, y)
     methods = ("exact", "ggn", "hesscale", "hesscale-gn", "bl89", "ggn-mc", "kfac")
-    shared = diagonals({m: (m, 2) for m in methods}, model, nn.CrossEntropyLoss(), x, y, generator=torch.Generator())
-    assert calls == {"grad": 1, "hessian_diagonal": 1, "bl89_diagonal": 1, "hessian": 1}
-    for m in methods:  # each alone, from the same draws: the same numbers
-        alone = diagonals({m: (m, 2)}, model, nn.CrossEntropyLoss(), x, y, generator=torch.Generator())[m]
-        if m not in ("ggn-mc", "kfac"):
-            assert all(torch.equal(alone[k], shared[m][k]) for k in alone)
+    shared = {m: ESTIMATORS[m](batch, 2, torch.Generator(), per_sample) for m in methods}
+    if not per_sample:  # the recorded-walk Hutchinson (per sample: autograd)
+        hutchinson_sets(batch, [1, 2], torch.Generator(), per_sample)
+    names = ("grad", "hessian_diagonal", "bl89_diagonal", "hessian")
+    assert calls == dict.fromkeys(names, 1)
+    stored = dict(zip(names, batch.tape().loss_derivatives(*names), strict=True))
+    again = Batch(model, nn.CrossEntropyLoss(reduction=reduction), x, y).tape()
+    for name, value in stored.items():  # no walk changed the shared values in place
+        assert torch.equal(value, getattr(again.loss, name)(again.output, again.target)), name
+    for m in methods:  # each alone on a fresh recording (draws from a fresh generator, as above): the same numbers
+        alone = ESTIMATORS[m](
+            Batch(model, nn.CrossEntropyLoss(reduction=reduction), x, y), 2, torch.Generator(), per_sample
+        )
+        assert all(torch.equal(alone[k], shared[m][k]) for k in alone), m
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_walks_without_gradients_give_the_same_diagonals_and_no_gradients(conv):
+    torch.manual_seed(0)
+    if conv:
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ELU(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3)).double()
+        x = torch.randn(4, 1, 5, 5, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3)).double()
+        x = torch.randn(4, 4, dtype=torch.float64)
+    tape = record(model, nn.CrossEntropyLoss(), x, torch.tensor([0, 2, 1, 2]))
+    with torch.no_grad():  # as their callers run the walks
+        for per_sample in (False, True):
+            for variant in diagonal_backprop.VARIANTS:
+                full = diagonal_backprop.backpropagate(tape, variant, per_sample)
+                bare = diagonal_backprop.backpropagate(tape, variant, per_sample, gradients=False)
+                assert bare.gradients == {} and len(full.gradients) == len(full.diagonals) == 4
+                assert all(torch.equal(bare.diagonals[p], d) for p, d in full.diagonals.items())
+            for method in ("ggn-mc", "kfac"):
+                full = sampled_backprop.backpropagate(tape, method, 3, torch.Generator().manual_seed(1), per_sample)
+                bare = sampled_backprop.backpropagate(
+                    tape, method, 3, torch.Generator().manual_seed(1), per_sample, gradients=False
+                )
+                assert bare.gradients == {} and len(full.gradients) == 4
+                assert all(torch.equal(bare.diagonals[p], d) for p, d in full.diagonals.items())
+
+
+def test_a_module_used_at_two_positions_is_refused():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"Linear is used at positions '0' and '2'"):
+        extend(model)
+    with pytest.raises(ValueError, match=r"Linear is used at positions '0' and '2'"):
+        diagonal("hesscale", model, nn.CrossEntropyLoss(), torch.randn(3, 4), torch.tensor([0, 1, 0]))

@@ -135,16 +135,18 @@ def hutchinson_sets(
     H z comes from ``hutchinson_backprop``'s walk of the recorded forward pass (``tape``, recorded
     here if None) for a batch loss of a network of Linear layers and activations, else from
     autograd: reverse over reverse, all Hessian-vector products in one vmap. The walk unpacks the
-    probes of the first layer's weight only where its estimate can be nonzero (``needed_blocks``)."""
+    probes of the first layer's weight only where its estimate can be nonzero (``needed_blocks``).
+    A tape recorded here is recorded before the probes are drawn: with ``generator=None`` and a
+    forward pass that draws from torch's global generator, the draws follow that forward's."""
     params = _parameters(model)
     sizes = list(sample_counts)
     if not per_sample:
         tape = tape if tape is not None else _tape_or_none(model, loss_fn, inputs, targets)
         if tape is not None and hutchinson_backprop.supported(tape):
             tensors = {k: p for k, p in model.named_parameters() if k in params}
-            name = {p: k for k, p in tensors.items()}
-            blocks = {w: b for w, b in hutchinson_backprop.needed_blocks(tape).items() if w in name}
-            probes = rademacher_sets(params, sizes, generator, {name[w]: b for w, b in blocks.items()})
+            name_of = {p: k for k, p in tensors.items()}
+            blocks = {w: b for w, b in hutchinson_backprop.needed_blocks(tape).items() if w in name_of}
+            probes = rademacher_sets(params, sizes, generator, {name_of[w]: b for w, b in blocks.items()})
             with torch.no_grad():
                 found = hutchinson_backprop.backpropagate(
                     tape, {p: probes[k] for k, p in tensors.items()}, sizes, blocks

@@ -274,7 +274,7 @@ class Linear(WeightedMap):
         return x[:, None, :, None]
 
     def output_blocks(self, module, h):
-        """(N, D, D) -> (N, G=1, out, T=1, T=1)."""
+        """(N, D, D) -> (N, G=1, out, T=1, T=1) (the contract's; ``hessian_diagonals`` below does not need it)."""
         return torch.diagonal(h, dim1=1, dim2=2)[:, None, :, None, None]
 
 
@@ -491,7 +491,8 @@ def _rule_of(module: nn.Module, position: str) -> ModuleRule:
 def layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, ModuleRule]]:
     """The leaves of a (nested) ``nn.Sequential`` with their positions and rules, in forward order.
 
-    Raises ``ValueError`` naming the class and position of the first unsupported module."""
+    Raises ``ValueError`` naming the class and position of the first unsupported module, or of a
+    module used at two positions (its recorded contexts and exact diagonals would be wrong)."""
     if not prefix and type(model) in RULES:
         return [("", model, _rule_of(model, ""))]
     if not isinstance(model, nn.Sequential):
@@ -500,7 +501,9 @@ def layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, Mod
             f"got {type(model).__name__}"
         )
     found: list[tuple[str, nn.Module, ModuleRule]] = []
-    for name, child in model.named_children():
+    for name, child in model._modules.items():  # named_children() would skip a module's second use
+        if child is None:
+            continue
         position = f"{prefix}{name}"
         if isinstance(child, nn.Sequential):
             found += layers(child, f"{position}.")
@@ -510,5 +513,12 @@ def layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, Mod
             raise ValueError(
                 f"module {type(child).__name__} at position '{position}' is not supported "
                 f"(supported: {', '.join(sorted(t.__name__ for t in RULES))})"
+            )
+    first_use: dict[int, str] = {}
+    for position, module, _ in found:
+        if first_use.setdefault(id(module), position) != position:
+            raise ValueError(
+                f"module {type(module).__name__} is used at positions '{first_use[id(module)]}' and "
+                f"'{position}'; the curvature core needs a separate module at every position"
             )
     return found

@@ -144,5 +144,5 @@ def tape_of(loss: Tensor, parameters: list[Tensor], who: str) -> Tape:
     terms = recorded_terms(loss, who)
     if len(terms) != 1 or terms[0][0] != 1.0:
         raise _not_recorded(who, f"a weighted sum of {len(terms)} losses where one loss is expected")
-    reached_parameters([terms[0][1]], who, parameters)
+    reached_parameters([terms[0][1]], who, parameters)  # for its check only
     return terms[0][1]

@@ -26,7 +26,8 @@ def backpropagate(
 ) -> Backward:
     """Gradient and ``ggn-mc`` or ``kfac`` diagonal (``samples`` Monte-Carlo vectors per example),
     keyed by parameter. The gradient travels as one more vector beside the sampled ones;
-    ``gradients=False``: the parameters' gradients are not computed (empty)."""
+    ``gradients=False``: the parameters' gradients are not computed (empty; the gradient vector
+    still travels with the sampled ones)."""
     z, target, loss = tape.output, tape.target, tape.loss
     scale = 1.0 if per_sample else tape.scale()  # gradients are linear in g, diagonals quadratic in S
     grad = scale * tape.loss_derivatives("grad")[0].unsqueeze(1)

@@ -52,13 +52,14 @@ class Tape:
     output: Tensor
     target: object
     loss: LossRule
-    _derivatives: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _derivatives: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def loss_derivatives(self, *names: str) -> tuple[Tensor, ...]:
         """``self.loss.<name>(output, target)`` for each name ("grad", "hessian_diagonal",
         "bl89_diagonal", "hessian"), each computed once per tape: the walks of one recording share
-        them, and must not change them in place. Gradient and Hessian diagonal asked for together
-        come from ``LossRule.grad_and_hessian_diagonal`` (faster for the policy losses)."""
+        them, and must not change them in place. Gradient and Hessian diagonal asked for together,
+        neither computed yet, come from ``LossRule.grad_and_hessian_diagonal`` (faster for the
+        policy losses)."""
         known = self._derivatives
         if "grad" not in known and "hessian_diagonal" not in known and {"grad", "hessian_diagonal"} <= set(names):
             known["grad"], known["hessian_diagonal"] = self.loss.grad_and_hessian_diagonal(self.output, self.target)

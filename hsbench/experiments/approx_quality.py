@@ -152,8 +152,9 @@ class ApproxQuality(ExperimentKind):
                 gradients = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
                 found |= {label: {n: g.square() for n, g in gradients.items()} for label in grad2}
                 flat = torch.cat([found[label][name].reshape(-1) for label in requests for name in names])
-                errors = flat.view(len(requests), -1)  # in place below: a fresh copy of these rows costs more
-                errors[1:].sub_(errors[:1])  # than the rest of the error computation (page faults)
+                # in place: a fresh copy of these rows costs more than the rest of the error computation
+                errors = flat.view(len(requests), -1)
+                errors[1:].sub_(errors[:1])
                 errors.abs_()  # row 0: |exact|, the others |estimate - exact|
                 per_parameter = torch.stack([part.sum(1) for part in errors.split(sizes, 1)], 1)
                 sums.index_add_(1, layer_index, per_parameter)
