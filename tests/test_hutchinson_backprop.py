@@ -119,3 +119,34 @@ def test_probes_unpacked_only_where_the_inputs_are_nonzero_give_the_same_estimat
             torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-13 * scale)
         assert torch.equal(estimate[name][:, 8:16], torch.zeros(5, 8, dtype=torch.float64))
         assert bool((estimate[name][:, kept] != 0).all())
+
+
+@pytest.mark.parametrize("inputs, blank", [(24, True), (12, False)])
+def test_blank_inputs_and_a_width_not_divisible_by_8_give_the_full_probes_estimates(inputs, blank, monkeypatch):
+    """An all-blank input keeps no block of the first weight (its estimate is 0, the draws as the
+    full ones'); with 12 input columns a random byte spans two rows, so no column is skipped. The
+    reference: autograd's Hessian-vector products with the full probes of the same draws."""
+    torch.manual_seed(0)
+    model = mlp(inputs, 5, 2, 3, "tanh").double()
+    x = torch.zeros(2, inputs, dtype=torch.float64) if blank else torch.randn(2, inputs, dtype=torch.float64)
+    y, loss_fn = torch.tensor([0, 2]), nn.CrossEntropyLoss()
+    tape = autograd_estimators._tape_or_none(model, loss_fn, x, y)
+    first = next(m for m in model if isinstance(m, nn.Linear)).weight
+    (first_name,) = [n for n, p in model.named_parameters() if p is first]
+    blocks = hutchinson_backprop.needed_blocks(tape)
+    assert (blocks[first].numel() == 0) if blank else (blocks == {})
+
+    def estimates(walk: bool):
+        generator = torch.Generator().manual_seed(3)
+        with monkeypatch.context() as patch:
+            if not walk:
+                patch.setattr(hutchinson_backprop, "supported", lambda tape: False)
+            found = autograd_estimators.hutchinson_sets(model, loss_fn, x, y, [1, 7], generator)
+        return found, torch.randint(0, 2**31, (4,), generator=generator)
+
+    (found, after), (reference, after_reference) = estimates(True), estimates(False)
+    assert torch.equal(after, after_reference)
+    for estimate, expected in zip(found, reference, strict=True):
+        for key, value in estimate.items():
+            torch.testing.assert_close(value, expected[key], rtol=1e-10, atol=1e-12)
+        assert bool((estimate[first_name] == 0).all()) == blank
