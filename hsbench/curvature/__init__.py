@@ -168,6 +168,9 @@ def loss_diagonals(
                 found = diagonal_backprop.backpropagate(tape, method, False, True)
             else:
                 found = _TAPE_WALKS[method](tape, mc_samples, generator)
+            if len(terms) == 1 and c == 1.0:  # the walk's own dicts
+                grads, diags = found.gradients, found.diagonals
+                break
             for into, values in ((grads, found.gradients), (diags, found.diagonals)):
                 for p, value in values.items():
                     value = value if c == 1.0 else c * value

@@ -208,7 +208,7 @@ class PPO(LossRule):
         g, h, log_prob = _log_prob_derivatives(z, actions, self.loss_fn.distribution, self.loss_fn.variance)
         r = (log_prob() - old_log_probs).exp()  # losses.PPOLoss.ratio
         eps = self.loss_fn.clip
-        active = ((advantages > 0) & (r <= 1 + eps)) | ((advantages < 0) & (r >= 1 - eps))
+        active = torch.where(advantages > 0, r <= 1 + eps, r >= 1 - eps)  # where A = 0, c below is 0 anyway
         return g, h, (-advantages * r * active).unsqueeze(1)  # last: ∂ℓ/∂r restricted to active samples
 
     def grad(self, z, target):
