@@ -370,14 +370,18 @@ class DiagonalAdam(torch.optim.Optimizer):
         items = []
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            coefficients: dict[int, tuple[float, ...]] = {}  # per step number t: the group's k
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
                 old = self.state.get(p) or self._initial_state(p)  # .get: adds no entry yet
                 t = int(old.get("step", 0)) + 1
-                grad = p.grad if group["weight_decay"] == 0 else p.grad.add(p, alpha=group["weight_decay"])
-                coefficients = (1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2**t), group["eps"])
-                items.append(_Item(p, old, t, grad, diagonal[p], (*coefficients, -group["lr"] / (1 - beta1**t))))
+                if t not in coefficients:
+                    k = (1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2**t), group["eps"])
+                    coefficients[t] = (*k, -group["lr"] / (1 - beta1**t))
+                grad = grad if group["weight_decay"] == 0 else grad.add(p, alpha=group["weight_decay"])
+                items.append(_Item(p, old, t, grad, diagonal[p], coefficients[t]))
         return items
 
     def _eager_step(self, items: list[_Item]) -> None:
