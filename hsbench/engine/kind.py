@@ -18,12 +18,13 @@ its top only the standard library, this module and hsbench modules that follow t
 fields' ``choices`` are plain values (the names of registries that import torch are repeated as
 strings in ``hsbench.experiments.names``). Every other module it uses is bound at the top with
 :class:`LazyModule`, which imports it on the first attribute access, and is used qualified
-(``torch.zeros``, ``optim.make``, ``figure.Figure``); a type checker sees the real modules::
+(``torch.zeros``, ``optim.make``, ``figure.Figure``); a type checker sees the real modules.
+hsbench's kinds take these bindings from one place, ``hsbench.experiments.lazy``::
 
     if TYPE_CHECKING:
         import torch
         from hsbench import optim
-    else:  # imported on first use (hsbench.engine.kind)
+    else:
         torch, optim = LazyModule("torch"), LazyModule("hsbench.optim")
 """
 

@@ -17,30 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hsbench.data import TORCHVISION, mnist_like
-from hsbench.engine.kind import ExperimentKind, Field, LazyModule
+from hsbench.engine.kind import ExperimentKind, Field
+from hsbench.experiments.lazy import curvature, figure, nn, np, optim, pd, torch
 from hsbench.experiments.names import ACTIVATIONS
 from hsbench.experiments.networks import INITS, mlp, small_cnn
 from hsbench.experiments.plotting import mark_epochs, save_figure, save_markdown
-
-if TYPE_CHECKING:
-    import numpy as np
-    import pandas as pd
-    import torch
-    from matplotlib import figure
-    from torch import nn
-
-    from hsbench import curvature, optim
-else:  # imported on first use (hsbench.engine.kind)
-    np = LazyModule("numpy")
-    pd = LazyModule("pandas")
-    torch = LazyModule("torch")
-    figure = LazyModule("matplotlib.figure")
-    nn = LazyModule("torch.nn")
-    curvature = LazyModule("hsbench.curvature")
-    optim = LazyModule("hsbench.optim")
 
 
 def compared_methods(mc_large: int) -> dict[str, tuple[str, int]]:

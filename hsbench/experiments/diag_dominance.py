@@ -23,28 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hsbench.data import MNIST_LIKE, TORCHVISION, mnist_like
-from hsbench.engine.kind import Diverged, ExperimentKind, Field, LazyModule
+from hsbench.engine.kind import Diverged, ExperimentKind, Field
+from hsbench.experiments.lazy import colors, curvature, figure, nn, np, optim, pd, torch
 from hsbench.experiments.names import ACTIVATIONS, OPTIMIZERS
 from hsbench.experiments.networks import INITS, mlp
 from hsbench.experiments.plotting import mark_epochs, save_figure, save_markdown
 
 if TYPE_CHECKING:
-    import numpy as np
-    import pandas as pd
-    import torch
-    from matplotlib import colors, figure
-    from torch import Tensor, nn
-
-    from hsbench import curvature, optim
-else:  # imported on first use (hsbench.engine.kind)
-    np = LazyModule("numpy")
-    pd = LazyModule("pandas")
-    torch = LazyModule("torch")
-    figure = LazyModule("matplotlib.figure")
-    colors = LazyModule("matplotlib.colors")
-    nn = LazyModule("torch.nn")
-    curvature = LazyModule("hsbench.curvature")
-    optim = LazyModule("hsbench.optim")
+    from torch import Tensor
 
 
 def rho(a: Tensor) -> Tensor:

@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from hsbench.engine.kind import LazyModule
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from hsbench import activations
-else:  # imported on first use (hsbench.engine.kind)
-    nn = LazyModule("torch.nn")
-    activations = LazyModule("hsbench.activations")
+from hsbench.experiments.lazy import activations, nn
 
 INITS = ("kaiming", "kaiming-bias", "torch-default")
 GAINS: dict[str, Literal["relu", "tanh", "sigmoid"]] = {

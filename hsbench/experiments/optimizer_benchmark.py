@@ -33,31 +33,13 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hsbench.data import TORCHVISION
-from hsbench.engine.kind import Diverged, ExperimentKind, Field, LazyModule
+from hsbench.engine.kind import Diverged, ExperimentKind, Field
+from hsbench.experiments.lazy import F, curvature, figure, np, optim, pd, problems, timing, torch
 from hsbench.experiments.names import ACTIVATIONS, OPTIMIZERS, PROBLEMS
 from hsbench.experiments.plotting import save_figure
-
-if TYPE_CHECKING:
-    import numpy as np
-    import pandas as pd
-    import torch
-    import torch.nn.functional as F
-    from matplotlib import figure
-
-    from hsbench import curvature, optim, problems, timing
-else:  # imported on first use (hsbench.engine.kind)
-    np = LazyModule("numpy")
-    pd = LazyModule("pandas")
-    torch = LazyModule("torch")
-    F = LazyModule("torch.nn.functional")
-    figure = LazyModule("matplotlib.figure")
-    curvature = LazyModule("hsbench.curvature")
-    optim = LazyModule("hsbench.optim")
-    problems = LazyModule("hsbench.problems")
-    timing = LazyModule("hsbench.timing")
 
 EVAL_BATCH = 1000  # evaluation batch size (does not change the numbers, only memory and speed)
 SPLITS = ("train_eval", "valid", "test")

@@ -12,18 +12,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from hsbench.engine.kind import Diverged, ExperimentKind, Field, LazyModule
-
-if TYPE_CHECKING:
-    import pandas as pd
-    import torch
-    from matplotlib import figure
-else:  # imported on first use (hsbench.engine.kind)
-    pd = LazyModule("pandas")
-    torch = LazyModule("torch")
-    figure = LazyModule("matplotlib.figure")
+from hsbench.engine.kind import Diverged, ExperimentKind, Field
+from hsbench.experiments.lazy import figure, pd, torch
 
 TORCH_OPTIMIZERS = {"adagrad": "Adagrad", "adam": "Adam", "rmsprop": "RMSprop", "sgd": "SGD"}
 """``optimizer`` setting -> class in torch.optim."""

@@ -47,26 +47,12 @@ import time
 from abc import abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from hsbench.engine.kind import Diverged, ExperimentKind, Field, LazyModule
+from hsbench.engine.kind import Diverged, ExperimentKind, Field
+from hsbench.experiments.lazy import a2c, figure, np, pd, ppo, torch
 from hsbench.experiments.names import OPTIMIZERS
 from hsbench.experiments.plotting import save_figure, save_markdown
-
-if TYPE_CHECKING:
-    import numpy as np
-    import pandas as pd
-    import torch
-    from matplotlib import figure
-
-    from hsbench.rl import a2c, ppo
-else:  # imported on first use (hsbench.engine.kind)
-    np = LazyModule("numpy")
-    pd = LazyModule("pandas")
-    torch = LazyModule("torch")
-    figure = LazyModule("matplotlib.figure")
-    a2c = LazyModule("hsbench.rl.a2c")
-    ppo = LazyModule("hsbench.rl.ppo")
 
 ALGORITHMS = {"ppo": ppo, "a2c": a2c}
 """``algorithm`` setting -> its module in hsbench.rl, whose ``train`` runs it."""

@@ -27,30 +27,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from hsbench.engine.kind import ExperimentKind, Field, LazyModule
+from hsbench.engine.kind import ExperimentKind, Field
+from hsbench.experiments.lazy import curvature, figure, nn, np, optim, pd, timing, torch
 from hsbench.experiments.names import CLOCKS
 from hsbench.experiments.networks import mlp
 from hsbench.experiments.plotting import save_figure, save_markdown
-
-if TYPE_CHECKING:
-    import numpy as np
-    import pandas as pd
-    import torch
-    from matplotlib import figure
-    from torch import nn
-
-    from hsbench import curvature, optim, timing
-else:  # imported on first use (hsbench.engine.kind)
-    np = LazyModule("numpy")
-    pd = LazyModule("pandas")
-    torch = LazyModule("torch")
-    figure = LazyModule("matplotlib.figure")
-    nn = LazyModule("torch.nn")
-    curvature = LazyModule("hsbench.curvature")
-    optim = LazyModule("hsbench.optim")
-    timing = LazyModule("hsbench.timing")
 
 INPUTS, WIDTH, OUTPUTS_B, FIRST_OUTPUTS = 64, 512, 100, 16
 PAPER_RATIOS = {"adahessian": 3.0, "adahesscale": 2.0, "adahesscale-gn": 1.25}  # appendix D, "on average"
