@@ -285,20 +285,22 @@ class _CompiledUpdate:
             return (*(None if t is None else t.reshape(shape) for t in tensors), factors)
         return (*(None if t is None else t.reshape(-1) for t in tensors), d.reshape(-1))
 
-    def sums(self, items: list[_Item], form: _Form) -> list[Tensor]:
+    def sums(self, items: list[_Item], flats: list[tuple], form: _Form) -> list[Tensor]:
+        """``_check_sums`` of each item, from its ``flat`` tensors."""
         if self._sums is None:
             self._sums = torch.compile(_check_sums, dynamic=True)
         fn = self._sums
         with torch._dynamo.config.patch(suppress_errors=True, recompile_limit=self.RECOMPILE_LIMIT):
-            return [fn(*self.flat(item)[1:], item.k, form) for item in items]
+            return [fn(*flat[1:], item.k, form) for item, flat in zip(items, flats, strict=True)]
 
-    def apply(self, items: list[_Item], scale: float, form: _Form) -> None:
+    def apply(self, items: list[_Item], flats: list[tuple], scale: float, form: _Form) -> None:
+        """``_apply`` to each item, through its ``flat`` tensors (views of those written)."""
         if self._apply is None:
             self._apply = torch.compile(_apply, dynamic=True)
         fn = self._apply
         with torch._dynamo.config.patch(suppress_errors=True, recompile_limit=self.RECOMPILE_LIMIT):
-            for item in items:
-                fn(*self.flat(item), item.k, form, scale)
+            for item, flat in zip(items, flats, strict=True):
+                fn(*flat, item.k, form, scale)
 
 
 _FUSED = _CompiledUpdate()
@@ -407,14 +409,15 @@ class DiagonalAdam(torch.optim.Optimizer):
         of finite numbers included): the eager step then checks entry by entry."""
         form = self._form()
         small_updates = [_new_state(*item.tensors(), item.k, form, reuse_root=True) for item in small]
-        rows = [_row(*update) for update in small_updates] + _FUSED.sums(large, form)
+        flats = [_FUSED.flat(item) for item in large]  # made once, for both passes
+        rows = [_row(*update) for update in small_updates] + _FUSED.sums(large, flats, form)
         sums = torch.stack(rows).tolist()  # one synchronization
         if not all(math.isfinite(s) for row in sums for s in row):
             return False
         scale = self._scale(math.fsum(row[0] for row in sums))
         for item in large:  # updated in place: on a parameter's first step, its initial zeros become its state
             self.state[item.param].update({k: v for k, v in item.old.items() if k != "step"}, step=item.t)
-        _FUSED.apply(large, scale, form)
+        _FUSED.apply(large, flats, scale, form)
         self._commit(small, small_updates, scale)
         return True
 
