@@ -91,10 +91,9 @@ def run_local(runs: list[Run], options: RunOptions, jobs: int) -> collections.Co
                 except KeyboardInterrupt:
                     for worker in multiprocessing.active_children():  # the pool's workers (they ignore SIGINT)
                         worker.terminate()  # their runs stop unrecorded; checkpoints stay for the rerun
-                    pool.shutdown(wait=True, cancel_futures=True)
                     finished = [f for f in futures if f.done() and not f.cancelled() and f.exception() is None]
                     raise Interrupted(collections.Counter(f.result() for f in finished)) from None
-                finally:
+                finally:  # the queued runs never start
                     pool.shutdown(wait=True, cancel_futures=True)
         except KeyboardInterrupt:
             raise Interrupted(counts) from None
