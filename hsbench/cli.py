@@ -347,7 +347,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     executors = _executors()
     runs = spec.runs(args.scale, args.max_runs)
     store = Store(args.results, spec.name)
-    states, problem = executors.run_states(runs, store)
+    records = {run.id: store.read_run(run) for run in runs}
+    states, problem = executors.run_states(runs, store, records)
     print(f"{spec.name} (scale {args.scale}): {len(runs)} runs")
     counts = collections.Counter(states.values())
     for state in STATE_ORDER + tuple(s for s in RARE_STATES if counts[s]):
@@ -355,7 +356,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if problem:
         print(f"  the SLURM queue could not be read ({problem}): submitted runs without a record are unknown")
     revision = git_revision()
-    records = {run.id: store.read_run(run) for run in runs}
     stale = [i for i, rec in records.items() if rec is not None and rec["git_revision"] != revision]
     if stale:
         print(f"  {len(stale)} record(s) from another git revision than {revision}: {' '.join(stale)}")

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -210,8 +211,11 @@ def queue_states() -> dict[str, str]:
     return states
 
 
-def run_states(runs: list[Run], store: Store) -> tuple[dict[str, str], str | None]:
+def run_states(
+    runs: list[Run], store: Store, records: Mapping[str, dict | None] | None = None
+) -> tuple[dict[str, str], str | None]:
     """Run id -> state, and why the queue could not be read (None if it could or was not needed).
+    ``records``: the runs' records (run id -> record or None) if the caller has read them already.
 
     A run's state is its record's status (ok, failed, diverged, cancelled) unless it is queued
     again, else pending / running from ``squeue``. A submitted run that left the queue without
@@ -230,7 +234,7 @@ def run_states(runs: list[Run], store: Store) -> tuple[dict[str, str], str | Non
             problem = str(e)
     states = {}
     for run in runs:
-        record = store.read_run(run)
+        record = store.read_run(run) if records is None else records[run.id]
         task = submitted.get(run.id, "")
         if record is not None and (record["status"] in FINAL or task not in (queued or {})):
             states[run.id] = record["status"]
