@@ -102,21 +102,23 @@ def diagonals(
     return found
 
 
-TapeWalk = Callable[[Tape, int, "torch.Generator | None"], Backward]
-"""A method that walks a recorded forward pass backward: (tape, mc_samples, generator) ->
-gradients (empty where the walk has none) and diagonals, keyed by parameter."""
+TapeWalk = Callable[[Tape, int, "torch.Generator | None", bool], Backward]
+"""A method that walks a recorded forward pass backward: (tape, mc_samples, generator, factored)
+-> gradients (empty where the walk has none) and diagonals, keyed by parameter. ``factored``:
+rank-one weight diagonals at batch size one where the walk can keep them so (the HesScale
+variants, ``diagonal_backprop.backpropagate``); the other walks write every diagonal out."""
 
 
 def _hessian_walk(exact: bool) -> TapeWalk:
-    return lambda tape, samples, generator: Backward({}, hessian_backprop.backpropagate(tape, exact))
+    return lambda tape, samples, generator, factored: Backward({}, hessian_backprop.backpropagate(tape, exact))
 
 
 def _sampled_walk(method: str) -> TapeWalk:
-    return lambda tape, samples, generator: sampled_backprop.backpropagate(tape, method, samples, generator)
+    return lambda tape, samples, generator, factored: sampled_backprop.backpropagate(tape, method, samples, generator)
 
 
 def _diagonal_walk(variant: str) -> TapeWalk:
-    return lambda tape, samples, generator: diagonal_backprop.backpropagate(tape, variant)
+    return lambda tape, samples, generator, factored: diagonal_backprop.backpropagate(tape, variant, False, factored)
 
 
 _TAPE_WALKS: dict[str, TapeWalk] = {
@@ -149,8 +151,8 @@ def loss_diagonals(
     for every term) and ``grad2`` the square of the sum's gradient. Anything else in the
     expression (a product of losses, a loss not from extended modules) is a ``RuntimeError``
     naming it. Keys: every trainable parameter the recorded forward passes reach; if
-    ``parameters`` is given, a ``RuntimeError`` lists those of them not reached. ``factored``
-    (hesscale, hesscale-gn, bl89): see ``diagonal_backprop.backpropagate``.
+    ``parameters`` is given, a ``RuntimeError`` lists those of them not reached. ``factored``:
+    see ``TapeWalk``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown curvature method {method!r}; valid methods: {', '.join(METHODS)}")
@@ -164,10 +166,7 @@ def loss_diagonals(
     diags: dict[Tensor, Tensor] = {}
     with torch.no_grad():
         for c, tape in terms:
-            if factored and method in diagonal_backprop.VARIANTS:
-                found = diagonal_backprop.backpropagate(tape, method, False, True)
-            else:
-                found = _TAPE_WALKS[method](tape, mc_samples, generator)
+            found = _TAPE_WALKS[method](tape, mc_samples, generator, factored)
             if len(terms) == 1 and c == 1.0:  # the walk's own dicts
                 grads, diags = found.gradients, found.diagonals
                 break
