@@ -274,7 +274,7 @@ class Linear(WeightedMap):
         return x[:, None, :, None]
 
     def output_blocks(self, module, h):
-        """(N, D, D) -> (N, G=1, out, T=1, T=1) (the contract's; ``hessian_diagonals`` below does not need it)."""
+        """(N, D, D) -> (N, G=1, out, T=1, T=1) (the contract's; Linear's own ``hessian_diagonals`` does not use it)."""
         return torch.diagonal(h, dim1=1, dim2=2)[:, None, :, None, None]
 
 
