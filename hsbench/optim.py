@@ -34,7 +34,8 @@ parameter or state, raise :class:`Diverged` before changing any parameter or opt
 
 Speed: the update's arithmetic is written once (``_new_state``); parameters of at least
 ``_CompiledUpdate.MIN_SIZE`` entries run it as two compiled loops (a read-only one for the sums
-that the check and η need, then one in place), the others op by op (``_CompiledUpdate``).
+that the check and η need, then one in place; ``_CompiledUpdate``), the others op by op, each
+operation once over all of them joined into one vector (``_Batch``).
 """
 
 from __future__ import annotations
@@ -175,11 +176,83 @@ class _Item(NamedTuple):
     diagonal: Tensor | RankOne
     k: tuple[float, ...]
 
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
-        """(m, v, Scaled Adam's w or None, g, d): the tensors ``_new_state`` reads (d written out)."""
-        old, d = self.old, self.diagonal
-        d = d.materialize() if isinstance(d, RankOne) else d
-        return old["exp_avg"], old["exp_avg_sq"], old.get("exp_avg_grad_sq"), self.grad, d
+
+class _Batch(NamedTuple):
+    """Parameters stepped as one (``_Item``s with the same coefficients k, dtype and device): the
+    update runs each operation once over their entries joined into one vector. Elementwise
+    operations give every entry the same number as parameter by parameter, and h's term is still
+    summed per parameter, so results are equal bit for bit; the Python calls are a fraction (a
+    2×64 network has six parameters). The moments are views of one flat buffer per moment,
+    joined on a first step (or where the state entries are no such views, e.g. after
+    ``load_state_dict``) and kept in the state, so that per step only g and d are joined."""
+
+    items: list[_Item]
+    sizes: list[int]  # entries per parameter
+    moments: dict[str, Tensor]  # per state name (exp_avg, …): the flat moment, shape (Σ sizes,)
+    joined: bool  # whether the state entries are views of ``moments`` already
+
+    @staticmethod
+    def group(items: list[_Item]) -> list[_Batch]:
+        """``items`` in batches of equal (k, dtype, device), in order of first appearance."""
+        groups: dict[tuple, list[_Item]] = {}
+        for item in items:
+            groups.setdefault((item.k, item.param.dtype, item.param.device), []).append(item)
+        batches = []
+        for group in groups.values():
+            sizes = [item.param.numel() for item in group]
+            names = [name for name in group[0].old if name != "step"]
+            moments = {name: _view_base([item.old[name] for item in group], sizes) for name in names}
+            joined = all(moment is not None for moment in moments.values())
+            if not joined:
+                moments = {name: _joined([item.old[name] for item in group]) for name in names}
+            batches.append(_Batch(group, sizes, moments, joined))
+        return batches
+
+    def update(self, form: _Form) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
+        """``_new_state`` of the joined entries (flat, shape (Σ sizes,))."""
+        diagonals = [d.materialize() if isinstance(d, RankOne) else d for d in (item.diagonal for item in self.items)]
+        grad, d, m = _joined([item.grad for item in self.items]), _joined(diagonals), self.moments
+        return _new_state(m["exp_avg"], m["exp_avg_sq"], m.get("exp_avg_grad_sq"), grad, d, self.items[0].k, form, True)
+
+    def commit(self, state: dict, update: tuple[dict[str, Tensor], Tensor, Tensor | None], scale: float) -> None:
+        """Write the new moments into ``state`` (the optimizer's) and move each parameter by scale · (−U)."""
+        new, move, _ = update
+        for name, moment in self.moments.items():
+            moment.copy_(new[name])
+        params = [item.param for item in self.items]
+        moves = [part.view_as(p) for part, p in zip(move.split(self.sizes), params, strict=True)]
+        torch._foreach_add_(params, moves, alpha=scale)
+        views = {} if self.joined else {name: m.split(self.sizes) for name, m in self.moments.items()}
+        for i, item in enumerate(self.items):
+            entry = state[item.param]
+            entry.update({name: parts[i].view_as(item.param) for name, parts in views.items()}, step=item.t)
+
+
+def _view_base(entries: list[Tensor], sizes: list[int]) -> Tensor | None:
+    """The vector of which ``entries`` are consecutive views, ``sizes`` entries each, or None."""
+    base = entries[0]._base
+    if base is None or base.dim() != 1 or base.numel() != sum(sizes):
+        return None
+    offset = base.storage_offset()
+    for entry, size in zip(entries, sizes, strict=True):
+        if entry._base is not base or entry.storage_offset() != offset or not entry.is_contiguous():
+            return None
+        offset += size
+    return base
+
+
+def _joined(tensors: list[Tensor]) -> Tensor:
+    """The tensors' entries as one vector (a view of a single contiguous tensor, else a new one)."""
+    return tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _sums(batches: list[_Batch], updates: list[tuple], form: _Form) -> tuple[list[Tensor], list[Tensor]]:
+    """The batches' Σ of h's term per parameter (none without step-size scaling), and their
+    finiteness witnesses (``_finiteness_witnesses``)."""
+    h_terms = [(batch, h_term) for batch, (_, _, h_term) in zip(batches, updates, strict=True) if h_term is not None]
+    h_sums = [part.sum() for batch, h_term in h_terms for part in h_term.split(batch.sizes)]
+    witnesses = [w for new, move, _ in updates for w in _finiteness_witnesses(new, move, form.trust_region)]
+    return h_sums, witnesses
 
 
 def _new_state(
@@ -215,21 +288,17 @@ def _new_state(
     return new, move, curvature.mul_(move.square())
 
 
-def _row(new: dict[str, Tensor], move: Tensor, h_term: Tensor | None) -> Tensor:
-    """One parameter's sums for the step: Σ of h's term (0 without step-size scaling), then Σ of
-    each finiteness witness (``_finiteness_witnesses``)."""
-    witnesses = _finiteness_witnesses(new, move, h_term is not None)
-    return torch.stack([move.new_zeros(()) if h_term is None else h_term.sum()] + [t.sum() for t in witnesses])
-
-
 Diagonal = Tensor | tuple[Tensor, Tensor]
 """d, or the factors (column (R, 1), row (1, C)) of a rank-one d, for the compiled functions."""
 
 
 def _check_sums(m: Tensor, v: Tensor, w: Tensor | None, grad: Tensor, d: Diagonal, k: tuple, form: _Form) -> Tensor:
-    """``_row`` of one parameter's update, computed without writing anything."""
+    """One parameter's sums for the step, computed without writing anything: Σ of h's term (0
+    without step-size scaling), then Σ of each finiteness witness (``_finiteness_witnesses``)."""
     d = d if isinstance(d, Tensor) else d[0] * d[1]
-    return _row(*_new_state(m, v, w, grad, d, k, form))
+    new, move, h_term = _new_state(m, v, w, grad, d, k, form)
+    witnesses = _finiteness_witnesses(new, move, h_term is not None)
+    return torch.stack([move.new_zeros(()) if h_term is None else h_term.sum()] + [t.sum() for t in witnesses])
 
 
 def _apply(
@@ -362,9 +431,10 @@ class DiagonalAdam(torch.optim.Optimizer):
             items = self._items(self._diagonal)
             fused = [_FUSED.applies(item) for item in items]
             large = [item for item, f in zip(items, fused, strict=True) if f]
-            small = [item for item, f in zip(items, fused, strict=True) if not f]
+            small = _Batch.group([item for item, f in zip(items, fused, strict=True) if not f])
             if not (large and self._fused_step(large, small)):
-                self._eager_step(items)
+                alone = [batch for item in large for batch in _Batch.group([item])]  # joined they would be copied
+                self._eager_step(small + alone)
         self._diagonal = None
 
     def _items(self, diagonal: dict[Tensor, Tensor]) -> list[_Item]:
@@ -386,46 +456,41 @@ class DiagonalAdam(torch.optim.Optimizer):
                 items.append(_Item(p, old, t, grad, diagonal[p], coefficients[t]))
         return items
 
-    def _eager_step(self, items: list[_Item]) -> None:
+    def _eager_step(self, batches: list[_Batch]) -> None:
         """The step op by op: every new state and move out of place, written only once all are finite."""
         form = self._form()
-        updates = [_new_state(*item.tensors(), item.k, form, reuse_root=True) for item in items]
-        h_terms = [h_term.sum() for _, _, h_term in updates if h_term is not None]
-        witnesses = [w for new, move, _ in updates for w in _finiteness_witnesses(new, move, form.trust_region)]
-        # the witnesses' finiteness from sums covering each entry once: one per large witness, one over
-        # all small ones joined (for small tensors a reduction per tensor costs more than the copy)
-        small = [w.reshape(-1) for w in witnesses if w.numel() < _CompiledUpdate.MIN_SIZE]
-        covering = [w.sum() for w in witnesses if w.numel() >= _CompiledUpdate.MIN_SIZE]
-        covering += [torch.cat(small).sum()] if small else []
-        sums = torch.stack(h_terms + covering).tolist() if h_terms or covering else []  # one sync
-        h = math.fsum(sums[: len(h_terms)])
-        if not (math.isfinite(h) and _all_finite(witnesses, sums[len(h_terms) :])):
+        updates = [batch.update(form) for batch in batches]
+        h_sums, witnesses = _sums(batches, updates, form)
+        sums = torch.stack(h_sums + [w.sum() for w in witnesses]).tolist()  # one synchronization
+        h = math.fsum(sums[: len(h_sums)])
+        if not (math.isfinite(h) and _all_finite(witnesses, sums[len(h_sums) :])):
             raise Diverged(f"{type(self).__name__}.step: the update is not finite; nothing was changed")
-        self._commit(items, updates, self._scale(h))
+        scale = self._scale(h)
+        for batch, update in zip(batches, updates, strict=True):
+            batch.commit(self.state, update, scale)
 
-    def _fused_step(self, large: list[_Item], small: list[_Item]) -> bool:
+    def _fused_step(self, large: list[_Item], small: list[_Batch]) -> bool:
         """The step with the large parameters' update compiled (``_CompiledUpdate``), the small
-        ones' op by op. False, with nothing changed, where a sum is not finite (an overflowing sum
-        of finite numbers included): the eager step then checks entry by entry."""
+        ones' op by op in batches (``_Batch``). False, with nothing changed, where a sum is not
+        finite (an overflowing sum of finite numbers included): the eager step then checks entry
+        by entry."""
         form = self._form()
-        small_updates = [_new_state(*item.tensors(), item.k, form, reuse_root=True) for item in small]
+        updates = [batch.update(form) for batch in small]
+        h_sums, witnesses = _sums(small, updates, form)
         flats = [_FUSED.flat(item) for item in large]  # made once, for both passes
-        rows = [_row(*update) for update in small_updates] + _FUSED.sums(large, flats, form)
-        sums = torch.stack(rows).tolist()  # one synchronization
-        if not all(math.isfinite(s) for row in sums for s in row):
+        rows = _FUSED.sums(large, flats, form)  # per item: Σ of h's term, then Σ of each witness
+        ours = h_sums + [w.sum() for w in witnesses]
+        sums = torch.cat(([torch.stack(ours)] if ours else []) + rows).tolist()  # one synchronization
+        if not all(math.isfinite(s) for s in sums):
             return False
-        scale = self._scale(math.fsum(row[0] for row in sums))
+        fused = sums[len(ours) :]
+        scale = self._scale(math.fsum(sums[: len(h_sums)] + fused[:: len(fused) // len(large)]))
         for item in large:  # updated in place: on a parameter's first step, its initial zeros become its state
             self.state[item.param].update({k: v for k, v in item.old.items() if k != "step"}, step=item.t)
         _FUSED.apply(large, flats, scale, form)
-        self._commit(small, small_updates, scale)
+        for batch, update in zip(small, updates, strict=True):
+            batch.commit(self.state, update, scale)
         return True
-
-    def _commit(self, items: list[_Item], updates: list[tuple], scale: float) -> None:
-        """Write each item's new state and move its parameter by scale · (−U)."""
-        for item, (new, move, _) in zip(items, updates, strict=True):
-            self.state[item.param].update(new, step=item.t)
-            item.param.add_(move, alpha=scale)
 
     def _form(self) -> _Form:
         return _Form(self.precondition == "gradient", self.trust_region is not None, self.trust_region_bias_correction)

@@ -237,6 +237,37 @@ def test_state_dict_round_trip_continues_bit_identically(name):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters(), strict=True))
 
 
+DIAGONAL_ADAM = [name for name, cls in OPTIMIZERS.items() if issubclass(cls, optim.DiagonalAdam)]
+
+
+@pytest.mark.parametrize("name", DIAGONAL_ADAM)
+@pytest.mark.parametrize("batch", [1, 4])  # 1: the linear weights' diagonals are rank-one factors
+def test_parameters_stepped_together_equal_one_at_a_time(name, batch, monkeypatch):
+    """The step joins the small parameters into one vector (``optim._Batch``): the same numbers,
+    bit for bit, as parameter by parameter, and the moments stay views of one flat buffer."""
+    one_by_one = staticmethod(lambda items, group=optim._Batch.group: [b for item in items for b in group([item])])
+
+    def train(together: bool):
+        model, loss_fn, x, y = small_problem(conv=True)  # 4-D, 2-D and 1-D parameters
+        if not together:
+            monkeypatch.setattr(optim._Batch, "group", one_by_one)
+        opt = make(name, model.parameters(), lr=0.01, **({"trust_region": 1e-8} if "scaled" in name else {}))
+        scales, buffers = [], []
+        for t in range(3):
+            torch.manual_seed(t)
+            train_step(opt, model, loss_fn, x[:batch], y[:batch])
+            scales.append(opt.last_scale)
+            buffers.append({opt.state[p][m]._base for p in model.parameters() for m in ("exp_avg", "exp_avg_sq")})
+        monkeypatch.undo()
+        return model, opt, scales, buffers
+
+    (model, opt, scales, buffers), (model1, opt1, scales1, _) = train(True), train(False)
+    assert scales == scales1 and ("scaled" not in name or max(scales) < 1)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model1.parameters(), strict=True))
+    assert same(opt.state_dict(), opt1.state_dict())
+    assert len(buffers[0]) == 2 and None not in buffers[0] and buffers[0] == buffers[1] == buffers[2]  # made once
+
+
 HYPER = {
     "sgd": {"lr": 0.5},
     "adahessian": {"lr": 0.05},
