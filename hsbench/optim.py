@@ -201,8 +201,9 @@ class _Batch(NamedTuple):
         for group in groups.values():
             sizes = [item.param.numel() for item in group]
             names = [name for name in group[0].old if name != "step"]
-            moments = {name: _view_base([item.old[name] for item in group], sizes) for name in names}
-            joined = all(moment is not None for moment in moments.values())
+            bases = {name: _view_base([item.old[name] for item in group], sizes) for name in names}
+            moments = {name: base for name, base in bases.items() if base is not None}
+            joined = len(moments) == len(names)
             if not joined:
                 moments = {name: _joined([item.old[name] for item in group]) for name in names}
             batches.append(_Batch(group, sizes, moments, joined))
