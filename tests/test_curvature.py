@@ -576,3 +576,20 @@ def test_a_module_used_at_two_positions_is_refused():
         extend(model)
     with pytest.raises(ValueError, match=r"Linear is used at positions '0' and '2'"):
         diagonal("hesscale", model, nn.CrossEntropyLoss(), torch.randn(3, 4), torch.tensor([0, 1, 0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("targets", ["indices", "probabilities"])
+def test_cross_entropy_derivatives_together_equal_each_alone(dtype, targets):
+    """``grad_and_hessian_diagonal`` (HesScale's walk asks for both at once; for class indices it
+    skips the one-hot targets) gives ``grad`` and ``hessian_diagonal`` bit for bit."""
+    from hsbench.curvature.loss_rules import CrossEntropy
+
+    torch.manual_seed(0)
+    rule, z = CrossEntropy(nn.CrossEntropyLoss()), 3 * torch.randn(6, 5, dtype=dtype)
+    t = torch.tensor([0, 4, 2, 2, 1, 3]) if targets == "indices" else torch.softmax(torch.randn(6, 5, dtype=dtype), 1)
+    g, h = rule.grad_and_hessian_diagonal(z, t)
+    assert torch.equal(g, rule.grad(z, t)) and torch.equal(h, rule.hessian_diagonal(z, t))
+    if targets == "indices":
+        with pytest.raises(ValueError, match="ignore_index"):
+            rule.grad_and_hessian_diagonal(z, torch.tensor([0, -100, 2, 2, 1, 3]))

@@ -101,14 +101,15 @@ class CrossEntropy(LossRule):
         if loss_fn.weight is not None or loss_fn.label_smoothing != 0:
             raise ValueError("CrossEntropyLoss with class weights or label smoothing is not supported")
 
-    def _probabilities(self, z, target):
+    def _check(self, z, target) -> None:
         if z.dim() != 2:
             raise ValueError(f"CrossEntropyLoss needs outputs of shape (N, classes); got {tuple(z.shape)}")
-        if target.is_floating_point():
-            return target
-        if (target == self.loss_fn.ignore_index).any():
+        if not target.is_floating_point() and (target == self.loss_fn.ignore_index).any():
             raise ValueError("CrossEntropyLoss targets equal to ignore_index are not supported")
-        return nn.functional.one_hot(target, z.shape[1]).to(z.dtype)
+
+    def _probabilities(self, z, target):
+        self._check(z, target)
+        return target if target.is_floating_point() else nn.functional.one_hot(target, z.shape[1]).to(z.dtype)
 
     def grad(self, z, target):
         p = self._probabilities(z, target)
@@ -117,6 +118,18 @@ class CrossEntropy(LossRule):
     def hessian_diagonal(self, z, target):
         q = torch.softmax(z, 1)
         return self._probabilities(z, target).sum(1, keepdim=True) * (q - q.square())
+
+    def grad_and_hessian_diagonal(self, z, target):
+        """For class indices (Σ_c p_c = 1) from one softmax q and without the one-hot p: g is q
+        with 1 subtracted at each target class, the diagonal q − q², the same numbers as
+        ``grad`` and ``hessian_diagonal`` (×1 and −0 are exact) at a third of the calls."""
+        if target.is_floating_point():
+            return super().grad_and_hessian_diagonal(z, target)
+        self._check(z, target)
+        q = torch.softmax(z, 1)
+        rows = target.unsqueeze(1)
+        minus_one = torch.full(rows.shape, -1.0, dtype=q.dtype, device=q.device)
+        return q.scatter_add(1, rows, minus_one), q - q.square()
 
     def bl89_diagonal(self, z, target):
         """p ∘ q ∘ (1 − q): from ∂ℓ/∂q = −p/q and ∂²ℓ/∂q² = p/q² through the softmax's diagonal."""
