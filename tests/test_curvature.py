@@ -593,3 +593,24 @@ def test_cross_entropy_derivatives_together_equal_each_alone(dtype, targets):
     if targets == "indices":
         with pytest.raises(ValueError, match="ignore_index"):
             rule.grad_and_hessian_diagonal(z, torch.tensor([0, -100, 2, 2, 1, 3]))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_batch_gradient_is_autograds(reduction):
+    """``Batch.gradient`` (figure 2's SGD step, from the recording the estimates share) is the
+    gradient of the batch loss."""
+    from hsbench.curvature import Batch, batch_diagonals
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3), nn.ELU(), nn.Linear(3, 2)).double()
+    x, y, loss_fn = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]), nn.CrossEntropyLoss()
+    loss_fn.reduction = reduction
+    batch = Batch(model, loss_fn, x, y)
+    estimates = batch_diagonals(batch, {"h": ("hesscale", 1)})  # its walk computes the gradient along
+    expected = torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()))
+    for found in (batch.gradient(), Batch(model, loss_fn, x, y).gradient()):  # along, or a walk of its own
+        assert list(found) == [name for name, _ in model.named_parameters()]
+        for (name, _), g in zip(model.named_parameters(), expected, strict=True):
+            torch.testing.assert_close(found[name], g, rtol=1e-12, atol=1e-15)
+    alone = diagonal("hesscale", model, loss_fn, x, y)
+    assert all(torch.equal(estimates["h"][name], alone[name]) for name in alone)

@@ -28,7 +28,7 @@ METHODS = tuple(ESTIMATORS)
 """Method names: exact Hessian, exact GGN, Monte-Carlo GGN, Hutchinson (AdaHessian), squared
 gradient, KFAC, HesScale, HesScaleGN, Becker & LeCun 1989 (``estimators.ESTIMATORS``)."""
 
-__all__ = ["METHODS", "diagonal", "diagonals", "extend", "loss_diagonals"]
+__all__ = ["METHODS", "Batch", "batch_diagonals", "diagonal", "diagonals", "extend", "loss_diagonals"]
 
 
 def diagonal(
@@ -83,12 +83,19 @@ def diagonals(
     the result maps each label to what ``diagonal`` returns for it. Draws are made in the order
     of ``requests``; consecutive Hutchinson requests share one pass of Hessian-vector products
     (the same draws as one by one)."""
+    batch = Batch(model, loss_fn, inputs, targets)
+    return batch_diagonals(batch, requests, per_sample=per_sample, generator=generator)
+
+
+def batch_diagonals(
+    batch: Batch, requests: dict[str, tuple[str, int]], *, per_sample: bool = False, generator=None
+) -> dict[str, dict[str, Tensor]]:
+    """``diagonals`` on a ``Batch``, whose one recording later calls may share (``Batch.gradient``)."""
     for method, mc_samples in requests.values():
         if method not in METHODS:
             raise ValueError(f"unknown curvature method {method!r}; valid methods: {', '.join(METHODS)}")
         if not (isinstance(mc_samples, int) and mc_samples >= 1):
             raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}")
-    batch = Batch(model, loss_fn, inputs, targets)
     found: dict[str, dict[str, Tensor]] = {}
     for hutchinson, run in itertools.groupby(requests, key=lambda label: requests[label][0] == "hutchinson"):
         labels = list(run)

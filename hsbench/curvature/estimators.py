@@ -30,6 +30,7 @@ class Batch:
     inputs: Tensor
     targets: object
     _tape: Tape | None = field(default=None, repr=False)
+    _gradient: dict[str, Tensor] | None = field(default=None, repr=False)
 
     def tape(self) -> Tape:
         if self._tape is None:
@@ -40,6 +41,15 @@ class Batch:
     def trainable(self) -> list[tuple[str, Tensor]]:
         """(name, parameter) of the model's trainable parameters, listed once per batch."""
         return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def gradient(self) -> dict[str, Tensor]:
+        """The batch loss's gradient by parameter name, from the recording: autograd's gradient up
+        to float rounding, without a second forward pass. Taken from the first HesScale-family
+        estimate of this batch, whose walk computes it along, else from a walk of its own."""
+        if self._gradient is None:
+            with torch.no_grad():
+                self._gradient = self.by_name(diagonal_backprop.backpropagate(self.tape(), "hesscale-gn").gradients)
+        return self._gradient
 
     def by_name(self, found: dict[Tensor, Tensor]) -> dict[str, Tensor]:
         """Values keyed by parameter tensor -> keyed by parameter name, trainable parameters only."""
@@ -77,9 +87,12 @@ def hutchinson_sets(
 
 def _diagonal_backprop(variant: str) -> Estimator:
     def estimate(batch, mc_samples, generator, per_sample):
+        along = batch._gradient is None and not per_sample  # the batch's gradient, for ``Batch.gradient``
         with torch.no_grad():
-            found = diagonal_backprop.backpropagate(batch.tape(), variant, per_sample, gradients=False)
-            return batch.by_name(found.diagonals)
+            found = diagonal_backprop.backpropagate(batch.tape(), variant, per_sample, gradients=along)
+        if along:
+            batch._gradient = batch.by_name(found.gradients)
+        return batch.by_name(found.diagonals)
 
     return estimate
 

@@ -129,11 +129,15 @@ class ApproxQuality(ExperimentKind):
         for i in range(start, settings["examples"]):
             x, y = x_all[order[i] : order[i] + 1], y_all[order[i] : order[i] + 1]
             measured = i % every == 0
+            batch = curvature.Batch(model, loss_fn, x, y)  # one recorded forward pass for all of it
             if measured:
-                found = curvature.diagonals(without_grad2, model, loss_fn, x, y, generator=mc_gen)
-            optim.train_step(sgd, model, loss_fn, x, y)
-            if measured:  # g² from the SGD step's gradient: the same example and parameters
-                gradients = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+                found = curvature.batch_diagonals(batch, without_grad2, generator=mc_gen)
+            gradients = batch.gradient()  # the same example and parameters
+            sgd.zero_grad()
+            for name, p in batch.trainable:
+                p.grad = gradients[name]
+            sgd.step()  # Diverged (recorded by the engine) where a gradient is not finite
+            if measured:
                 found |= {label: {n: g.square() for n, g in gradients.items()} for label in grad2}
                 flat = torch.cat([found[label][name].reshape(-1) for label in requests for name in names])
                 # in place: a fresh copy of these rows costs more than the rest of the error computation
