@@ -7,7 +7,7 @@ from cases import BATCH, LOSSES, MODELS, OUT, problem
 from torch import nn
 
 from hsbench import losses
-from hsbench.curvature import METHODS, diagonal, diagonal_backprop, extend, sampled_backprop
+from hsbench.curvature import METHODS, diagonal, diagonal_backprop, extend, modules, sampled_backprop
 from hsbench.curvature.contracts import Elementwise, ParametrizedRule
 from hsbench.curvature.loss_rules import loss_rule
 from hsbench.curvature.modules import RULES, Selection
@@ -522,6 +522,13 @@ def test_the_walks_of_one_recording_compute_each_loss_derivative_once(reduction,
             return original(self, z, target)
 
         monkeypatch.setattr(CrossEntropy, name, counted)
+    activation = modules.Activation.derivatives
+
+    def counted_activation(self, module, ctx):
+        calls["activation"] = calls.get("activation", 0) + 1
+        return activation(self, module, ctx)
+
+    monkeypatch.setattr(modules.Activation, "derivatives", counted_activation)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
@@ -531,11 +538,13 @@ def test_the_walks_of_one_recording_compute_each_loss_derivative_once(reduction,
     if not per_sample:  # the recorded-walk Hutchinson (per sample: autograd)
         hutchinson_sets(batch, [1, 2], torch.Generator(), per_sample)
     names = ("grad", "hessian_diagonal", "bl89_diagonal", "hessian")
-    assert calls == dict.fromkeys(names, 1)
+    assert calls == dict.fromkeys((*names, "activation"), 1)  # and the tanh's (σ', σ'') once
     stored = dict(zip(names, batch.tape().loss_derivatives(*names), strict=True))
     again = Batch(model, nn.CrossEntropyLoss(reduction=reduction), x, y).tape()
     for name, value in stored.items():  # no walk changed the shared values in place
         assert torch.equal(value, getattr(again.loss, name)(again.output, again.target)), name
+    for shared_d, fresh_d in zip(batch.tape().steps[1].derivatives, again.steps[1].derivatives, strict=True):
+        assert torch.equal(shared_d, fresh_d)
     for m in methods:  # each alone on a fresh recording (draws from a fresh generator, as above): the same numbers
         alone = ESTIMATORS[m](
             Batch(model, nn.CrossEntropyLoss(reduction=reduction), x, y), 2, torch.Generator(), per_sample

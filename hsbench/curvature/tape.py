@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from hsbench.curvature.contracts import Context, ModuleRule
+from hsbench.curvature.contracts import Context, Elementwise, ModuleRule
 from hsbench.curvature.loss_rules import LossRule, loss_rule
 from hsbench.curvature.modules import layers
 
@@ -38,6 +38,13 @@ class Step:
         read off its ``_parameters`` dict: ``parameters(recurse=False)`` costs microseconds per
         module through its generators, which the optimizers pay for every module at every step."""
         return tuple(p for p in self.module._parameters.values() if p is not None)
+
+    @functools.cached_property
+    def derivatives(self) -> tuple[Tensor, Tensor]:
+        """(σ'(x), σ''(x)) of an elementwise step (``Elementwise.derivatives``), computed once per
+        recording: the walks of one recording share them, and must not change them in place."""
+        assert isinstance(self.rule, Elementwise)
+        return self.rule.derivatives(self.module, self.ctx)
 
     @functools.cached_property
     def has_parameters(self) -> bool:
