@@ -623,3 +623,32 @@ def test_batch_gradient_is_autograds(reduction):
             torch.testing.assert_close(found[name], g, rtol=1e-12, atol=1e-15)
     alone = diagonal("hesscale", model, loss_fn, x, y)
     assert all(torch.equal(estimates["h"][name], alone[name]) for name in alone)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("n", [1, 5])
+def test_linear_kfac_is_the_weighted_maps_bit_for_bit(per_sample, n):
+    """Linear's own ``kfac`` (one input position) gives the numbers of the general rule for
+    convolutions and linear maps, ``WeightedMap.kfac``."""
+    torch.manual_seed(0)
+    layer, rule = nn.Linear(4, 3).double(), RULES[nn.Linear]
+    x = torch.randn(n, 4, dtype=torch.float64)
+    ctx = rule.context(layer, x, layer(x))
+    v = torch.randn(n, 6, 3, dtype=torch.float64)
+    own, general = rule.kfac(layer, ctx, v, per_sample), modules.WeightedMap.kfac(rule, layer, ctx, v, per_sample)
+    assert own.keys() == general.keys() == {"weight", "bias"}
+    assert all(torch.equal(own[k], general[k]) for k in own)
+
+
+def test_cross_entropy_mc_factor_for_class_indices_is_the_one_hot_probabilities():
+    """The Monte-Carlo factor for class-index targets (one-hot without ``one_hot``, mass 1) equals,
+    bit for bit and with the same draws, the factor for the same targets given as probabilities."""
+    from hsbench.curvature.loss_rules import CrossEntropy
+
+    torch.manual_seed(0)
+    rule, z, t = CrossEntropy(nn.CrossEntropyLoss()), torch.randn(4, 5, dtype=torch.float64), torch.tensor([1, 0, 4, 4])
+    factors = [
+        rule.mc_factor(z, target, 7, torch.Generator().manual_seed(3))
+        for target in (t, nn.functional.one_hot(t, 5).double())
+    ]
+    assert torch.equal(*factors) and factors[0].shape == (4, 7, 5)

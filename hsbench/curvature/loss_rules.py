@@ -145,8 +145,11 @@ class CrossEntropy(LossRule):
     def mc_factor(self, z, target, samples, generator):
         q = torch.softmax(z, 1)
         draws = torch.multinomial(q, samples, replacement=True, generator=generator)  # (N, M)
-        mass = self._probabilities(z, target).sum(1).sqrt()[:, None, None]
-        return mass * (q.unsqueeze(1) - nn.functional.one_hot(draws, z.shape[1]).to(z.dtype))
+        drawn = q.new_zeros((*draws.shape, z.shape[1])).scatter_(2, draws.unsqueeze(2), 1.0)  # one-hot
+        if not target.is_floating_point():  # class indices: the mass Σ_c p_c is 1
+            self._check(z, target)
+            return q.unsqueeze(1) - drawn
+        return self._probabilities(z, target).sum(1).sqrt()[:, None, None] * (q.unsqueeze(1) - drawn)
 
 
 class MeanSquaredError(LossRule):

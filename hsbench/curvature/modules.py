@@ -265,6 +265,17 @@ class Linear(WeightedMap):
         """Rank-one gradients square to v² ⊗ x²."""
         return self.param_sums(module, ctx.x.square(), v.square().mean(1), per_sample)
 
+    def kfac(self, module, ctx, v, per_sample):
+        """``WeightedMap.kfac`` with one input position, the same numbers in a third of the calls:
+        diag(B) ⊗ diag(A), diag(A) = n · mean_n x², diag(B) = mean_n mean_k v²."""
+        n, a, b = v.shape[0], ctx.x.square(), v.square().mean(1)  # (N, in), (N, out)
+        if not per_sample:
+            a, b = n * a.mean(0, keepdim=True), b.mean(0, keepdim=True)
+        out = {"weight": b.unsqueeze(2) * a.unsqueeze(1)}
+        if module.bias is not None:
+            out["bias"] = b * (1 if per_sample else n)
+        return out if per_sample else {k: t[0] for k, t in out.items()}
+
     def hessian_diagonals(self, module, ctx, h, per_sample):
         """diag(H) ⊗ x² (``WeightedMap.hessian_diagonals`` with one output position, as products)."""
         return self.param_sums(module, ctx.x.square(), torch.diagonal(h, dim1=1, dim2=2), per_sample)
