@@ -168,9 +168,9 @@ class WeightedMap(ParametrizedRule):
         return self.input_and_param_sums(module, ctx, g, ctx.x, module.weight, need_input, per_sample)
 
     def squared_pullback(self, module, ctx, s, need_input, per_sample):
-        return self.input_and_param_sums(
-            module, ctx, s, ctx.x.square(), squared_weight(module.weight), need_input, per_sample
-        )
+        # W² only where the input's ŝ is needed; else W stands in, its values unused (the first layer)
+        weight = squared_weight(module.weight) if need_input else module.weight
+        return self.input_and_param_sums(module, ctx, s, ctx.x.square(), weight, need_input, per_sample)
 
     def gradient(self, module, ctx, g, per_sample):
         return self.param_sums(module, ctx.x, g, per_sample)
