@@ -177,6 +177,10 @@ class _Item(NamedTuple):
     k: tuple[float, ...]
 
 
+_JOIN_BELOW = 1 << 15
+"""Parameters of fewer entries are joined into batches; larger ones are each a ``_Batch`` of their own."""
+
+
 class _Batch(NamedTuple):
     """Parameters stepped as one (``_Item``s with the same coefficients k, dtype and device): the
     update runs each operation once over their entries joined into one vector. Elementwise
@@ -184,7 +188,11 @@ class _Batch(NamedTuple):
     summed per parameter, so results are equal bit for bit; the Python calls are a fraction (a
     2×64 network has six parameters). The moments are views of one flat buffer per moment,
     joined on a first step (or where the state entries are no such views, e.g. after
-    ``load_state_dict``) and kept in the state, so that per step only g and d are joined."""
+    ``load_state_dict``) and kept in the state, so that per step only g and d are joined.
+
+    A parameter of ``_JOIN_BELOW`` entries or more is a batch of its own, stepped without copies
+    (its new moments become its state): joined, its copies (g, d and the moments, once per step)
+    would cost more than the calls they save."""
 
     items: list[_Item]
     sizes: list[int]  # entries per parameter
@@ -193,21 +201,25 @@ class _Batch(NamedTuple):
 
     @staticmethod
     def group(items: list[_Item]) -> list[_Batch]:
-        """``items`` in batches of equal (k, dtype, device), in order of first appearance."""
-        groups: dict[tuple, list[_Item]] = {}
+        """``items`` in batches of equal (k, dtype, device) (large ones alone), in order of first appearance."""
+        groups: dict[object, list[_Item]] = {}
         for item in items:
-            groups.setdefault((item.k, item.param.dtype, item.param.device), []).append(item)
-        batches = []
-        for group in groups.values():
-            sizes = [item.param.numel() for item in group]
-            names = [name for name in group[0].old if name != "step"]
-            bases = {name: _view_base([item.old[name] for item in group], sizes) for name in names}
-            moments = {name: base for name, base in bases.items() if base is not None}
-            joined = len(moments) == len(names)
-            if not joined:
-                moments = {name: _joined([item.old[name] for item in group]) for name in names}
-            batches.append(_Batch(group, sizes, moments, joined))
-        return batches
+            key = (item.k, item.param.dtype, item.param.device) if item.param.numel() < _JOIN_BELOW else id(item)
+            groups.setdefault(key, []).append(item)
+        return [_Batch.of(group) for group in groups.values()]
+
+    @staticmethod
+    def of(items: list[_Item]) -> _Batch:
+        """The batch of ``items``, its moments the state's flat buffers where they are kept, else joined anew."""
+        sizes = [item.param.numel() for item in items]
+        names = [name for name in items[0].old if name != "step"]
+        if len(items) == 1:  # flat views of its own moments
+            return _Batch(items, sizes, {name: items[0].old[name].reshape(-1) for name in names}, False)
+        bases = {name: _view_base([item.old[name] for item in items], sizes) for name in names}
+        moments = {name: base for name, base in bases.items() if base is not None}
+        if len(moments) == len(names):
+            return _Batch(items, sizes, moments, True)
+        return _Batch(items, sizes, {name: _joined([item.old[name] for item in items]) for name in names}, False)
 
     def update(self, form: _Form) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
         """``_new_state`` of the joined entries (flat, shape (Σ sizes,))."""
@@ -218,6 +230,11 @@ class _Batch(NamedTuple):
     def commit(self, state: dict, update: tuple[dict[str, Tensor], Tensor, Tensor | None], scale: float) -> None:
         """Write the new moments into ``state`` (the optimizer's) and move each parameter by scale · (−U)."""
         new, move, _ = update
+        if len(self.items) == 1:  # its new moments become its state
+            (item,) = self.items
+            item.param.add_(move.view_as(item.param), alpha=scale)
+            state[item.param].update({name: new[name].view_as(item.param) for name in self.moments}, step=item.t)
+            return
         for name, moment in self.moments.items():
             moment.copy_(new[name])
         params = [item.param for item in self.items]
@@ -434,8 +451,7 @@ class DiagonalAdam(torch.optim.Optimizer):
             large = [item for item, f in zip(items, fused, strict=True) if f]
             small = _Batch.group([item for item, f in zip(items, fused, strict=True) if not f])
             if not (large and self._fused_step(large, small)):
-                alone = [batch for item in large for batch in _Batch.group([item])]  # joined they would be copied
-                self._eager_step(small + alone)
+                self._eager_step(small + _Batch.group(large))  # each alone (at least _JOIN_BELOW entries)
         self._diagonal = None
 
     def _items(self, diagonal: dict[Tensor, Tensor]) -> list[_Item]:

@@ -242,13 +242,15 @@ DIAGONAL_ADAM = [name for name, cls in OPTIMIZERS.items() if issubclass(cls, opt
 
 @pytest.mark.parametrize("name", DIAGONAL_ADAM)
 @pytest.mark.parametrize("batch", [1, 4])  # 1: the linear weights' diagonals are rank-one factors
-def test_parameters_stepped_together_equal_one_at_a_time(name, batch, monkeypatch):
+@pytest.mark.parametrize("join_below", [optim._JOIN_BELOW, 10])  # 10: the weights alone, the biases joined
+def test_parameters_stepped_together_equal_one_at_a_time(name, batch, join_below, monkeypatch):
     """The step joins the small parameters into one vector (``optim._Batch``): the same numbers,
     bit for bit, as parameter by parameter, and the moments stay views of one flat buffer."""
     one_by_one = staticmethod(lambda items, group=optim._Batch.group: [b for item in items for b in group([item])])
 
     def train(together: bool):
         model, loss_fn, x, y = small_problem(conv=True)  # 4-D, 2-D and 1-D parameters
+        monkeypatch.setattr(optim, "_JOIN_BELOW", join_below)
         if not together:
             monkeypatch.setattr(optim._Batch, "group", one_by_one)
         opt = make(name, model.parameters(), lr=0.01, **({"trust_region": 1e-8} if "scaled" in name else {}))
@@ -257,7 +259,8 @@ def test_parameters_stepped_together_equal_one_at_a_time(name, batch, monkeypatc
             torch.manual_seed(t)
             train_step(opt, model, loss_fn, x[:batch], y[:batch])
             scales.append(opt.last_scale)
-            buffers.append({opt.state[p][m]._base for p in model.parameters() for m in ("exp_avg", "exp_avg_sq")})
+            joined = [p for p in model.parameters() if p.numel() < join_below]
+            buffers.append({opt.state[p][m]._base for p in joined for m in ("exp_avg", "exp_avg_sq")})
         monkeypatch.undo()
         return model, opt, scales, buffers
 
