@@ -34,8 +34,10 @@ parameter or state, raise :class:`Diverged` before changing any parameter or opt
 
 Speed: the update's arithmetic is written once (``_new_state``); parameters of at least
 ``_CompiledUpdate.MIN_SIZE`` entries run it as two compiled loops (a read-only one for the sums
-that the check and η need, then one in place; ``_CompiledUpdate``), the others op by op, each
-operation once over all of them joined into one vector (``_Batch``).
+that the check and η need, then one in place; ``_CompiledUpdate``), the others op by op, those
+below ``_JOIN_BELOW`` entries joined into one vector so that each operation runs once over all of
+them (``_Batch``). As in torch's optimizers, the state of joined parameters is updated in place:
+copy a ``state_dict`` to keep it.
 """
 
 from __future__ import annotations
@@ -185,10 +187,11 @@ class _Batch(NamedTuple):
     """Parameters stepped as one (``_Item``s with the same coefficients k, dtype and device): the
     update runs each operation once over their entries joined into one vector. Elementwise
     operations give every entry the same number as parameter by parameter, and h's term is still
-    summed per parameter, so results are equal bit for bit; the Python calls are a fraction (a
-    2×64 network has six parameters). The moments are views of one flat buffer per moment,
-    joined on a first step (or where the state entries are no such views, e.g. after
-    ``load_state_dict``) and kept in the state, so that per step only g and d are joined.
+    summed per parameter, so results are equal bit for bit on the CPU; the Python calls are a
+    fraction (a 2×64 network has six parameters). The moments are views of one flat buffer per
+    moment that this optimizer made (marked with its ``owner`` token), joined on a first step, or
+    where the state entries are no such views (e.g. after ``load_state_dict``: never written in
+    place if another optimizer's), and kept in the state, so that per step only g and d are joined.
 
     A parameter of ``_JOIN_BELOW`` entries or more is a batch of its own, stepped without copies
     (its new moments become its state): joined, its copies (g, d and the moments, once per step)
@@ -197,25 +200,25 @@ class _Batch(NamedTuple):
     items: list[_Item]
     sizes: list[int]  # entries per parameter
     moments: dict[str, Tensor]  # per state name (exp_avg, …): the flat moment, shape (Σ sizes,)
-    joined: bool  # whether the state entries are views of ``moments`` already
+    joined: bool  # whether the state entries are views of ``moments`` already (a batch of one replaces them)
 
     @staticmethod
-    def group(items: list[_Item]) -> list[_Batch]:
-        """``items`` in batches of equal (k, dtype, device) (large ones alone), in order of first appearance."""
+    def group(items: list[_Item], names: tuple[str, ...], owner: object) -> list[_Batch]:
+        """``items`` in batches of equal (k, dtype, device) (large ones alone), in order of first
+        appearance; ``names``: the moments the update reads, ``owner``: the optimizer's token."""
         groups: dict[object, list[_Item]] = {}
         for item in items:
             key = (item.k, item.param.dtype, item.param.device) if item.param.numel() < _JOIN_BELOW else id(item)
             groups.setdefault(key, []).append(item)
-        return [_Batch.of(group) for group in groups.values()]
+        return [_Batch.of(group, names, owner) for group in groups.values()]
 
     @staticmethod
-    def of(items: list[_Item]) -> _Batch:
-        """The batch of ``items``, its moments the state's flat buffers where they are kept, else joined anew."""
+    def of(items: list[_Item], names: tuple[str, ...], owner: object) -> _Batch:
+        """The batch of ``items``, its moments the state's flat buffers where ``owner`` made them, else joined anew."""
         sizes = [item.param.numel() for item in items]
-        names = [name for name in items[0].old if name != "step"]
         if len(items) == 1:  # flat views of its own moments
             return _Batch(items, sizes, {name: items[0].old[name].reshape(-1) for name in names}, False)
-        bases = {name: _view_base([item.old[name] for item in items], sizes) for name in names}
+        bases = {name: _view_base([item.old[name] for item in items], sizes, owner) for name in names}
         moments = {name: base for name, base in bases.items() if base is not None}
         if len(moments) == len(names):
             return _Batch(items, sizes, moments, True)
@@ -227,16 +230,20 @@ class _Batch(NamedTuple):
         grad, d, m = _joined([item.grad for item in self.items]), _joined(diagonals), self.moments
         return _new_state(m["exp_avg"], m["exp_avg_sq"], m.get("exp_avg_grad_sq"), grad, d, self.items[0].k, form, True)
 
-    def commit(self, state: dict, update: tuple[dict[str, Tensor], Tensor, Tensor | None], scale: float) -> None:
-        """Write the new moments into ``state`` (the optimizer's) and move each parameter by scale · (−U)."""
+    def commit(
+        self, state: dict, update: tuple[dict[str, Tensor], Tensor, Tensor | None], scale: float, owner: object
+    ) -> None:
+        """Write the new moments into ``state`` (the optimizer's; moments joined anew marked as
+        ``owner``'s) and move each parameter by scale · (−U)."""
         new, move, _ = update
         if len(self.items) == 1:  # its new moments become its state
             (item,) = self.items
-            item.param.add_(move.view_as(item.param), alpha=scale)
             state[item.param].update({name: new[name].view_as(item.param) for name in self.moments}, step=item.t)
+            item.param.add_(move.view_as(item.param), alpha=scale)
             return
         for name, moment in self.moments.items():
             moment.copy_(new[name])
+            setattr(moment, _OWNER, owner)
         params = [item.param for item in self.items]
         moves = [part.view_as(p) for part, p in zip(move.split(self.sizes), params, strict=True)]
         torch._foreach_add_(params, moves, alpha=scale)
@@ -246,10 +253,14 @@ class _Batch(NamedTuple):
             entry.update({name: parts[i].view_as(item.param) for name, parts in views.items()}, step=item.t)
 
 
-def _view_base(entries: list[Tensor], sizes: list[int]) -> Tensor | None:
-    """The vector of which ``entries`` are consecutive views, ``sizes`` entries each, or None."""
+_OWNER = "_hsbench_owner"  # attribute of a flat moment buffer: the token of the optimizer that made it
+
+
+def _view_base(entries: list[Tensor], sizes: list[int], owner: object) -> Tensor | None:
+    """The vector made by ``owner`` of which ``entries`` are consecutive views, ``sizes`` entries
+    each, or None."""
     base = entries[0]._base
-    if base is None or base.dim() != 1 or base.numel() != sum(sizes):
+    if base is None or getattr(base, _OWNER, None) is not owner or base.dim() != 1 or base.numel() != sum(sizes):
         return None
     offset = base.storage_offset()
     for entry, size in zip(entries, sizes, strict=True):
@@ -419,6 +430,7 @@ class DiagonalAdam(torch.optim.Optimizer):
         self.trust_region = trust_region
         self.trust_region_bias_correction = trust_region_bias_correction
         self.last_scale = 1.0  # η of the last step (1 without step-size scaling)
+        self._token = object()  # marks the flat moment buffers this optimizer made (``_Batch``)
         self._diagonal: dict[Tensor, Tensor] | None = None
 
     def _parameters(self) -> list[Tensor]:
@@ -449,9 +461,9 @@ class DiagonalAdam(torch.optim.Optimizer):
             items = self._items(self._diagonal)
             fused = [_FUSED.applies(item) for item in items]
             large = [item for item, f in zip(items, fused, strict=True) if f]
-            small = _Batch.group([item for item, f in zip(items, fused, strict=True) if not f])
-            if not (large and self._fused_step(large, small)):
-                self._eager_step(small + _Batch.group(large))  # each alone (at least _JOIN_BELOW entries)
+            small = self._batches([item for item, f in zip(items, fused, strict=True) if not f])
+            if items and not (large and self._fused_step(large, small)):
+                self._eager_step(small + self._batches(large))  # each alone (at least _JOIN_BELOW entries)
         self._diagonal = None
 
     def _items(self, diagonal: dict[Tensor, Tensor]) -> list[_Item]:
@@ -473,6 +485,9 @@ class DiagonalAdam(torch.optim.Optimizer):
                 items.append(_Item(p, old, t, grad, diagonal[p], coefficients[t]))
         return items
 
+    def _batches(self, items: list[_Item]) -> list[_Batch]:
+        return _Batch.group(items, self._moment_names(), self._token)
+
     def _eager_step(self, batches: list[_Batch]) -> None:
         """The step op by op: every new state and move out of place, written only once all are finite."""
         form = self._form()
@@ -484,7 +499,7 @@ class DiagonalAdam(torch.optim.Optimizer):
             raise Diverged(f"{type(self).__name__}.step: the update is not finite; nothing was changed")
         scale = self._scale(h)
         for batch, update in zip(batches, updates, strict=True):
-            batch.commit(self.state, update, scale)
+            batch.commit(self.state, update, scale, self._token)
 
     def _fused_step(self, large: list[_Item], small: list[_Batch]) -> bool:
         """The step with the large parameters' update compiled (``_CompiledUpdate``), the small
@@ -506,7 +521,7 @@ class DiagonalAdam(torch.optim.Optimizer):
             self.state[item.param].update({k: v for k, v in item.old.items() if k != "step"}, step=item.t)
         _FUSED.apply(large, flats, scale, form)
         for batch, update in zip(small, updates, strict=True):
-            batch.commit(self.state, update, scale)
+            batch.commit(self.state, update, scale, self._token)
         return True
 
     def _form(self) -> _Form:
@@ -520,10 +535,13 @@ class DiagonalAdam(torch.optim.Optimizer):
         self.last_scale = scale
         return scale
 
+    def _moment_names(self) -> tuple[str, ...]:
+        """The state entries the update reads and writes (others a state may hold are kept as they are)."""
+        return ("exp_avg", "exp_avg_sq") + (("exp_avg_grad_sq",) if self.precondition == "gradient" else ())
+
     def _initial_state(self, p: Tensor) -> dict[str, Tensor]:
         """The zero moments of ``p`` before its first step."""
-        names = ("exp_avg", "exp_avg_sq") + (("exp_avg_grad_sq",) if self.precondition == "gradient" else ())
-        return {name: torch.zeros_like(p) for name in names}
+        return {name: torch.zeros_like(p) for name in self._moment_names()}
 
 
 class _HesScaleFamily(DiagonalAdam):
@@ -582,6 +600,8 @@ class AdaHessian(DiagonalAdam):
 
     def curvature_backward(self, loss):
         params = self._parameters()
+        if not params:  # nothing to train (a frozen network)
+            return {}
         grads = torch.autograd.grad(loss, params, create_graph=True)
         probes = [torch.randint_like(p, 2) * 2 - 1 for p in params]
         hz = torch.autograd.grad(grads, params, probes)

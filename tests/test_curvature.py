@@ -7,7 +7,7 @@ from cases import BATCH, LOSSES, MODELS, OUT, problem
 from torch import nn
 
 from hsbench import losses
-from hsbench.curvature import METHODS, diagonal, diagonal_backprop, extend, modules, sampled_backprop
+from hsbench.curvature import METHODS, diagonal, diagonal_backprop, extend, loss_diagonals, modules, sampled_backprop
 from hsbench.curvature.contracts import Elementwise, ParametrizedRule
 from hsbench.curvature.loss_rules import loss_rule
 from hsbench.curvature.modules import RULES, Selection
@@ -543,8 +543,13 @@ def test_the_walks_of_one_recording_compute_each_loss_derivative_once(reduction,
     again = Batch(model, nn.CrossEntropyLoss(reduction=reduction), x, y).tape()
     for name, value in stored.items():  # no walk changed the shared values in place
         assert torch.equal(value, getattr(again.loss, name)(again.output, again.target)), name
-    for shared_d, fresh_d in zip(batch.tape().steps[1].derivatives, again.steps[1].derivatives, strict=True):
-        assert torch.equal(shared_d, fresh_d)
+    shared_tape = batch.tape()
+    for kept, fresh in zip(
+        shared_tape.activation_derivatives(shared_tape.steps[1]),
+        again.activation_derivatives(again.steps[1]),
+        strict=True,
+    ):
+        assert torch.equal(kept, fresh)
     for m in methods:  # each alone on a fresh recording (draws from a fresh generator, as above): the same numbers
         alone = ESTIMATORS[m](
             Batch(model, nn.CrossEntropyLoss(reduction=reduction), x, y), 2, torch.Generator(), per_sample
@@ -614,7 +619,7 @@ def test_batch_gradient_is_autograds(reduction):
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3), nn.ELU(), nn.Linear(3, 2)).double()
     x, y, loss_fn = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]), nn.CrossEntropyLoss()
     loss_fn.reduction = reduction
-    batch = Batch(model, loss_fn, x, y)
+    batch = Batch(model, loss_fn, x, y, gradient_along=True)
     estimates = batch_diagonals(batch, {"h": ("hesscale", 1)})  # its walk computes the gradient along
     expected = torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()))
     for found in (batch.gradient(), Batch(model, loss_fn, x, y).gradient()):  # along, or a walk of its own
@@ -652,3 +657,15 @@ def test_cross_entropy_mc_factor_for_class_indices_is_the_one_hot_probabilities(
         for target in (t, nn.functional.one_hot(t, 5).double())
     ]
     assert torch.equal(*factors) and factors[0].shape == (4, 7, 5)
+
+
+def test_an_optimizers_recording_keeps_no_activation_derivatives():
+    """A recording that the optimizers walk once computes σ', σ'' per walk and keeps none: kept,
+    they would hold activation-sized tensors as long as the loss's graph (only a ``Batch``'s
+    recording, walked by several estimators, keeps them)."""
+    torch.manual_seed(0)
+    model, loss_fn = extend(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))), extend(nn.CrossEntropyLoss())
+    loss = loss_fn(model(torch.randn(5, 4)), torch.tensor([0, 1, 1, 0, 1]))
+    loss_diagonals(loss, "hesscale")
+    tape = tape_of(loss, list(model.parameters()), "test")
+    assert not tape.shared and not tape._activations

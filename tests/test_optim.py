@@ -246,7 +246,9 @@ DIAGONAL_ADAM = [name for name, cls in OPTIMIZERS.items() if issubclass(cls, opt
 def test_parameters_stepped_together_equal_one_at_a_time(name, batch, join_below, monkeypatch):
     """The step joins the small parameters into one vector (``optim._Batch``): the same numbers,
     bit for bit, as parameter by parameter, and the moments stay views of one flat buffer."""
-    one_by_one = staticmethod(lambda items, group=optim._Batch.group: [b for item in items for b in group([item])])
+    one_by_one = staticmethod(
+        lambda items, *args, group=optim._Batch.group: [b for i in items for b in group([i], *args)]
+    )
 
     def train(together: bool):
         model, loss_fn, x, y = small_problem(conv=True)  # 4-D, 2-D and 1-D parameters
@@ -269,6 +271,45 @@ def test_parameters_stepped_together_equal_one_at_a_time(name, batch, join_below
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model1.parameters(), strict=True))
     assert same(opt.state_dict(), opt1.state_dict())
     assert len(buffers[0]) == 2 and None not in buffers[0] and buffers[0] == buffers[1] == buffers[2]  # made once
+
+
+@pytest.mark.parametrize("name", DIAGONAL_ADAM)
+def test_state_loaded_from_another_optimizer_is_not_written_in_place(name):
+    """``load_state_dict`` keeps the given tensors (torch's): the joined moments of the first
+    optimizer must not be taken for the second's own buffers, nor changed by its steps."""
+    model, loss_fn, x, y = small_problem(conv=True)
+    opt = make(name, model.parameters(), lr=0.01)
+    train_steps(opt, model, loss_fn, x, y, 2, seed=0)
+    before = copy.deepcopy(opt.state_dict())
+    twin = copy.deepcopy(model)
+    opt2 = make(name, twin.parameters(), lr=0.01)
+    opt2.load_state_dict(opt.state_dict())  # no copy
+    train_steps(opt2, twin, loss_fn, x, y, 2, seed=2)
+    assert same(opt.state_dict(), before)
+    train_steps(opt, model, loss_fn, x, y, 2, seed=2)  # and the first goes on as the second did
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", DIAGONAL_ADAM)
+def test_a_step_without_gradients_and_state_entries_of_others_are_fine(name):
+    """A step where none of the optimizer's parameters has a gradient changes nothing; state
+    entries the update does not use (e.g. from another optimizer's state) are kept as they are."""
+    model, loss_fn, x, y = small_problem(conv=True)
+    model[0].requires_grad_(False)
+    frozen = make(name, model[0].parameters(), lr=0.01)
+    weight = model[0].weight.clone()
+    train_step(frozen, model, loss_fn, x, y)
+    assert torch.equal(model[0].weight, weight) and not frozen.state
+    opt = make(name, model[-1].parameters(), lr=0.01)
+    train_step(opt, model, loss_fn, x, y)
+    for p in model[-1].parameters():
+        opt.state[p]["max_exp_avg_sq"] = torch.full_like(p, 7.0)
+    train_step(opt, model, loss_fn, x, y)
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # the moments joined anew
+    train_step(opt, model, loss_fn, x, y)
+    assert all(
+        opt.state[p]["step"] == 3 and bool((opt.state[p]["max_exp_avg_sq"] == 7).all()) for p in model[-1].parameters()
+    )
 
 
 HYPER = {

@@ -28,19 +28,20 @@ def problem(dtype=torch.float64, batch=3):
     return model, extend(nn.CrossEntropyLoss()), x, y
 
 
-def fused_everywhere(monkeypatch, on: bool) -> None:
-    monkeypatch.setattr(optim._CompiledUpdate, "MIN_SIZE", 0 if on else 1 << 62)
+def fused_everywhere(monkeypatch, on: bool, min_size: int = 0) -> None:
+    monkeypatch.setattr(optim._CompiledUpdate, "MIN_SIZE", min_size if on else 1 << 62)
 
 
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("batch", [1, 3])  # 1: linear weights' diagonals as factors (RankOne)
-def test_compiled_update_equals_the_eager_one(form, batch, monkeypatch):
+@pytest.mark.parametrize("min_size", [0, 20])  # 20: the weights compiled, the biases joined (optim._Batch)
+def test_compiled_update_equals_the_eager_one(form, batch, min_size, monkeypatch):
     name, hyper = form.split()[0], {"lr": 0.05, **FORMS[form]}
     model, loss_fn, x, y = problem(batch=batch)
     twin = copy.deepcopy(model)
     results = []
     for on, net in ((False, model), (True, twin)):
-        fused_everywhere(monkeypatch, on)
+        fused_everywhere(monkeypatch, on, min_size)
         calls = []
         monkeypatch.setattr(optim._CompiledUpdate, "apply", _spy(optim._CompiledUpdate.apply, calls))
         opt = make(name, net.parameters(), **hyper)
@@ -70,8 +71,9 @@ def _spy(method, calls):
 
 
 @pytest.mark.parametrize("name", ["adahesscale", "scaled-adam"])
-def test_compiled_update_changes_nothing_on_divergence(name, monkeypatch):
-    fused_everywhere(monkeypatch, True)
+@pytest.mark.parametrize("min_size", [0, 20])
+def test_compiled_update_changes_nothing_on_divergence(name, min_size, monkeypatch):
+    fused_everywhere(monkeypatch, True, min_size)
     model, loss_fn, x, y = problem(torch.float32)
     opt = make(name, model.parameters(), lr=0.01)
     train_step(opt, model, loss_fn, x, y)

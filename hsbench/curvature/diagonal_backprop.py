@@ -43,7 +43,7 @@ def backpropagate(
     for step, need_input in tape.backward_steps():
         module, rule, ctx = step.module, step.rule, step.ctx
         if isinstance(rule, Elementwise):
-            d1, d2 = (d.unsqueeze(1) for d in step.derivatives)
+            d1, d2 = (d.unsqueeze(1) for d in tape.activation_derivatives(step))
             s.mul_(d1).mul_(d1)  # in place: g and ŝ are this pass's own tensors
             if variant != "hesscale-gn":
                 s.addcmul_(d2, g)

@@ -23,18 +23,20 @@ from hsbench.curvature.tape import Tape, record
 @dataclass
 class Batch:
     """One batch of a problem: ``loss_fn(model(inputs), targets)``. The methods that walk the
-    recorded forward pass share one recording, made on first use."""
+    recorded forward pass share one recording, made on first use. ``gradient_along``: the first
+    HesScale-family estimate also computes the batch loss's gradient, for ``gradient``."""
 
     model: nn.Module
     loss_fn: nn.Module
     inputs: Tensor
     targets: object
+    gradient_along: bool = False
     _tape: Tape | None = field(default=None, repr=False)
     _gradient: dict[str, Tensor] | None = field(default=None, repr=False)
 
     def tape(self) -> Tape:
         if self._tape is None:
-            self._tape = record(self.model, self.loss_fn, self.inputs, self.targets)
+            self._tape = record(self.model, self.loss_fn, self.inputs, self.targets, shared=True)
         return self._tape
 
     @functools.cached_property
@@ -44,8 +46,8 @@ class Batch:
 
     def gradient(self) -> dict[str, Tensor]:
         """The batch loss's gradient by parameter name, from the recording: autograd's gradient up
-        to float rounding, without a second forward pass. Taken from the first HesScale-family
-        estimate of this batch, whose walk computes it along, else from a walk of its own."""
+        to float rounding, without a second forward pass. With ``gradient_along`` taken from the
+        first HesScale-family estimate of this batch, else from a walk of its own."""
         if self._gradient is None:
             with torch.no_grad():
                 self._gradient = self.by_name(diagonal_backprop.backpropagate(self.tape(), "hesscale-gn").gradients)
@@ -87,7 +89,7 @@ def hutchinson_sets(
 
 def _diagonal_backprop(variant: str) -> Estimator:
     def estimate(batch, mc_samples, generator, per_sample):
-        along = batch._gradient is None and not per_sample  # the batch's gradient, for ``Batch.gradient``
+        along = batch.gradient_along and batch._gradient is None and not per_sample  # for ``Batch.gradient``
         with torch.no_grad():
             found = diagonal_backprop.backpropagate(batch.tape(), variant, per_sample, gradients=along)
         if along:

@@ -46,7 +46,7 @@ def output_hessians(
             return
         rule = step.rule
         if isinstance(rule, Elementwise):
-            d1, d2 = (d.reshape(d.shape[0], -1) for d in step.derivatives)
+            d1, d2 = (d.reshape(d.shape[0], -1) for d in tape.activation_derivatives(step))
             h = d1.unsqueeze(2) * h * d1.unsqueeze(1)
             if curvature_of_activations:
                 h = h + torch.diag_embed(d2 * g.reshape(d2.shape))

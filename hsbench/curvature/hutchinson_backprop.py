@@ -84,7 +84,7 @@ def backpropagate(
     for k, step in enumerate(steps):
         tangents.append(t)
         if isinstance(step.rule, Elementwise):
-            d1, d2 = (d.unsqueeze(1) for d in step.derivatives)
+            d1, d2 = (d.unsqueeze(1) for d in tape.activation_derivatives(step))
             derivatives[k] = d1, d2
             t = None if t is None else d1 * t
             continue

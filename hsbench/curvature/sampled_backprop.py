@@ -38,7 +38,7 @@ def backpropagate(
     for step, need_input in tape.backward_steps():
         rule, module, ctx = step.rule, step.module, step.ctx
         if isinstance(rule, Elementwise):
-            v.mul_(step.derivatives[0].unsqueeze(1))  # v is this pass's own
+            v.mul_(tape.activation_derivatives(step)[0].unsqueeze(1))  # v is this pass's own
             continue
         if isinstance(rule, ParametrizedRule) and step.has_parameters:
             if gradients:

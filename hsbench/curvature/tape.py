@@ -40,13 +40,6 @@ class Step:
         return tuple(p for p in self.module._parameters.values() if p is not None)
 
     @functools.cached_property
-    def derivatives(self) -> tuple[Tensor, Tensor]:
-        """(σ'(x), σ''(x)) of an elementwise step (``Elementwise.derivatives``), computed once per
-        recording: the walks of one recording share them, and must not change them in place."""
-        assert isinstance(self.rule, Elementwise)
-        return self.rule.derivatives(self.module, self.ctx)
-
-    @functools.cached_property
     def has_parameters(self) -> bool:
         return any(p.requires_grad for p in self.parameters)
 
@@ -59,7 +52,9 @@ class Tape:
     output: Tensor
     target: object
     loss: LossRule
+    shared: bool = False  # walked several times (a ``Batch``'s recording): activation derivatives are kept
     _derivatives: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _activations: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def loss_derivatives(self, *names: str) -> tuple[Tensor, ...]:
         """``self.loss.<name>(output, target)`` for each name ("grad", "hessian_diagonal",
@@ -75,6 +70,18 @@ class Tape:
                 known[name] = getattr(self.loss, name)(self.output, self.target)
         return tuple(known[name] for name in names)
 
+    def activation_derivatives(self, step: Step) -> tuple[Tensor, Tensor]:
+        """(σ'(x), σ''(x)) of an elementwise ``step`` (``Elementwise.derivatives``). A ``shared``
+        tape computes them once and keeps them for its other walks, which must not change them in
+        place; any other computes them per call (an optimizer's recording is walked once, and kept
+        they would hold activation-sized tensors as long as the loss's graph)."""
+        assert isinstance(step.rule, Elementwise)
+        if not self.shared:
+            return step.rule.derivatives(step.module, step.ctx)
+        if id(step) not in self._activations:
+            self._activations[id(step)] = step.rule.derivatives(step.module, step.ctx)
+        return self._activations[id(step)]
+
     def backward_steps(self) -> Iterator[tuple[Step, bool]]:
         """Steps from last to first, each with ``need_input``: whether the step's input still needs a
         backpropagated quantity (False from the first module with parameters on)."""
@@ -86,8 +93,9 @@ class Tape:
         return self.loss.scale(self.output)
 
 
-def record(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets) -> Tape:
-    """Run ``model`` on ``inputs`` module by module (no autograd graph) and keep what backward needs."""
+def record(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets, shared: bool = False) -> Tape:
+    """Run ``model`` on ``inputs`` module by module (no autograd graph) and keep what backward
+    needs; ``shared``: see ``Tape``."""
     rule = loss_rule(loss_fn)
     steps = []
     x = inputs
@@ -96,7 +104,7 @@ def record(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets) -> Tap
             y = module(x)
             steps.append(Step(position, module, module_rule, module_rule.context(module, x, y)))
             x = y
-    return Tape(steps, x, targets, rule)
+    return Tape(steps, x, targets, rule, shared)
 
 
 class Backward(NamedTuple):

@@ -129,14 +129,14 @@ class ApproxQuality(ExperimentKind):
         for i in range(start, settings["examples"]):
             x, y = x_all[order[i] : order[i] + 1], y_all[order[i] : order[i] + 1]
             measured = i % every == 0
-            batch = curvature.Batch(model, loss_fn, x, y)  # one recorded forward pass for all of it
+            batch = curvature.Batch(model, loss_fn, x, y, gradient_along=True)  # one recording for all of it
             if measured:
                 found = curvature.batch_diagonals(batch, without_grad2, generator=mc_gen)
             gradients = batch.gradient()  # the same example and parameters
             sgd.zero_grad()
             for name, p in batch.trainable:
                 p.grad = gradients[name]
-            sgd.step()  # Diverged (recorded by the engine) where a gradient is not finite
+            sgd.step()  # Diverged (recorded by the engine) where a gradient is not finite, as after a non-finite loss
             if measured:
                 found |= {label: {n: g.square() for n, g in gradients.items()} for label in grad2}
                 flat = torch.cat([found[label][name].reshape(-1) for label in requests for name in names])
