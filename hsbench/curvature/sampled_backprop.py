@@ -25,14 +25,16 @@ def backpropagate(
     tape: Tape, method: str, samples: int, generator=None, per_sample: bool = False, gradients: bool = True
 ) -> Backward:
     """Gradient and ``ggn-mc`` or ``kfac`` diagonal (``samples`` Monte-Carlo vectors per example),
-    keyed by parameter. The gradient travels as one more vector beside the sampled ones;
-    ``gradients=False``: the parameters' gradients are not computed (empty; the gradient vector
-    still travels with the sampled ones)."""
+    keyed by parameter. The gradient travels as one more vector (the first) beside the sampled
+    ones; ``gradients=False``: the parameters' gradients are not computed (empty), and only the
+    sampled vectors travel."""
     z, target, loss = tape.output, tape.target, tape.loss
     scale = 1.0 if per_sample else tape.scale()  # gradients are linear in g, diagonals quadratic in S
-    grad = scale * tape.loss_derivatives("grad")[0].unsqueeze(1)
-    factors = scale**0.5 * loss.mc_factor(z, target, samples, generator)
-    v = torch.cat([grad, factors], 1).reshape(z.shape[0], samples + 1, *z.shape[1:])
+    v = scale**0.5 * loss.mc_factor(z, target, samples, generator)  # this pass's own: changed in place
+    if gradients:
+        v = torch.cat([scale * tape.loss_derivatives("grad")[0].unsqueeze(1), v], 1)
+    sampled = slice(1, None) if gradients else slice(None)
+    v = v.reshape(z.shape[0], v.shape[1], *z.shape[1:])
     grads: dict[Tensor, Tensor] = {}
     diags: dict[Tensor, Tensor] = {}
     for step, need_input in tape.backward_steps():
@@ -44,7 +46,7 @@ def backpropagate(
             if gradients:
                 step.accumulate(grads, rule.gradient(module, ctx, v[:, 0], per_sample))
             diagonal = rule.kfac if method == "kfac" else rule.squared_gradients
-            step.accumulate(diags, diagonal(module, ctx, v[:, 1:], per_sample))
+            step.accumulate(diags, diagonal(module, ctx, v[:, sampled], per_sample))
         if need_input:
             v = rule.vjp(module, ctx, v)
     return Backward(grads, diags)
