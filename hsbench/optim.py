@@ -36,8 +36,8 @@ Speed: the update's arithmetic is written once (``_new_state``); parameters of a
 ``_CompiledUpdate.MIN_SIZE`` entries run it as two compiled loops (a read-only one for the sums
 that the check and η need, then one in place; ``_CompiledUpdate``), the others op by op, those
 below ``_JOIN_BELOW`` entries joined into one vector so that each operation runs once over all of
-them (``_Batch``). As in torch's optimizers, the state of joined parameters is updated in place:
-copy a ``state_dict`` to keep it.
+them (``_Batch``). As in torch's optimizers, the state of joined and compiled parameters is
+updated in place: copy a ``state_dict`` to keep it (``load_state_dict`` copies what it loads).
 """
 
 from __future__ import annotations
@@ -190,8 +190,8 @@ class _Batch(NamedTuple):
     summed per parameter, so results are equal bit for bit on the CPU; the Python calls are a
     fraction (a 2×64 network has six parameters). The moments are views of one flat buffer per
     moment that this optimizer made (marked with its ``owner`` token), joined on a first step, or
-    where the state entries are no such views (e.g. after ``load_state_dict``: never written in
-    place if another optimizer's), and kept in the state, so that per step only g and d are joined.
+    where the state entries are no such views (e.g. after ``load_state_dict``), and kept in the
+    state, so that per step only g and d are joined.
 
     A parameter of ``_JOIN_BELOW`` entries or more is a batch of its own, stepped without copies
     (its new moments become its state): joined, its copies (g, d and the moments, once per step)
@@ -273,6 +273,14 @@ def _view_base(entries: list[Tensor], sizes: list[int], owner: object) -> Tensor
 def _joined(tensors: list[Tensor]) -> Tensor:
     """The tensors' entries as one vector (a view of a single contiguous tensor, else a new one)."""
     return tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _total(values: list[float]) -> float:
+    """The exact sum of finite ``values`` (``math.fsum``), inf where it overflows."""
+    try:
+        return math.fsum(values)
+    except OverflowError:
+        return math.inf
 
 
 def _sums(batches: list[_Batch], updates: list[tuple], form: _Form) -> tuple[list[Tensor], list[Tensor]]:
@@ -433,6 +441,24 @@ class DiagonalAdam(torch.optim.Optimizer):
         self._token = object()  # marks the flat moment buffers this optimizer made (``_Batch``)
         self._diagonal: dict[Tensor, Tensor] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's (defaults, state, param_groups) and the step-size scaling's settings and η, for
+        ``copy.deepcopy`` and pickle."""
+        names = ("trust_region", "trust_region_bias_correction", "last_scale")
+        return {**super().__getstate__(), **{name: getattr(self, name) for name in names}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # also called by torch's load_state_dict
+        self.__dict__.setdefault("_diagonal", None)
+        self._token = object()  # a copy's own: the copied buffers, marked with the original's, are joined anew
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, with the state's tensors copied: the step writes moments in place, and torch
+        keeps the given tensors, which would share them with the state's source."""
+        super().load_state_dict(state_dict)
+        for entry in self.state.values():
+            entry.update({name: value.clone() for name, value in entry.items() if isinstance(value, Tensor)})
+
     def _parameters(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
@@ -494,7 +520,7 @@ class DiagonalAdam(torch.optim.Optimizer):
         updates = [batch.update(form) for batch in batches]
         h_sums, witnesses = _sums(batches, updates, form)
         sums = torch.stack(h_sums + [w.sum() for w in witnesses]).tolist()  # one synchronization
-        h = math.fsum(sums[: len(h_sums)])
+        h = _total(sums[: len(h_sums)])
         if not (math.isfinite(h) and _all_finite(witnesses, sums[len(h_sums) :])):
             raise Diverged(f"{type(self).__name__}.step: the update is not finite; nothing was changed")
         scale = self._scale(h)
@@ -516,7 +542,10 @@ class DiagonalAdam(torch.optim.Optimizer):
         if not all(math.isfinite(s) for s in sums):
             return False
         fused = sums[len(ours) :]
-        scale = self._scale(math.fsum(sums[: len(h_sums)] + fused[:: len(fused) // len(large)]))
+        h = _total(sums[: len(h_sums)] + fused[:: len(fused) // len(large)])
+        if not math.isfinite(h):
+            return False
+        scale = self._scale(h)
         for item in large:  # updated in place: on a parameter's first step, its initial zeros become its state
             self.state[item.param].update({k: v for k, v in item.old.items() if k != "step"}, step=item.t)
         _FUSED.apply(large, flats, scale, form)

@@ -274,20 +274,60 @@ def test_parameters_stepped_together_equal_one_at_a_time(name, batch, join_below
 
 
 @pytest.mark.parametrize("name", DIAGONAL_ADAM)
-def test_state_loaded_from_another_optimizer_is_not_written_in_place(name):
-    """``load_state_dict`` keeps the given tensors (torch's): the joined moments of the first
-    optimizer must not be taken for the second's own buffers, nor changed by its steps."""
+@pytest.mark.parametrize("compiled", [False, True])  # True: the weights take the compiled step (in place)
+def test_a_loaded_state_shares_no_memory_with_its_source(name, compiled, monkeypatch):
+    """The step writes moments in place and torch's ``load_state_dict`` keeps the given tensors:
+    ours copies them, so neither optimizer's steps change the other's state."""
+    if compiled:
+        monkeypatch.setattr(optim._CompiledUpdate, "MIN_SIZE", 20)
     model, loss_fn, x, y = small_problem(conv=True)
     opt = make(name, model.parameters(), lr=0.01)
     train_steps(opt, model, loss_fn, x, y, 2, seed=0)
-    before = copy.deepcopy(opt.state_dict())
     twin = copy.deepcopy(model)
     opt2 = make(name, twin.parameters(), lr=0.01)
     opt2.load_state_dict(opt.state_dict())  # no copy
+    before, loaded = copy.deepcopy(opt.state_dict()), copy.deepcopy(opt2.state_dict())
     train_steps(opt2, twin, loss_fn, x, y, 2, seed=2)
     assert same(opt.state_dict(), before)
-    train_steps(opt, model, loss_fn, x, y, 2, seed=2)  # and the first goes on as the second did
+    after = copy.deepcopy(opt2.state_dict())
+    opt2.load_state_dict(loaded)
+    train_steps(opt, model, loss_fn, x, y, 2, seed=2)  # the first goes on as the second did
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True))
+    assert same(opt.state_dict(), after) and same(opt2.state_dict(), loaded)
+
+
+@pytest.mark.parametrize("name", DIAGONAL_ADAM)
+def test_a_deepcopied_optimizer_steps_as_the_original(name):
+    """``copy.deepcopy`` keeps the step-size scaling's settings (torch's ``__getstate__`` alone
+    drops them), and the copy joins its own moments (it never writes the original's)."""
+    model, loss_fn, x, y = small_problem(conv=True)
+    opt = make(name, model.parameters(), lr=0.01, **({"trust_region": 1e-8} if "scaled" in name else {}))
+    train_steps(opt, model, loss_fn, x, y, 2, seed=0)
+    model2, opt2 = copy.deepcopy((model, opt))
+    before = copy.deepcopy(opt.state_dict())
+    train_steps(opt2, model2, loss_fn, x, y, 2, seed=2)
+    assert same(opt.state_dict(), before)
+    train_steps(opt, model, loss_fn, x, y, 2, seed=2)
+    assert opt2.last_scale == opt.last_scale and ("scaled" not in name or opt.last_scale < 1)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters(), strict=True))
+
+
+def test_an_overflowing_sum_for_the_step_size_scaling_is_divergence():
+    """h summed from finite per-parameter sums can overflow (``math.fsum`` raises): Diverged,
+    nothing changed."""
+
+    class Fixed(optim.DiagonalAdam):
+        def curvature_backward(self, loss):
+            for p in self._parameters():
+                p.grad = torch.full_like(p, 1.3e152)
+            return {p: torch.ones_like(p) for p in self._parameters()}
+
+    params = [nn.Parameter(torch.zeros(10000, dtype=torch.float64)) for _ in range(2)]
+    opt = Fixed(params, lr=1.0, trust_region=1.0)
+    opt.backward(torch.tensor(0.0))
+    with pytest.raises(Diverged, match="not finite"):
+        opt.step()
+    assert not opt.state and all(bool((p == 0).all()) for p in params)
 
 
 @pytest.mark.parametrize("name", DIAGONAL_ADAM)

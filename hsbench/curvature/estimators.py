@@ -24,7 +24,8 @@ from hsbench.curvature.tape import Tape, record
 class Batch:
     """One batch of a problem: ``loss_fn(model(inputs), targets)``. The methods that walk the
     recorded forward pass share one recording, made on first use. ``gradient_along``: the first
-    HesScale-family estimate also computes the batch loss's gradient, for ``gradient``."""
+    HesScale-family estimate of the batch loss (not a per-sample one) also computes its gradient,
+    for ``gradient``."""
 
     model: nn.Module
     loss_fn: nn.Module

@@ -54,7 +54,7 @@ class Tape:
     loss: LossRule
     shared: bool = False  # walked several times (a ``Batch``'s recording): activation derivatives are kept
     _derivatives: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
-    _activations: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _activations: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def loss_derivatives(self, *names: str) -> tuple[Tensor, ...]:
         """``self.loss.<name>(output, target)`` for each name ("grad", "hessian_diagonal",
@@ -78,9 +78,9 @@ class Tape:
         assert isinstance(step.rule, Elementwise)
         if not self.shared:
             return step.rule.derivatives(step.module, step.ctx)
-        if id(step) not in self._activations:
-            self._activations[id(step)] = step.rule.derivatives(step.module, step.ctx)
-        return self._activations[id(step)]
+        if step.position not in self._activations:  # a position names one step of a tape
+            self._activations[step.position] = step.rule.derivatives(step.module, step.ctx)
+        return self._activations[step.position]
 
     def backward_steps(self) -> Iterator[tuple[Step, bool]]:
         """Steps from last to first, each with ``need_input``: whether the step's input still needs a
