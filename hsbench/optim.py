@@ -189,9 +189,9 @@ class _Batch(NamedTuple):
     operations give every entry the same number as parameter by parameter, and h's term is still
     summed per parameter, so results are equal bit for bit on the CPU; the Python calls are a
     fraction (a 2×64 network has six parameters). The moments are views of one flat buffer per
-    moment that this optimizer made (marked with its ``owner`` token), joined on a first step, or
-    where the state entries are no such views (e.g. after ``load_state_dict``), and kept in the
-    state, so that per step only g and d are joined.
+    moment, joined on a first step, or where the state entries are no such views (after
+    ``load_state_dict``, which copies what it loads, or ``copy.deepcopy``), and kept in the state,
+    so that per step only g and d are joined.
 
     A parameter of ``_JOIN_BELOW`` entries or more is a batch of its own, stepped without copies
     (its new moments become its state): joined, its copies (g, d and the moments, once per step)
@@ -203,22 +203,22 @@ class _Batch(NamedTuple):
     joined: bool  # whether the state entries are views of ``moments`` already (a batch of one replaces them)
 
     @staticmethod
-    def group(items: list[_Item], names: tuple[str, ...], owner: object) -> list[_Batch]:
+    def group(items: list[_Item], names: tuple[str, ...]) -> list[_Batch]:
         """``items`` in batches of equal (k, dtype, device) (large ones alone), in order of first
-        appearance; ``names``: the moments the update reads, ``owner``: the optimizer's token."""
+        appearance; ``names``: the moments the update reads."""
         groups: dict[object, list[_Item]] = {}
         for item in items:
             key = (item.k, item.param.dtype, item.param.device) if item.param.numel() < _JOIN_BELOW else id(item)
             groups.setdefault(key, []).append(item)
-        return [_Batch.of(group, names, owner) for group in groups.values()]
+        return [_Batch.of(group, names) for group in groups.values()]
 
     @staticmethod
-    def of(items: list[_Item], names: tuple[str, ...], owner: object) -> _Batch:
-        """The batch of ``items``, its moments the state's flat buffers where ``owner`` made them, else joined anew."""
+    def of(items: list[_Item], names: tuple[str, ...]) -> _Batch:
+        """The batch of ``items``, its moments the state's flat buffers where they are kept, else joined anew."""
         sizes = [item.param.numel() for item in items]
         if len(items) == 1:  # flat views of its own moments
             return _Batch(items, sizes, {name: items[0].old[name].reshape(-1) for name in names}, False)
-        bases = {name: _view_base([item.old[name] for item in items], sizes, owner) for name in names}
+        bases = {name: _view_base([item.old[name] for item in items], sizes) for name in names}
         moments = {name: base for name, base in bases.items() if base is not None}
         if len(moments) == len(names):
             return _Batch(items, sizes, moments, True)
@@ -230,11 +230,8 @@ class _Batch(NamedTuple):
         grad, d, m = _joined([item.grad for item in self.items]), _joined(diagonals), self.moments
         return _new_state(m["exp_avg"], m["exp_avg_sq"], m.get("exp_avg_grad_sq"), grad, d, self.items[0].k, form, True)
 
-    def commit(
-        self, state: dict, update: tuple[dict[str, Tensor], Tensor, Tensor | None], scale: float, owner: object
-    ) -> None:
-        """Write the new moments into ``state`` (the optimizer's; moments joined anew marked as
-        ``owner``'s) and move each parameter by scale · (−U)."""
+    def commit(self, state: dict, update: tuple[dict[str, Tensor], Tensor, Tensor | None], scale: float) -> None:
+        """Write the new moments into ``state`` (the optimizer's) and move each parameter by scale · (−U)."""
         new, move, _ = update
         if len(self.items) == 1:  # its new moments become its state
             (item,) = self.items
@@ -243,7 +240,6 @@ class _Batch(NamedTuple):
             return
         for name, moment in self.moments.items():
             moment.copy_(new[name])
-            setattr(moment, _OWNER, owner)
         params = [item.param for item in self.items]
         moves = [part.view_as(p) for part, p in zip(move.split(self.sizes), params, strict=True)]
         torch._foreach_add_(params, moves, alpha=scale)
@@ -253,14 +249,10 @@ class _Batch(NamedTuple):
             entry.update({name: parts[i].view_as(item.param) for name, parts in views.items()}, step=item.t)
 
 
-_OWNER = "_hsbench_owner"  # attribute of a flat moment buffer: the token of the optimizer that made it
-
-
-def _view_base(entries: list[Tensor], sizes: list[int], owner: object) -> Tensor | None:
-    """The vector made by ``owner`` of which ``entries`` are consecutive views, ``sizes`` entries
-    each, or None."""
+def _view_base(entries: list[Tensor], sizes: list[int]) -> Tensor | None:
+    """The vector of which ``entries`` are consecutive views, ``sizes`` entries each, or None."""
     base = entries[0]._base
-    if base is None or getattr(base, _OWNER, None) is not owner or base.dim() != 1 or base.numel() != sum(sizes):
+    if base is None or base.dim() != 1 or base.numel() != sum(sizes):
         return None
     offset = base.storage_offset()
     for entry, size in zip(entries, sizes, strict=True):
@@ -438,7 +430,6 @@ class DiagonalAdam(torch.optim.Optimizer):
         self.trust_region = trust_region
         self.trust_region_bias_correction = trust_region_bias_correction
         self.last_scale = 1.0  # η of the last step (1 without step-size scaling)
-        self._token = object()  # marks the flat moment buffers this optimizer made (``_Batch``)
         self._diagonal: dict[Tensor, Tensor] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -450,11 +441,11 @@ class DiagonalAdam(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # also called by torch's load_state_dict
         self.__dict__.setdefault("_diagonal", None)
-        self._token = object()  # a copy's own: the copied buffers, marked with the original's, are joined anew
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's, with the state's tensors copied: the step writes moments in place, and torch
-        keeps the given tensors, which would share them with the state's source."""
+        keeps the given tensors, which would share them with the state's source (the copies are
+        joined anew on the next step)."""
         super().load_state_dict(state_dict)
         for entry in self.state.values():
             entry.update({name: value.clone() for name, value in entry.items() if isinstance(value, Tensor)})
@@ -512,7 +503,7 @@ class DiagonalAdam(torch.optim.Optimizer):
         return items
 
     def _batches(self, items: list[_Item]) -> list[_Batch]:
-        return _Batch.group(items, self._moment_names(), self._token)
+        return _Batch.group(items, self._moment_names())
 
     def _eager_step(self, batches: list[_Batch]) -> None:
         """The step op by op: every new state and move out of place, written only once all are finite."""
@@ -525,7 +516,7 @@ class DiagonalAdam(torch.optim.Optimizer):
             raise Diverged(f"{type(self).__name__}.step: the update is not finite; nothing was changed")
         scale = self._scale(h)
         for batch, update in zip(batches, updates, strict=True):
-            batch.commit(self.state, update, scale, self._token)
+            batch.commit(self.state, update, scale)
 
     def _fused_step(self, large: list[_Item], small: list[_Batch]) -> bool:
         """The step with the large parameters' update compiled (``_CompiledUpdate``), the small
@@ -550,7 +541,7 @@ class DiagonalAdam(torch.optim.Optimizer):
             self.state[item.param].update({k: v for k, v in item.old.items() if k != "step"}, step=item.t)
         _FUSED.apply(large, flats, scale, form)
         for batch, update in zip(small, updates, strict=True):
-            batch.commit(self.state, update, scale, self._token)
+            batch.commit(self.state, update, scale)
         return True
 
     def _form(self) -> _Form:

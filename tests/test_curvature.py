@@ -607,6 +607,9 @@ def test_cross_entropy_derivatives_together_equal_each_alone(dtype, targets):
     if targets == "indices":
         with pytest.raises(ValueError, match="ignore_index"):
             rule.grad_and_hessian_diagonal(z, torch.tensor([0, -100, 2, 2, 1, 3]))
+        for method in (rule.hessian, rule.hessian_diagonal):  # neither reads the class, both check it
+            with pytest.raises(ValueError, match=r"must lie in \[0, 5\); got 0 to 5"):
+                method(z, torch.tensor([0, 5, 2, 2, 1, 3]))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -104,32 +104,47 @@ class CrossEntropy(LossRule):
     def _check(self, z, target) -> None:
         if z.dim() != 2:
             raise ValueError(f"CrossEntropyLoss needs outputs of shape (N, classes); got {tuple(z.shape)}")
-        if not target.is_floating_point() and (target == self.loss_fn.ignore_index).any():
+        if target.is_floating_point():
+            return
+        if (target == self.loss_fn.ignore_index).any():
             raise ValueError("CrossEntropyLoss targets equal to ignore_index are not supported")
+        low, high = torch.stack(torch.aminmax(target)).tolist()
+        if low < 0 or high >= z.shape[1]:
+            raise ValueError(f"CrossEntropyLoss class targets must lie in [0, {z.shape[1]}); got {low} to {high}")
 
     def _probabilities(self, z, target):
         self._check(z, target)
         return target if target.is_floating_point() else nn.functional.one_hot(target, z.shape[1]).to(z.dtype)
 
+    def _mass(self, z, target) -> Tensor | None:
+        """P = Σ_c p_c per sample, (N, 1); None for class indices, where P = 1 and the products
+        with it (exact) are left out, as is the one-hot p."""
+        self._check(z, target)
+        return target.sum(1, keepdim=True) if target.is_floating_point() else None
+
+    @staticmethod
+    def _grad(q: Tensor, mass: Tensor | None, target) -> Tensor:
+        """P q − p from the softmax q; for class indices q with 1 subtracted at each target class."""
+        if mass is not None:
+            return mass * q - target
+        rows = target.unsqueeze(1)
+        return q.scatter_add(1, rows, torch.full(rows.shape, -1.0, dtype=q.dtype, device=q.device))
+
+    @staticmethod
+    def _hessian_diagonal(q: Tensor, mass: Tensor | None) -> Tensor:
+        """P (q − q²) from the softmax q."""
+        return q - q.square() if mass is None else mass * (q - q.square())
+
     def grad(self, z, target):
-        p = self._probabilities(z, target)
-        return p.sum(1, keepdim=True) * torch.softmax(z, 1) - p
+        return self._grad(torch.softmax(z, 1), self._mass(z, target), target)
 
     def hessian_diagonal(self, z, target):
-        q = torch.softmax(z, 1)
-        return self._probabilities(z, target).sum(1, keepdim=True) * (q - q.square())
+        return self._hessian_diagonal(torch.softmax(z, 1), self._mass(z, target))
 
     def grad_and_hessian_diagonal(self, z, target):
-        """For class indices (Σ_c p_c = 1) from one softmax q and without the one-hot p: g is q
-        with 1 subtracted at each target class, the diagonal q − q², the same numbers as
-        ``grad`` and ``hessian_diagonal`` (×1 and −0 are exact) at a third of the calls."""
-        if target.is_floating_point():
-            return super().grad_and_hessian_diagonal(z, target)
-        self._check(z, target)
-        q = torch.softmax(z, 1)
-        rows = target.unsqueeze(1)
-        minus_one = torch.full(rows.shape, -1.0, dtype=q.dtype, device=q.device)
-        return q.scatter_add(1, rows, minus_one), q - q.square()
+        """Both from one softmax."""
+        q, mass = torch.softmax(z, 1), self._mass(z, target)
+        return self._grad(q, mass, target), self._hessian_diagonal(q, mass)
 
     def bl89_diagonal(self, z, target):
         """p ∘ q ∘ (1 − q): from ∂ℓ/∂q = −p/q and ∂²ℓ/∂q² = p/q² through the softmax's diagonal."""
@@ -137,19 +152,17 @@ class CrossEntropy(LossRule):
         return self._probabilities(z, target) * q * (1 - q)
 
     def hessian(self, z, target):
-        """P (diag(q) − q qᵀ) with P = Σ_c p_c (1 for class-index targets)."""
-        q = torch.softmax(z, 1)
-        mass = self._probabilities(z, target).sum(1)[:, None, None]
-        return mass * (torch.diag_embed(q) - q.unsqueeze(2) * q.unsqueeze(1))
+        """P (diag(q) − q qᵀ)."""
+        q, mass = torch.softmax(z, 1), self._mass(z, target)
+        h = torch.diag_embed(q) - q.unsqueeze(2) * q.unsqueeze(1)
+        return h if mass is None else mass.unsqueeze(2) * h
 
     def mc_factor(self, z, target, samples, generator):
         q = torch.softmax(z, 1)
         draws = torch.multinomial(q, samples, replacement=True, generator=generator)  # (N, M)
         drawn = q.new_zeros((*draws.shape, z.shape[1])).scatter_(2, draws.unsqueeze(2), 1.0)  # one-hot
-        if not target.is_floating_point():  # class indices: the mass Σ_c p_c is 1
-            self._check(z, target)
-            return q.unsqueeze(1) - drawn
-        return self._probabilities(z, target).sum(1).sqrt()[:, None, None] * (q.unsqueeze(1) - drawn)
+        mass = self._mass(z, target)
+        return q.unsqueeze(1) - drawn if mass is None else mass.sqrt().unsqueeze(2) * (q.unsqueeze(1) - drawn)
 
 
 class MeanSquaredError(LossRule):
