@@ -150,3 +150,27 @@ def test_blank_inputs_and_a_width_not_divisible_by_8_give_the_full_probes_estima
         for key, value in estimate.items():
             torch.testing.assert_close(value, expected[key], rtol=1e-10, atol=1e-12)
         assert bool((estimate[first_name] == 0).all()) == blank
+
+
+def test_probes_are_the_bits_of_one_random_byte_draw_per_set_and_parameter():
+    """The stream that the stored Hutchinson results fix: per set, then per parameter, one
+    ``torch.randint`` of ⌈samples · numel / 8⌉ bytes, entry 8·i + k the bit k of byte i (least
+    significant first), 1 as +1 and 0 as −1; sets that end inside a byte (15 and 7 entries) included."""
+    params = {
+        "a": torch.zeros(5, 3, dtype=torch.float64),
+        "b": torch.zeros(4, 8, dtype=torch.float64),
+        "c": torch.zeros(7, dtype=torch.float32),
+    }
+    counts = [1, 7, 2]
+    generator, reference_generator = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    found = autograd_estimators.rademacher_sets(params, counts, generator)
+    expected: dict[str, list[torch.Tensor]] = {k: [] for k in params}
+    for samples in counts:
+        for k, p in params.items():
+            n = samples * p.numel()
+            drawn = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8, generator=reference_generator)
+            bits = (drawn.unsqueeze(1).long() >> torch.arange(8)) & 1
+            expected[k].append((2 * bits - 1).flatten()[:n].to(p.dtype).view(samples, *p.shape))
+    for k, p in params.items():
+        assert found[k].dtype == p.dtype and torch.equal(found[k], torch.cat(expected[k]))
+    assert torch.equal(generator.get_state(), reference_generator.get_state())
