@@ -81,6 +81,22 @@ figure8: $(STAMP)
 	$(HSBENCH) run $@ --jobs 1 --device cpu
 	$(HSBENCH) plot $@
 
+# Figure 8 of the original HesScale implementation (the authors' package, pinned commit), on the
+# stack it runs on: Python 3.8 (PYTHON38), torch 1.10, BackPACK 1.3, in .venv-original (about 1 GB
+# of downloads once); its ratios to Adam into plots/original/figure8.md (hsbench/original_update_time.py).
+# Without access to GitHub, point HESSCALE at a local copy of the repository.
+ORIGINAL_VENV := .venv-original
+PYTHON38      ?= python3.8
+HESSCALE      ?= git+https://github.com/mohmdelsayed/HesScale@1aec723f70326334978f17a73ceb3513b872e66c
+.PHONY: figure8-original
+figure8-original: $(ORIGINAL_VENV)/.installed
+	$(ORIGINAL_VENV)/bin/python -m hsbench.original_update_time --out plots/original/figure8.md
+
+$(ORIGINAL_VENV)/.installed:
+	test -x $(ORIGINAL_VENV)/bin/python || $(PYTHON38) -m venv $(ORIGINAL_VENV)
+	$(ORIGINAL_VENV)/bin/python -m pip install --quiet torch==1.10.0 backpack-for-pytorch==1.3.0 "$(HESSCALE)"
+	touch $@
+
 # One table: every curvature backward pass vs the gradient's, every optimizer's update vs Adam's.
 bench: $(STAMP)
 	$(PY) -m hsbench.bench

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from typing import Callable, Tuple  # noqa: UP035  (Python 3.8: see Task)
 
 import torch
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
-Task = tuple[Callable[[], object], Callable[[], object]]
+# typing's generics: this module also runs on Python 3.8 (hsbench.original_update_time, the original
+# implementation's stack), where tuple[...] and collections.abc.Callable[...] cannot be subscripted
+Task = Tuple[Callable[[], object], Callable[[], object]]  # noqa: UP006
 
 
 def interleaved(

@@ -80,3 +80,34 @@ def test_bench_measures_the_ppo_update_of_every_rl_optimizer_against_adam(capsys
     assert [cells[4].strip() for cells in rows] == list(bench.RL_OPTIMIZERS)  # Adam, the baseline, first
     assert {cells[2].strip() for cells in rows} == {"PPO minibatch 64: actor + critic, 2x64 tanh"}
     assert float(rows[0][7]) == 1.0 and all(float(cells[7]) > 0 for cells in rows)
+
+
+def test_original_implementation_harness_times_figure8s_networks_on_python_38(tmp_path):
+    """``hsbench.original_update_time`` runs on the original's stack (Python 3.8, torch 1.10): its
+    source and ``hsbench.timing`` parse as Python 3.8; on this stack it runs with Adam alone (the
+    original package is imported only where it is timed), on the very networks of figure 8."""
+    import ast
+    from pathlib import Path
+
+    from hsbench import original_update_time as original
+    from hsbench import timing
+
+    for module in (original, timing):
+        ast.parse(Path(module.__file__).read_text(), feature_version=(3, 8))
+    for panel, size in (("a", 16), ("a", 64), ("b", 1), ("b", 4)):
+        theirs = original.network(panel, size).state_dict()
+        torch.manual_seed(0)  # panel_network is seeded by its caller (update_time.twin_models)
+        ours = panel_network(panel, size).state_dict()
+        assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    out = tmp_path / "figure8.md"
+    original.main(["--optimizers", "adam", "--max-outputs", "32", "--max-depth", "1", "--updates", "2", "--warmup", "0"]
+                  + ["--out", str(out)])  # fmt: skip
+    text = out.read_text()
+    assert "torch " + torch.__version__ in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [("| 16", "41,488"), ("| 32", "49,696"), ("| 1", "84,580")]
+    assert all(float(r[2].rstrip(" |")) > 0 for r in rows)
+    with pytest.raises(SystemExit) as exit_info:
+        original.main(["--optimizers", "adahessian", "--out", str(out)])
+    assert exit_info.value.code == 2
