@@ -101,8 +101,8 @@ def test_original_implementation_harness_times_figure8s_networks_on_python_38(tm
         assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
     out = tmp_path / "figure8.md"
-    original.main(["--optimizers", "adam", "--max-outputs", "32", "--max-depth", "1", "--updates", "2", "--warmup", "0"]
-                  + ["--out", str(out)])  # fmt: skip
+    sizes = ["--max-outputs", "32", "--max-depth", "1"]
+    original.main(["--optimizers", "adam", *sizes, "--updates", "2", "--warmup", "0", "--out", str(out)])
     text = out.read_text()
     assert "torch " + torch.__version__ in text
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
