@@ -594,20 +594,24 @@ def test_a_module_used_at_two_positions_is_refused():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("targets", ["indices", "probabilities"])
-def test_cross_entropy_derivatives_together_equal_each_alone(dtype, targets):
-    """``grad_and_hessian_diagonal`` (HesScale's walk asks for both at once; for class indices it
-    skips the one-hot targets) gives ``grad`` and ``hessian_diagonal`` bit for bit."""
+@pytest.mark.parametrize("diagonal", ["hessian_diagonal", "bl89_diagonal"])
+def test_cross_entropy_derivatives_together_equal_each_alone(dtype, targets, diagonal):
+    """``grad_and_diagonal`` (the diagonal walks ask for the gradient and one diagonal at once;
+    for class indices it skips the one-hot targets) gives ``grad`` and the diagonal bit for bit,
+    and BL89's diagonal is p ∘ q ∘ (1 − q) with the one-hot p bit for bit."""
     from hsbench.curvature.loss_rules import CrossEntropy
 
     torch.manual_seed(0)
     rule, z = CrossEntropy(nn.CrossEntropyLoss()), 3 * torch.randn(6, 5, dtype=dtype)
     t = torch.tensor([0, 4, 2, 2, 1, 3]) if targets == "indices" else torch.softmax(torch.randn(6, 5, dtype=dtype), 1)
-    g, h = rule.grad_and_hessian_diagonal(z, t)
-    assert torch.equal(g, rule.grad(z, t)) and torch.equal(h, rule.hessian_diagonal(z, t))
+    g, d = rule.grad_and_diagonal(z, t, diagonal)
+    assert torch.equal(g, rule.grad(z, t)) and torch.equal(d, getattr(rule, diagonal)(z, t))
+    q, p = torch.softmax(z, 1), t if targets == "probabilities" else nn.functional.one_hot(t, 5).to(dtype)
+    assert torch.equal(rule.bl89_diagonal(z, t), p * q * (1 - q))
     if targets == "indices":
         with pytest.raises(ValueError, match="ignore_index"):
-            rule.grad_and_hessian_diagonal(z, torch.tensor([0, -100, 2, 2, 1, 3]))
-        for method in (rule.hessian, rule.hessian_diagonal):  # neither reads the class, both check it
+            rule.grad_and_diagonal(z, torch.tensor([0, -100, 2, 2, 1, 3]), diagonal)
+        for method in (rule.hessian, rule.hessian_diagonal, rule.bl89_diagonal):  # checked whether read or not
             with pytest.raises(ValueError, match=r"must lie in \[0, 5\); got 0 to 5"):
                 method(z, torch.tensor([0, 5, 2, 2, 1, 3]))
 

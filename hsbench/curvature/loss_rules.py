@@ -74,10 +74,11 @@ class LossRule(ABC):
     def bl89_diagonal(self, z, target) -> Tensor:
         return self.hessian_diagonal(z, target)
 
-    def grad_and_hessian_diagonal(self, z, target) -> tuple[Tensor, Tensor]:
-        """``(grad, hessian_diagonal)`` in one call, for HesScale's walk; rules whose two share
-        their work (the policy losses) compute it once."""
-        return self.grad(z, target), self.hessian_diagonal(z, target)
+    def grad_and_diagonal(self, z, target, diagonal: str) -> tuple[Tensor, Tensor]:
+        """``(grad, <diagonal>)`` in one call, ``diagonal`` "hessian_diagonal" or "bl89_diagonal",
+        for the diagonal walks (HesScale, HesScaleGN, BL89); rules whose derivatives share their
+        work (cross-entropy, the policy losses) compute it once."""
+        return self.grad(z, target), getattr(self, diagonal)(z, target)
 
     def mc_factor(self, z, target, samples: int, generator) -> Tensor:
         raise ValueError(
@@ -112,10 +113,6 @@ class CrossEntropy(LossRule):
         if low < 0 or high >= z.shape[1]:
             raise ValueError(f"CrossEntropyLoss class targets must lie in [0, {z.shape[1]}); got {low} to {high}")
 
-    def _probabilities(self, z, target):
-        self._check(z, target)
-        return target if target.is_floating_point() else nn.functional.one_hot(target, z.shape[1]).to(z.dtype)
-
     def _mass(self, z, target) -> Tensor | None:
         """P = Σ_c p_c per sample, (N, 1); None for class indices, where P = 1 and the products
         with it (exact) are left out, as is the one-hot p."""
@@ -141,15 +138,25 @@ class CrossEntropy(LossRule):
     def hessian_diagonal(self, z, target):
         return self._hessian_diagonal(torch.softmax(z, 1), self._mass(z, target))
 
-    def grad_and_hessian_diagonal(self, z, target):
+    @staticmethod
+    def _bl89_diagonal(q: Tensor, mass: Tensor | None, target) -> Tensor:
+        """p ∘ q ∘ (1 − q) from the softmax q; for class indices q_t (1 − q_t) at each target class t
+        and 0 elsewhere, the numbers of the one-hot p without it."""
+        if mass is not None:
+            return target * q * (1 - q)
+        rows = target.unsqueeze(1)
+        at_target = q.gather(1, rows)
+        return torch.zeros_like(q).scatter_(1, rows, at_target * (1 - at_target))
+
+    def grad_and_diagonal(self, z, target, diagonal):
         """Both from one softmax."""
         q, mass = torch.softmax(z, 1), self._mass(z, target)
-        return self._grad(q, mass, target), self._hessian_diagonal(q, mass)
+        d = self._bl89_diagonal(q, mass, target) if diagonal == "bl89_diagonal" else self._hessian_diagonal(q, mass)
+        return self._grad(q, mass, target), d
 
     def bl89_diagonal(self, z, target):
         """p ∘ q ∘ (1 − q): from ∂ℓ/∂q = −p/q and ∂²ℓ/∂q² = p/q² through the softmax's diagonal."""
-        q = torch.softmax(z, 1)
-        return self._probabilities(z, target) * q * (1 - q)
+        return self._bl89_diagonal(torch.softmax(z, 1), self._mass(z, target), target)
 
     def hessian(self, z, target):
         """P (diag(q) − q qᵀ)."""
@@ -216,7 +223,9 @@ class PolicyGradient(LossRule):
         _, h, a = self._derivatives(z, target)
         return -a * h
 
-    def grad_and_hessian_diagonal(self, z, target):
+    def grad_and_diagonal(self, z, target, diagonal):
+        if diagonal != "hessian_diagonal":
+            return super().grad_and_diagonal(z, target, diagonal)
         g, h, a = self._derivatives(z, target)
         return -a * g, -a * h
 
@@ -248,7 +257,9 @@ class PPO(LossRule):
         g, h, c = self._derivatives(z, target)
         return c * (g.square() + h)
 
-    def grad_and_hessian_diagonal(self, z, target):
+    def grad_and_diagonal(self, z, target, diagonal):
+        if diagonal != "hessian_diagonal":
+            return super().grad_and_diagonal(z, target, diagonal)
         g, h, c = self._derivatives(z, target)
         return c * g, c * (g.square() + h)
 

@@ -59,12 +59,12 @@ class Tape:
     def loss_derivatives(self, *names: str) -> tuple[Tensor, ...]:
         """``self.loss.<name>(output, target)`` for each name ("grad", "hessian_diagonal",
         "bl89_diagonal", "hessian"), each computed once per tape: the walks of one recording share
-        them, and must not change them in place. Gradient and Hessian diagonal asked for together,
-        neither computed yet, come from ``LossRule.grad_and_hessian_diagonal`` (faster for the
-        policy losses)."""
+        them, and must not change them in place. The gradient and one diagonal asked for together,
+        neither computed yet, come from ``LossRule.grad_and_diagonal`` (one softmax for both)."""
         known = self._derivatives
-        if "grad" not in known and "hessian_diagonal" not in known and {"grad", "hessian_diagonal"} <= set(names):
-            known["grad"], known["hessian_diagonal"] = self.loss.grad_and_hessian_diagonal(self.output, self.target)
+        diagonals = [name for name in names if name in ("hessian_diagonal", "bl89_diagonal")]
+        if "grad" in names and len(diagonals) == 1 and "grad" not in known and diagonals[0] not in known:
+            known["grad"], known[diagonals[0]] = self.loss.grad_and_diagonal(self.output, self.target, diagonals[0])
         for name in names:
             if name not in known:
                 known[name] = getattr(self.loss, name)(self.output, self.target)
