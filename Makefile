@@ -83,7 +83,8 @@ figure8: $(STAMP)
 
 # Figure 8 of the original HesScale implementation (the authors' package, pinned commit), on the
 # stack it runs on: Python 3.8 (PYTHON38), torch 1.10, BackPACK 1.3, in .venv-original (about 1 GB
-# of downloads once); its ratios to Adam into plots/original/figure8.md (hsbench/original_update_time.py).
+# of downloads once); its ratios to Adam into plots/original/figure8.md, and with subnormal floats
+# flushed to zero as hsbench's optimizers flush them into figure8-flush.md (hsbench/original_update_time.py).
 # Without access to GitHub, point HESSCALE at a local copy of the repository.
 ORIGINAL_VENV := .venv-original
 PYTHON38      ?= python3.8
@@ -91,6 +92,7 @@ HESSCALE      ?= git+https://github.com/mohmdelsayed/HesScale@1aec723f7032633497
 .PHONY: figure8-original
 figure8-original: $(ORIGINAL_VENV)/.installed
 	$(ORIGINAL_VENV)/bin/python -m hsbench.original_update_time --out plots/original/figure8.md
+	$(ORIGINAL_VENV)/bin/python -m hsbench.original_update_time --flush-denormal --out plots/original/figure8-flush.md
 
 $(ORIGINAL_VENV)/.installed:
 	test -x $(ORIGINAL_VENV)/bin/python || $(PYTHON38) -m venv $(ORIGINAL_VENV)

@@ -1,6 +1,8 @@
 """Figure 8 (kind ``update-time``) at smoke scale through the CLI, the interleaved timer, and the bench's table.
 No timing assertions: only what was measured, on which networks, and that everything runs."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -87,7 +89,6 @@ def test_original_implementation_harness_times_figure8s_networks_on_python_38(tm
     source and ``hsbench.timing`` parse as Python 3.8; on this stack it runs with Adam alone (the
     original package is imported only where it is timed), on the very networks of figure 8."""
     import ast
-    from pathlib import Path
 
     from hsbench import original_update_time as original
     from hsbench import timing
@@ -111,3 +112,23 @@ def test_original_implementation_harness_times_figure8s_networks_on_python_38(tm
     with pytest.raises(SystemExit) as exit_info:
         original.main(["--optimizers", "adahessian", "--out", str(out)])
     assert exit_info.value.code == 2
+
+
+ORIGINAL_PYTHON = Path(__file__).resolve().parents[1] / ".venv-original" / "bin" / "python"
+
+
+@pytest.mark.skipif(not ORIGINAL_PYTHON.exists(), reason="no .venv-original (make figure8-original makes it)")
+def test_original_implementation_harness_runs_on_the_originals_stack(tmp_path):
+    """Where ``make figure8-original`` made its environment (Python 3.8, torch 1.10, BackPACK 1.3,
+    the authors' package), the harness times their optimizers there: what a syntax check misses."""
+    import subprocess
+
+    out = tmp_path / "figure8.md"
+    args = ["--max-outputs", "16", "--panels", "a", "--updates", "2", "--warmup", "0", "--out", str(out)]
+    root = ORIGINAL_PYTHON.parents[2]
+    subprocess.run([str(ORIGINAL_PYTHON), "-m", "hsbench.original_update_time", *args], cwd=root, check=True)
+    text = out.read_text()
+    assert "python 3.8" in text and "torch 1.10" in text and "backpack-for-pytorch 1.3" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| 16 |")]
+    adam_ms, adahesscale, adahesscale_gn = (float(cell) for cell in row.strip("| ").split(" | ")[2:])
+    assert adam_ms > 0 and adahesscale > 0 and adahesscale_gn > 0

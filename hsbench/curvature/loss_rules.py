@@ -77,7 +77,7 @@ class LossRule(ABC):
     def grad_and_diagonal(self, z, target, diagonal: str) -> tuple[Tensor, Tensor]:
         """``(grad, <diagonal>)`` in one call, ``diagonal`` "hessian_diagonal" or "bl89_diagonal",
         for the diagonal walks (HesScale, HesScaleGN, BL89); rules whose derivatives share their
-        work (cross-entropy, the policy losses) compute it once."""
+        work compute them together (cross-entropy both pairs, the policy losses the Hessian's)."""
         return self.grad(z, target), getattr(self, diagonal)(z, target)
 
     def mc_factor(self, z, target, samples: int, generator) -> Tensor:
@@ -139,10 +139,10 @@ class CrossEntropy(LossRule):
         return self._hessian_diagonal(torch.softmax(z, 1), self._mass(z, target))
 
     @staticmethod
-    def _bl89_diagonal(q: Tensor, mass: Tensor | None, target) -> Tensor:
+    def _bl89_diagonal(q: Tensor, target) -> Tensor:
         """p ∘ q ∘ (1 − q) from the softmax q; for class indices q_t (1 − q_t) at each target class t
-        and 0 elsewhere, the numbers of the one-hot p without it."""
-        if mass is not None:
+        and 0 elsewhere, the numbers of the one-hot p without it (for finite q)."""
+        if target.is_floating_point():
             return target * q * (1 - q)
         rows = target.unsqueeze(1)
         at_target = q.gather(1, rows)
@@ -151,12 +151,13 @@ class CrossEntropy(LossRule):
     def grad_and_diagonal(self, z, target, diagonal):
         """Both from one softmax."""
         q, mass = torch.softmax(z, 1), self._mass(z, target)
-        d = self._bl89_diagonal(q, mass, target) if diagonal == "bl89_diagonal" else self._hessian_diagonal(q, mass)
+        d = self._bl89_diagonal(q, target) if diagonal == "bl89_diagonal" else self._hessian_diagonal(q, mass)
         return self._grad(q, mass, target), d
 
     def bl89_diagonal(self, z, target):
         """p ∘ q ∘ (1 − q): from ∂ℓ/∂q = −p/q and ∂²ℓ/∂q² = p/q² through the softmax's diagonal."""
-        return self._bl89_diagonal(torch.softmax(z, 1), self._mass(z, target), target)
+        self._check(z, target)
+        return self._bl89_diagonal(torch.softmax(z, 1), target)
 
     def hessian(self, z, target):
         """P (diag(q) − q qᵀ)."""

@@ -60,7 +60,8 @@ class Tape:
         """``self.loss.<name>(output, target)`` for each name ("grad", "hessian_diagonal",
         "bl89_diagonal", "hessian"), each computed once per tape: the walks of one recording share
         them, and must not change them in place. The gradient and one diagonal asked for together,
-        neither computed yet, come from ``LossRule.grad_and_diagonal`` (one softmax for both)."""
+        neither computed yet, come from one ``LossRule.grad_and_diagonal`` call (one softmax for
+        both with cross-entropy)."""
         known = self._derivatives
         diagonals = [name for name in names if name in ("hessian_diagonal", "bl89_diagonal")]
         if "grad" in names and len(diagonals) == 1 and "grad" not in known and diagonals[0] not in known:
