@@ -676,3 +676,27 @@ def test_an_optimizers_recording_keeps_no_activation_derivatives():
     loss_diagonals(loss, "hesscale")
     tape = tape_of(loss, list(model.parameters()), "test")
     assert not tape.shared and not tape._activations
+
+
+def test_an_extended_model_saved_and_loaded_whole_still_records():
+    """``torch.save`` of a whole extended model (pickle) keeps its recording hooks: the loaded
+    copy's curvature is the original's, including a module whose rule configured it (MaxPool)."""
+    import io
+
+    torch.manual_seed(0)
+    model = extend(
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(18, 4), nn.Tanh(),
+                      nn.Linear(4, 3))
+    )  # fmt: skip
+    loss_fn = extend(nn.CrossEntropyLoss())
+    saved = io.BytesIO()
+    torch.save((model, loss_fn), saved)
+    saved.seek(0)
+    loaded, loaded_loss_fn = torch.load(saved, weights_only=False)
+    x, y = torch.randn(5, 1, 8, 8), torch.tensor([0, 2, 1, 1, 0])
+    for method in ("hesscale", "exact"):
+        ours = loss_diagonals(loss_fn(model(x), y), method).diagonals
+        theirs = loss_diagonals(loaded_loss_fn(loaded(x), y), method).diagonals
+        assert len(theirs) == 6
+        for p, q in zip(model.parameters(), loaded.parameters(), strict=True):
+            assert torch.equal(ours[p], theirs[q]) and bool(ours[p].abs().sum() > 0)

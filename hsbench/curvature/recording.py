@@ -40,23 +40,30 @@ def extend(module: nn.Module) -> nn.Module:
     else:
         for position, leaf, rule in layers(module):
             rule.prepare(leaf)
-            leaf.register_forward_hook(_recorder(position, rule))
+            leaf.register_forward_hook(_Recorder(position, rule))
     # an attribute (not a set of modules) so that a deepcopy, which copies the hooks, counts as extended too;
     # torch types Module attributes as Tensor | Module
     module._hsbench_extended = True  # type: ignore[assignment]
     return module
 
 
-def _recorder(position, rule):
-    def record(module, args, output):
+class _Recorder:
+    """The forward hook of one module: appends its step to the chain its output carries. A class,
+    not a closure, so that an extended model pickles (``torch.save``) with its hooks."""
+
+    __slots__ = ("position", "rule")
+
+    def __init__(self, position: str, rule) -> None:
+        self.position, self.rule = position, rule
+
+    def __call__(self, module, args, output):
+        rule = self.rule
         y, recorded = rule.split(module, output)
         if torch.is_grad_enabled():
             x = args[0]
             steps = x.__dict__.pop(_STEPS, ())  # taken, not shared: no reference cycles stay behind
-            setattr(y, _STEPS, (*steps, Step(position, module, rule, rule.context(module, x, y, recorded))))
+            setattr(y, _STEPS, (*steps, Step(self.position, module, rule, rule.context(module, x, y, recorded))))
         return y
-
-    return record
 
 
 class _Chain(list):
