@@ -611,6 +611,10 @@ def test_cross_entropy_derivatives_together_equal_each_alone(dtype, targets, dia
     if targets == "indices":
         with pytest.raises(ValueError, match="ignore_index"):
             rule.grad_and_diagonal(z, torch.tensor([0, -100, 2, 2, 1, 3]), diagonal)
+        ignoring_4 = CrossEntropy(nn.CrossEntropyLoss(ignore_index=4))  # an ignored class inside [0, C)
+        with pytest.raises(ValueError, match="ignore_index"):
+            ignoring_4.grad_and_diagonal(z, t, diagonal)  # t's largest class is 4
+        ignoring_4.grad_and_diagonal(z, torch.tensor([0, 2, 3, 3, 1, 3]), diagonal)  # none of them 4: fine
         for method in (rule.hessian, rule.hessian_diagonal, rule.bl89_diagonal):  # checked whether read or not
             with pytest.raises(ValueError, match=r"must lie in \[0, 5\); got 0 to 5"):
                 method(z, torch.tensor([0, 5, 2, 2, 1, 3]))

@@ -107,9 +107,10 @@ class CrossEntropy(LossRule):
             raise ValueError(f"CrossEntropyLoss needs outputs of shape (N, classes); got {tuple(z.shape)}")
         if target.is_floating_point():
             return
-        if (target == self.loss_fn.ignore_index).any():
+        low, high = torch.stack(torch.aminmax(target)).tolist()  # one synchronization
+        ignored = self.loss_fn.ignore_index
+        if low <= ignored <= high and bool((target == ignored).any()):  # only then can a target equal it
             raise ValueError("CrossEntropyLoss targets equal to ignore_index are not supported")
-        low, high = torch.stack(torch.aminmax(target)).tolist()
         if low < 0 or high >= z.shape[1]:
             raise ValueError(f"CrossEntropyLoss class targets must lie in [0, {z.shape[1]}); got {low} to {high}")
 
