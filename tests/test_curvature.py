@@ -615,6 +615,8 @@ def test_cross_entropy_derivatives_together_equal_each_alone(dtype, targets, dia
         with pytest.raises(ValueError, match="ignore_index"):
             ignoring_4.grad_and_diagonal(z, t, diagonal)  # t's largest class is 4
         ignoring_4.grad_and_diagonal(z, torch.tensor([0, 2, 3, 3, 1, 3]), diagonal)  # none of them 4: fine
+        ignoring_3 = CrossEntropy(nn.CrossEntropyLoss(ignore_index=3))
+        ignoring_3.grad_and_diagonal(z, torch.tensor([0, 4, 2, 2, 1, 0]), diagonal)  # 3 between them, not among them
         for method in (rule.hessian, rule.hessian_diagonal, rule.bl89_diagonal):  # checked whether read or not
             with pytest.raises(ValueError, match=r"must lie in \[0, 5\); got 0 to 5"):
                 method(z, torch.tensor([0, 5, 2, 2, 1, 3]))
