@@ -617,6 +617,8 @@ def test_cross_entropy_derivatives_together_equal_each_alone(dtype, targets, dia
         ignoring_4.grad_and_diagonal(z, torch.tensor([0, 2, 3, 3, 1, 3]), diagonal)  # none of them 4: fine
         ignoring_3 = CrossEntropy(nn.CrossEntropyLoss(ignore_index=3))
         ignoring_3.grad_and_diagonal(z, torch.tensor([0, 4, 2, 2, 1, 0]), diagonal)  # 3 between them, not among them
+        as_bytes = rule.grad_and_diagonal(z, t.to(torch.uint8), diagonal)  # torch's loss takes uint8 classes too
+        assert torch.equal(as_bytes[0], g) and torch.equal(as_bytes[1], d)
         for method in (rule.hessian, rule.hessian_diagonal, rule.bl89_diagonal):  # checked whether read or not
             with pytest.raises(ValueError, match=r"must lie in \[0, 5\); got 0 to 5"):
                 method(z, torch.tensor([0, 5, 2, 2, 1, 3]))

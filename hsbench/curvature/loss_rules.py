@@ -125,7 +125,7 @@ class CrossEntropy(LossRule):
         """P q − p from the softmax q; for class indices q with 1 subtracted at each target class."""
         if mass is not None:
             return mass * q - target
-        rows = target.unsqueeze(1)
+        rows = target.long().unsqueeze(1)  # torch also takes other integer class indices, e.g. uint8
         return q.scatter_add(1, rows, torch.full(rows.shape, -1.0, dtype=q.dtype, device=q.device))
 
     @staticmethod
@@ -145,7 +145,7 @@ class CrossEntropy(LossRule):
         and 0 elsewhere, the numbers of the one-hot p without it (for finite q)."""
         if target.is_floating_point():
             return target * q * (1 - q)
-        rows = target.unsqueeze(1)
+        rows = target.long().unsqueeze(1)  # torch also takes other integer class indices, e.g. uint8
         at_target = q.gather(1, rows)
         return torch.zeros_like(q).scatter_(1, rows, at_target * (1 - at_target))
 
