@@ -190,6 +190,12 @@ def main(argv: list | None = None) -> None:
     if "adam" not in args.optimizers or unknown or not set(args.panels) <= {"a", "b"}:
         choices = f"--optimizers: adam and any of {', '.join(ORIGINAL)}; --panels: a, b"
         p.error(f"{choices} (got {','.join(args.optimizers)} and {','.join(args.panels)})")
+    for name, low in (("max_outputs", FIRST_OUTPUTS), ("max_depth", 1)):  # figure 8's sizes: powers of two
+        value = getattr(args, name)
+        if value < low or value & (value - 1):
+            p.error(f"--{name.replace('_', '-')} must be a power of two of at least {low}; got {value}")
+    if args.updates < 2 or args.warmup < 0:
+        p.error(f"--updates must be at least 2 and --warmup at least 0; got {args.updates} and {args.warmup}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.set_flush_denormal(args.flush_denormal)  # a command-line run: the default mode is off
@@ -199,7 +205,9 @@ def main(argv: list | None = None) -> None:
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    partial = args.out.with_name(args.out.name + ".partial")  # renamed into place: never half a table
+    partial.write_text(text)
+    partial.replace(args.out)
     print(text + f"(written to {args.out})")
 
 

@@ -109,9 +109,12 @@ def test_original_implementation_harness_times_figure8s_networks_on_python_38(tm
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [(r[0], r[1]) for r in rows] == [("| 16", "41,488"), ("| 32", "49,696"), ("| 1", "84,580")]
     assert all(float(r[2].rstrip(" |")) > 0 for r in rows)
-    with pytest.raises(SystemExit) as exit_info:
-        original.main(["--optimizers", "adahessian", "--out", str(out)])
-    assert exit_info.value.code == 2
+    bad = [["--optimizers", "adahessian"], ["--max-outputs", "24"], ["--max-depth", "0"], ["--updates", "1"]]
+    for arguments in bad:
+        with pytest.raises(SystemExit) as exit_info:
+            original.main([*arguments, "--out", str(tmp_path / "bad.md")])
+        assert exit_info.value.code == 2
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["figure8.md"]  # nothing written for them
 
 
 ORIGINAL_PYTHON = Path(__file__).resolve().parents[1] / ".venv-original" / "bin" / "python"
