@@ -275,13 +275,14 @@ def _total(values: list[float]) -> float:
         return math.inf
 
 
-def _sums(batches: list[_Batch], updates: list[tuple], form: _Form) -> tuple[list[Tensor], list[Tensor]]:
-    """The batches' Σ of h's term per parameter (none without step-size scaling), and their
-    finiteness witnesses (``_finiteness_witnesses``)."""
+def _sums(batches: list[_Batch], updates: list[tuple], form: _Form) -> tuple[list[Tensor], int, list[Tensor]]:
+    """The sums the step checks, as 0-d tensors: the batches' Σ of h's term per parameter (none
+    without step-size scaling), then one Σ per finiteness witness; how many of them are h's; the
+    witnesses themselves (``_finiteness_witnesses``)."""
     h_terms = [(batch, h_term) for batch, (_, _, h_term) in zip(batches, updates, strict=True) if h_term is not None]
     h_sums = [part.sum() for batch, h_term in h_terms for part in h_term.split(batch.sizes)]
     witnesses = [w for new, move, _ in updates for w in _finiteness_witnesses(new, move, form.trust_region)]
-    return h_sums, witnesses
+    return h_sums + [w.sum() for w in witnesses], len(h_sums), witnesses
 
 
 def _new_state(
@@ -509,10 +510,10 @@ class DiagonalAdam(torch.optim.Optimizer):
         """The step op by op: every new state and move out of place, written only once all are finite."""
         form = self._form()
         updates = [batch.update(form) for batch in batches]
-        h_sums, witnesses = _sums(batches, updates, form)
-        sums = torch.stack(h_sums + [w.sum() for w in witnesses]).tolist()  # one synchronization
-        h = _total(sums[: len(h_sums)])
-        if not (math.isfinite(h) and _all_finite(witnesses, sums[len(h_sums) :])):
+        ours, n_h, witnesses = _sums(batches, updates, form)
+        sums = torch.stack(ours).tolist()  # one synchronization
+        h = _total(sums[:n_h])
+        if not (math.isfinite(h) and _all_finite(witnesses, sums[n_h:])):
             raise Diverged(f"{type(self).__name__}.step: the update is not finite; nothing was changed")
         scale = self._scale(h)
         for batch, update in zip(batches, updates, strict=True):
@@ -525,15 +526,14 @@ class DiagonalAdam(torch.optim.Optimizer):
         by entry."""
         form = self._form()
         updates = [batch.update(form) for batch in small]
-        h_sums, witnesses = _sums(small, updates, form)
+        ours, n_h, _ = _sums(small, updates, form)
         flats = [_FUSED.flat(item) for item in large]  # made once, for both passes
         rows = _FUSED.sums(large, flats, form)  # per item: Σ of h's term, then Σ of each witness
-        ours = h_sums + [w.sum() for w in witnesses]
         sums = torch.cat(([torch.stack(ours)] if ours else []) + rows).tolist()  # one synchronization
         if not all(math.isfinite(s) for s in sums):
             return False
         fused = sums[len(ours) :]
-        h = _total(sums[: len(h_sums)] + fused[:: len(fused) // len(large)])
+        h = _total(sums[:n_h] + fused[:: len(fused) // len(large)])
         if not math.isfinite(h):
             return False
         scale = self._scale(h)
