@@ -81,6 +81,15 @@ figure8: $(STAMP)
 	$(HSBENCH) run $@ --jobs 1 --device cpu
 	$(HSBENCH) plot $@
 
+# Figure 8 on a CUDA device (issue 14), laid out as on the CPU: both panels at batch size 1, and the
+# batch-128 scale, into results/cuda; tables plots/cuda/figure8.md and plots/cuda/batch128/figure8.md.
+.PHONY: figure8-cuda
+figure8-cuda: $(STAMP)
+	$(HSBENCH) run figure8 --jobs 1 --device cuda --results results/cuda
+	$(HSBENCH) run figure8 --scale batch128 --jobs 1 --device cuda --results results/cuda
+	$(HSBENCH) plot figure8 --results results/cuda --plots plots/cuda
+	$(HSBENCH) plot figure8 --scale batch128 --results results/cuda --plots plots/cuda
+
 # Figure 8 of the original HesScale implementation (the authors' package, pinned commit), on the
 # stack it runs on: Python 3.8 (PYTHON38), torch 1.10, BackPACK 1.3, in .venv-original (about 1 GB
 # of downloads once); its ratios to Adam into plots/original/figure8.md, and with subnormal floats

@@ -19,7 +19,8 @@ computation and none can diverge. Adam and SGD update a copy without the recordi
 Panels (64 inputs, hidden layers of 512 tanh units, cross-entropy loss on a fixed random batch):
 (a) one hidden layer, 2^4 … ``max_outputs`` outputs; (b) 1 … ``max_depth`` hidden layers
 (powers of two), 100 outputs. Stored per run: ``sizes`` (outputs or depth), ``params`` (the
-number of parameters of each network), ``torch_threads``, and per optimizer the ``times_s``
+number of parameters of each network), ``torch_threads``, ``gpu`` (the CUDA device's name; absent
+on the CPU), and per optimizer the ``times_s``
 (a list of update times per network) with their ``median_s``, ``q25_s`` and ``q75_s``.
 """
 
@@ -137,6 +138,8 @@ class UpdateTime(ExperimentKind):
         names = list(optim.OPTIMIZERS)
         generator = torch.Generator().manual_seed(seed)
         metrics: dict[str, Any] = {"sizes": sizes, "params": [], "torch_threads": torch.get_num_threads()}
+        if device.type == "cuda":
+            metrics["gpu"] = torch.cuda.get_device_name(device)
         for size in sizes:
             classes = size if panel == "a" else OUTPUTS_B
             x = torch.randn(batch, INPUTS, generator=generator).to(device)
@@ -162,9 +165,12 @@ class UpdateTime(ExperimentKind):
         paths = []
         for panel, rows in ok.groupby("panel"):
             paths += save_figure(panel_figure(panel, rows), outdir, f"{spec.name}{panel}")
+        device = ok["device"].iloc[0]
+        if "gpu" in ok and isinstance(ok["gpu"].iloc[0], str):
+            device += f" ({ok['gpu'].iloc[0]})"
         caption = (
             f"Update time / Adam's (medians of {int(ok['updates'].iloc[0])} updates; "
-            f"{ok['device'].iloc[0]}, {int(ok['torch_threads'].iloc[0])} torch thread(s), clock {ok['clock'].iloc[0]})"
+            f"{device}, {int(ok['torch_threads'].iloc[0])} torch thread(s), clock {ok['clock'].iloc[0]})"
         )
         tables = [ratio_table(panel, rows).to_markdown(index=False) for panel, rows in ok.groupby("panel")]
         paths.append(save_markdown(caption + "\n\n" + "\n\n".join(tables) + "\n", outdir, spec.name))
