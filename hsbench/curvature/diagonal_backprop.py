@@ -50,16 +50,17 @@ def backpropagate(
             g.mul_(d1)
             continue
         if isinstance(rule, ParametrizedRule) and step.has_parameters:  # input and parameter parts in one call
-            if gradients:
-                g_in, sums = rule.pullback(module, ctx, g, need_input, per_sample)
+            if factored and isinstance(rule, Linear):
+                g_in, sums, s_in, diagonal_sums = rule.factored_pullbacks(module, ctx, g, s, need_input, gradients)
                 step.accumulate(grads, sums)
             else:
-                g_in = rule.vjp(module, ctx, g) if need_input else None
-            if factored and isinstance(rule, Linear):
-                s_in, sums = rule.factored_squared_pullback(module, ctx, s, need_input)
-            else:
-                s_in, sums = rule.squared_pullback(module, ctx, s, need_input, per_sample)
-            step.accumulate(diags, sums)
+                if gradients:
+                    g_in, sums = rule.pullback(module, ctx, g, need_input, per_sample)
+                    step.accumulate(grads, sums)
+                else:
+                    g_in = rule.vjp(module, ctx, g) if need_input else None
+                s_in, diagonal_sums = rule.squared_pullback(module, ctx, s, need_input, per_sample)
+            step.accumulate(diags, diagonal_sums)
             if g_in is None or s_in is None:  # need_input was False: the first module with parameters, the last step
                 break
             g, s = g_in, s_in

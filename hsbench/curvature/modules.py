@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hsbench import activations, losses
+from hsbench.curvature import fused_pullbacks
 from hsbench.curvature.contracts import (
     Context,
     Elementwise,
@@ -231,13 +232,25 @@ class RankOne:
 class Linear(WeightedMap):
     """y = x Wᵀ + b for inputs (N, in)."""
 
-    def factored_squared_pullback(self, module, ctx, s, need_input):
-        """``squared_pullback`` for a batch of one sample (s: (1, 1, out)), the weight's part left as
-        its factors ŝ ⊗ x² (``RankOne``): the optimizers' update reads it without writing it out."""
-        sums = {"weight": RankOne(s[0, 0], ctx.x[0].square())}
+    def factored_pullbacks(self, module, ctx, g, s, need_input, gradients):
+        """``pullback`` (``vjp`` alone without ``gradients``) and ``squared_pullback`` for a batch of
+        one sample (g, s: (1, 1, out)) in one call: (g's input part or None, gradient sums (empty
+        without ``gradients``), ŝ's input part or None, diagonal sums). The weight's diagonal is
+        left as its factors ŝ ⊗ x² (``RankOne``): the optimizers' update reads it without writing
+        it out. The input parts g W and ŝ (W ∘ W) of a large weight come from one pass over it
+        (``fused_pullbacks``)."""
+        diagonal = {"weight": RankOne(s[0, 0], ctx.x[0].square())}
         if module.bias is not None:
-            sums["bias"] = s[0, 0]
-        return (torch.mm(s[0], squared_weight(module.weight)).unsqueeze(1) if need_input else None), sums
+            diagonal["bias"] = s[0, 0]
+        gradient = self.param_sums(module, ctx.x, g[:, 0], False) if gradients else {}
+        if not need_input:
+            return None, gradient, None, diagonal
+        fused = fused_pullbacks.pullbacks(module.weight, g[0, 0], s[0, 0])
+        if fused is None:
+            g_in, s_in = torch.mm(g[0], module.weight), torch.mm(s[0], squared_weight(module.weight))
+        else:
+            g_in, s_in = (t.view(1, -1) for t in fused)
+        return g_in.unsqueeze(1), gradient, s_in.unsqueeze(1), diagonal
 
     def extra(self, module, x, y):
         if x.dim() != 2:
