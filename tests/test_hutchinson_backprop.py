@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hsbench.curvature import autograd_estimators, hutchinson_backprop
+from hsbench.curvature import autograd_estimators, hutchinson_backprop, native
 from hsbench.experiments.networks import mlp
 
 CASES = [  # inputs, width, depth, classes, activation, batch, loss
@@ -99,19 +99,38 @@ def test_probes_unpacked_only_where_the_inputs_are_nonzero_give_the_same_estimat
     assert torch.equal(blocked[name], full[name][:, :, kept])
     assert all(torch.equal(blocked[other], full[other]) for other in params if other != name)
     assert torch.equal(blocked_draw.get_state(), full_draw.get_state())
+    packed_draw = torch.Generator().manual_seed(5)
+    packed = autograd_estimators.rademacher_sets(params, [1, 7], packed_draw, {name: blocks}, packed=True)
+    assert packed[name].dtype == torch.uint8 and packed[name].shape == (8, 5, 2)  # (probes, rows, kept blocks)
+    unpacked = autograd_estimators._SIGNS[packed[name].long()].flatten(-2).double()
+    assert torch.equal(unpacked, blocked[name])
+    assert all(torch.equal(packed[other], full[other]) for other in params if other != name)
+    assert torch.equal(packed_draw.get_state(), full_draw.get_state())
 
     # the estimates: equal to those from the full probes, exactly 0 in the blank block
-    def estimates(use_blocks: bool) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    # (blocks kept as bits for the compiled loops, blocks unpacked, full probes)
+    def estimates(use_blocks: bool, bits: bool = False) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
         generator = torch.Generator().manual_seed(3)
         with monkeypatch.context() as patch:
             if not use_blocks:
                 patch.setattr(hutchinson_backprop, "needed_blocks", lambda tape: {})
+            if not bits:
+                patch.setattr(native, "available", lambda dtype: False)
+            calls = []
+            patch.setattr(native, "probe_contraction", lambda *args: calls.append(1) or contraction(*args))
             found = autograd_estimators.hutchinson_sets(model, loss_fn, x, y, [1, 7], generator)
+            assert len(calls) == (2 * len(x) if bits else 0)  # per probe set and sample
         return found, torch.randint(0, 2**31, (4,), generator=generator)  # the draws that follow
 
-    (found, after), (reference, after_reference) = estimates(True), estimates(False)
-    assert torch.equal(after, after_reference)
-    for estimate, expected in zip(found, reference, strict=True):
+    contraction = native.probe_contraction
+    assert native.available(torch.float64)
+    (bits, after_bits), (found, after), (reference, after_reference) = (
+        estimates(True, bits=True),
+        estimates(True),
+        estimates(False),
+    )
+    assert torch.equal(after_bits, after_reference) and torch.equal(after, after_reference)
+    for estimate, expected in [*zip(found, reference, strict=True), *zip(bits, reference, strict=True)]:
         assert estimate.keys() == expected.keys() == params.keys()
         for key, value in estimate.items():
             scale = float(expected[key].abs().max())

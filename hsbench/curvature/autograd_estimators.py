@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 from torch.utils._pytree import tree_map
 
-from hsbench.curvature import hutchinson_backprop
+from hsbench.curvature import hutchinson_backprop, native
 from hsbench.curvature.tape import Tape, record
 
 
@@ -66,7 +66,11 @@ def rademacher(params: dict[str, Tensor], samples: int, generator=None) -> dict[
 
 
 def rademacher_sets(
-    params: dict[str, Tensor], sample_counts: list[int], generator=None, blocks: dict[str, Tensor] | None = None
+    params: dict[str, Tensor],
+    sample_counts: list[int],
+    generator=None,
+    blocks: dict[str, Tensor] | None = None,
+    packed: bool = False,
 ) -> dict[str, Tensor]:
     """The draws of successive ``rademacher`` calls with these sample counts, side by side in one
     tensor per parameter, shape (sum of the counts, *parameter).
@@ -75,9 +79,16 @@ def rademacher_sets(
     only at those blocks' columns, shape (sum of the counts, rows, 8 · number of blocks): with a
     multiple of 8 columns each random byte holds one block of one row, so only the kept blocks'
     bytes are turned into entries; all bytes are drawn as for the full draw, so the generator
-    ends in the same state and every entry kept is the full draw's."""
+    ends in the same state and every entry kept is the full draw's. ``packed``: those parameters'
+    kept bytes themselves, uint8 of shape (sum of the counts, rows, number of blocks), for the
+    compiled loops that read them (``native.probe_products``, ``native.probe_contraction``)."""
     blocks = blocks or {}
     probes = {k: p.new_empty((sum(sample_counts), *_kept_shape(p, blocks.get(k)))) for k, p in params.items()}
+    if packed:
+        probes |= {
+            k: params[k].new_empty((len(probes[k]), params[k].shape[0], len(b)), dtype=torch.uint8)
+            for k, b in blocks.items()
+        }
     kept_bytes = {}  # per blocked parameter: the position of each (probe row, kept block) byte in its set's bytes
     for k, b in blocks.items():
         rows = torch.arange(len(probes[k]) * params[k].shape[0], device=b.device)
@@ -89,6 +100,9 @@ def rademacher_sets(
                 0, 256, ((samples * p.numel() + 7) // 8,), dtype=torch.uint8, generator=generator, device=p.device
             )
             into = probes[k][start : start + samples]
+            if k in kept_bytes and packed:
+                torch.index_select(random_bytes, 0, kept_bytes[k][: into.numel()], out=into.view(-1))
+                continue
             if k in kept_bytes:  # the bytes of the kept blocks, row after row
                 random_bytes = random_bytes.index_select(0, kept_bytes[k][: into.numel() // 8])
             signs, n = _signs(p.dtype, p.device), into.numel()
@@ -135,7 +149,8 @@ def hutchinson_sets(
     H z comes from ``hutchinson_backprop``'s walk of the recorded forward pass (``tape``, recorded
     here if None) for a batch loss of a network of Linear layers and activations, else from
     autograd: reverse over reverse, all Hessian-vector products in one vmap. The walk unpacks the
-    probes of the first layer's weight only where its estimate can be nonzero (``needed_blocks``).
+    probes of the first layer's weight only where its estimate can be nonzero (``needed_blocks``),
+    and on the CPU keeps them as bits for the compiled loops of ``native`` where they are available.
     A tape recorded here is recorded before the probes are drawn: with ``generator=None`` and a
     forward pass that draws from torch's global generator, the draws follow that forward's."""
     params = _parameters(model)
@@ -146,7 +161,8 @@ def hutchinson_sets(
             tensors = {k: p for k, p in model.named_parameters() if k in params}
             name_of = {p: k for k, p in tensors.items()}
             blocks = {w: b for w, b in hutchinson_backprop.needed_blocks(tape).items() if w in name_of}
-            probes = rademacher_sets(params, sizes, generator, {name_of[w]: b for w, b in blocks.items()})
+            packed = all(w.device.type == "cpu" and native.available(w.dtype) for w in blocks)
+            probes = rademacher_sets(params, sizes, generator, {name_of[w]: b for w, b in blocks.items()}, packed)
             with torch.no_grad():
                 found = hutchinson_backprop.backpropagate(
                     tape, {p: probes[k] for k, p in tensors.items()}, sizes, blocks

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from hsbench.curvature import native
 from hsbench.curvature.contracts import Elementwise
 from hsbench.curvature.tape import Step, Tape
 
@@ -91,7 +92,8 @@ def backpropagate(
         (w, b), h = _weight_and_bias(step), _input(step, columns)
         t_out = None if t is None else t @ w.T
         if w in z:  # Ż_W h: (M, out, in) @ (in, N) -> (N, M, out)
-            product = (z[w].flatten(0, 1) @ h.T).unflatten(0, z[w].shape[:2]).permute(2, 0, 1)
+            product = native.probe_products(z[w].flatten(0, 1), h) if _packed(z[w]) else z[w].flatten(0, 1) @ h.T
+            product = product.unflatten(0, z[w].shape[:2]).permute(2, 0, 1)
             t_out = product if t_out is None else t_out + product
         if b is not None and b in z:
             product = z[b].expand(h.shape[0], *z[b].shape)
@@ -133,6 +135,11 @@ def _weight_and_bias(step: Step) -> tuple[Tensor, Tensor | None]:
     return step.module.weight, step.module.bias
 
 
+def _packed(z: Tensor) -> bool:
+    """Whether probes ``z`` are kept as bits: (M, out, number of blocks) bytes, ``native``'s layout."""
+    return z.dtype == torch.uint8
+
+
 def _input(step: Step, columns: dict[Tensor, Tensor]) -> Tensor:
     """The input h (N, in) of a Linear step, at its weight's kept columns where it has some."""
     w, h = _weight_and_bias(step)[0], step.ctx.x
@@ -141,7 +148,8 @@ def _input(step: Step, columns: dict[Tensor, Tensor]) -> Tensor:
 
 def _weight_estimate(zw: Tensor, g_dot: Tensor, h: Tensor, g: Tensor, h_dot: Tensor | None) -> Tensor:
     """mean_m Z_m ∘ Σ_n (ġ_nm h_nᵀ + g_n ḣ_nmᵀ) for probes zw (M, out, in), ġ (N, M, out), h (N, in),
-    g (N, 1, out), ḣ (N, M, in) or None."""
+    g (N, 1, out), ḣ (N, M, in) or None (always None for packed probes: the first layer's)."""
+    assert h_dot is None or not _packed(zw)
     estimate = _rows_weighted(zw, g_dot[0]).mul_(h[0])
     for n in range(h.shape[0]):
         if n > 0:
@@ -153,7 +161,10 @@ def _weight_estimate(zw: Tensor, g_dot: Tensor, h: Tensor, g: Tensor, h_dot: Ten
 
 def _rows_weighted(zw: Tensor, a: Tensor) -> Tensor:
     """Σ_m a_mj Z_mji for probes zw (M, out, in) and weights a (M, out): for several probes one
-    batched product over the out rows that reads the probes once, for one the product itself."""
+    batched product over the out rows that reads the probes once, for one the product itself;
+    for packed probes the compiled loop that reads their bits."""
+    if _packed(zw):
+        return native.probe_contraction(zw, a)
     if zw.shape[0] == 1:
         return zw[0] * a[0].unsqueeze(1)
     return torch.bmm(a.T.contiguous().unsqueeze(1), zw.transpose(0, 1)).squeeze(1)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hsbench import activations, losses
-from hsbench.curvature import fused_pullbacks
+from hsbench.curvature import native
 from hsbench.curvature.contracts import (
     Context,
     Elementwise,
@@ -238,14 +238,14 @@ class Linear(WeightedMap):
         without ``gradients``), ŝ's input part or None, diagonal sums). The weight's diagonal is
         left as its factors ŝ ⊗ x² (``RankOne``): the optimizers' update reads it without writing
         it out. The input parts g W and ŝ (W ∘ W) of a large weight come from one pass over it
-        (``fused_pullbacks``)."""
+        (``native.linear_pullbacks``)."""
         diagonal = {"weight": RankOne(s[0, 0], ctx.x[0].square())}
         if module.bias is not None:
             diagonal["bias"] = s[0, 0]
         gradient = self.param_sums(module, ctx.x, g[:, 0], False) if gradients else {}
         if not need_input:
             return None, gradient, None, diagonal
-        fused = fused_pullbacks.pullbacks(module.weight, g[0, 0], s[0, 0])
+        fused = native.linear_pullbacks(module.weight, g[0, 0], s[0, 0])
         if fused is None:
             g_in, s_in = torch.mm(g[0], module.weight), torch.mm(s[0], squared_weight(module.weight))
         else:

@@ -1,10 +1,10 @@
-"""The compiled one-pass pullbacks of a linear layer (``hsbench.curvature.fused_pullbacks``)."""
+"""The compiled loops (``hsbench.curvature.native``) against the eager computations they replace."""
 
 import pytest
 import torch
 from torch import nn
 
-from hsbench.curvature import extend, fused_pullbacks, loss_diagonals
+from hsbench.curvature import autograd_estimators, extend, loss_diagonals, native
 from hsbench.curvature.modules import RankOne
 
 
@@ -12,9 +12,9 @@ from hsbench.curvature.modules import RankOne
 def fresh_library(monkeypatch, tmp_path):
     """Compile into an empty cache folder, forgetting any library loaded before."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    fused_pullbacks._library.cache_clear()
+    native._library.cache_clear()
     yield tmp_path / "hsbench"
-    fused_pullbacks._library.cache_clear()
+    native._library.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -23,36 +23,51 @@ def test_the_kernel_gives_the_eager_products(dtype, shape, fresh_library):
     generator = torch.Generator().manual_seed(0)
     w = torch.randn(shape, generator=generator, dtype=dtype)
     g, s = torch.randn(2, shape[0], generator=generator, dtype=dtype)
-    found = fused_pullbacks.pullbacks(w, g, s)
+    found = native.linear_pullbacks(w, g, s)
     assert found is not None
-    assert [p.name for p in fresh_library.iterdir()] == [p.name for p in fresh_library.glob("fused_pullbacks-*.so")]
+    assert [p.name for p in fresh_library.iterdir()] == [p.name for p in fresh_library.glob("native-*.so")]
     torch.testing.assert_close(found[0], g @ w)
     torch.testing.assert_close(found[1], s @ w.square())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("probes, rows, blocks, inputs", [(1, 3, 2, 1), (7, 5, 3, 2), (51, 32, 45, 1)])
+def test_the_probe_loops_give_the_products_of_the_unpacked_probes(dtype, probes, rows, blocks, inputs):
+    generator = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (probes, rows, blocks), dtype=torch.uint8, generator=generator)
+    z = autograd_estimators._SIGNS[packed.long()].flatten(-2).to(dtype)  # (probes, rows, 8 blocks), bit k: entry 8b + k
+    h = torch.randn(inputs, 8 * blocks, generator=generator, dtype=dtype)
+    a = torch.randn(probes, rows, generator=generator, dtype=dtype)
+    eps = torch.finfo(dtype).eps  # sums of ±terms: rounding relative to the sum of the terms' sizes
+    found, expected = native.probe_products(packed.flatten(0, 1), h), z.flatten(0, 1) @ h.T
+    torch.testing.assert_close(found, expected, rtol=0, atol=8 * eps * float(h.abs().sum(1).max()))
+    found, expected = native.probe_contraction(packed, a), (a.unsqueeze(2) * z).sum(0)
+    torch.testing.assert_close(found, expected, rtol=0, atol=8 * eps * float(a.abs().sum(0).max()))
+
+
 def test_tensors_the_kernel_does_not_serve_get_none(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    big = torch.randn(fused_pullbacks.PARALLEL_FROM // 256, 256)
+    big = torch.randn(native.PARALLEL_FROM // 256, 256)
     g, s = torch.randn(2, big.shape[0])
-    assert fused_pullbacks.pullbacks(big, g, s) is not None
-    small = torch.randn(fused_pullbacks.SERVES_FROM // 128 - 1, 128)
-    assert fused_pullbacks.pullbacks(small, g[: len(small)], s[: len(small)]) is None
-    assert fused_pullbacks.pullbacks(big.T.contiguous().T, g, s) is None  # strided
-    assert fused_pullbacks.pullbacks(big.half(), g.half(), s.half()) is None
+    assert native.linear_pullbacks(big, g, s) is not None
+    small = torch.randn(native.SERVES_FROM // 128 - 1, 128)
+    assert native.linear_pullbacks(small, g[: len(small)], s[: len(small)]) is None
+    assert native.linear_pullbacks(big.T.contiguous().T, g, s) is None  # strided
+    assert native.linear_pullbacks(big.half(), g.half(), s.half()) is None
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # several threads: torch's parallel products
-    assert fused_pullbacks.pullbacks(big, g, s) is None
-    assert fused_pullbacks.pullbacks(big[:-1], g[:-1], s[:-1]) is not None  # below PARALLEL_FROM
+    assert native.linear_pullbacks(big, g, s) is None
+    assert native.linear_pullbacks(big[:-1], g[:-1], s[:-1]) is not None  # below PARALLEL_FROM
 
 
 def test_without_a_compiler_the_products_are_eager_with_a_warning(monkeypatch, fresh_library):
     monkeypatch.setenv("CC", str(fresh_library / "no-such-compiler"))
     w, g, s = torch.randn(256, 256), torch.randn(256), torch.randn(256)
-    with pytest.warns(UserWarning, match="fused pullbacks unavailable, computed eagerly"):
-        assert fused_pullbacks.pullbacks(w, g, s) is None
+    with pytest.warns(UserWarning, match="compiled loops unavailable, computed eagerly"):
+        assert native.linear_pullbacks(w, g, s) is None
     monkeypatch.delenv("CC")
-    fused_pullbacks._library.cache_clear()
+    native._library.cache_clear()
     monkeypatch.setenv("HSBENCH_NATIVE", "0")
-    assert fused_pullbacks.pullbacks(w, g, s) is None
+    assert native.linear_pullbacks(w, g, s) is None
 
 
 @pytest.mark.parametrize("variant", ["hesscale", "hesscale-gn", "bl89"])
@@ -64,17 +79,17 @@ def test_the_walk_with_the_kernel_equals_the_walk_without(variant, monkeypatch):
     loss_fn = extend(nn.CrossEntropyLoss())
     x, y = torch.randn(1, 8), torch.tensor([3])
     served = []
-    kernel = fused_pullbacks.pullbacks
+    kernel = native.linear_pullbacks
 
     def spy(*args):
         result = kernel(*args)
         served.append(result is not None)
         return result
 
-    monkeypatch.setattr(fused_pullbacks, "pullbacks", spy)
+    monkeypatch.setattr(native, "linear_pullbacks", spy)
     found = loss_diagonals(loss_fn(model(x), y), variant, factored=True)
     assert served == [False, True]  # output layer (too small), middle layer; the first needs no input part
-    monkeypatch.setattr(fused_pullbacks, "pullbacks", lambda *args: None)
+    monkeypatch.setattr(native, "linear_pullbacks", lambda *args: None)
     eager = loss_diagonals(loss_fn(model(x), y), variant, factored=True)
     for p, d in found.diagonals.items():
         e = eager.diagonals[p]
