@@ -123,14 +123,14 @@ def test_probes_unpacked_only_where_the_inputs_are_nonzero_give_the_same_estimat
         return found, torch.randint(0, 2**31, (4,), generator=generator)  # the draws that follow
 
     contraction = native.probe_contraction
-    assert native.available(torch.float64)
-    (bits, after_bits), (found, after), (reference, after_reference) = (
-        estimates(True, bits=True),
-        estimates(True),
-        estimates(False),
-    )
-    assert torch.equal(after_bits, after_reference) and torch.equal(after, after_reference)
-    for estimate, expected in [*zip(found, reference, strict=True), *zip(bits, reference, strict=True)]:
+    (found, after), (reference, after_reference) = estimates(True), estimates(False)
+    assert torch.equal(after, after_reference)
+    compared = list(zip(found, reference, strict=True))
+    if native.available(torch.float64):  # the probes kept as bits, read by the compiled loops
+        bits, after_bits = estimates(True, bits=True)
+        assert torch.equal(after_bits, after_reference)
+        compared += zip(bits, reference, strict=True)
+    for estimate, expected in compared:
         assert estimate.keys() == expected.keys() == params.keys()
         for key, value in estimate.items():
             scale = float(expected[key].abs().max())

@@ -1,11 +1,15 @@
 """The compiled loops (``hsbench.curvature.native``) against the eager computations they replace."""
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
 
 from hsbench.curvature import autograd_estimators, extend, loss_diagonals, native
 from hsbench.curvature.modules import RankOne
+
+needs_loops = pytest.mark.skipif(not native.available(torch.float64), reason="no C compiler: the loops are off")
 
 
 @pytest.fixture
@@ -17,6 +21,7 @@ def fresh_library(monkeypatch, tmp_path):
     native._library.cache_clear()
 
 
+@needs_loops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(512, 64), (100, 513), (256, 257)])
 def test_the_kernel_gives_the_eager_products(dtype, shape, fresh_library):
@@ -30,6 +35,7 @@ def test_the_kernel_gives_the_eager_products(dtype, shape, fresh_library):
     torch.testing.assert_close(found[1], s @ w.square())
 
 
+@needs_loops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("probes, rows, blocks, inputs", [(1, 3, 2, 1), (7, 5, 3, 2), (51, 32, 45, 1)])
 def test_the_probe_loops_give_the_products_of_the_unpacked_probes(dtype, probes, rows, blocks, inputs):
@@ -45,6 +51,7 @@ def test_the_probe_loops_give_the_products_of_the_unpacked_probes(dtype, probes,
     torch.testing.assert_close(found, expected, rtol=0, atol=8 * eps * float(a.abs().sum(0).max()))
 
 
+@needs_loops
 def test_tensors_the_kernel_does_not_serve_get_none(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     big = torch.randn(native.PARALLEL_FROM // 256, 256)
@@ -57,9 +64,29 @@ def test_tensors_the_kernel_does_not_serve_get_none(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # several threads: torch's parallel products
     assert native.linear_pullbacks(big, g, s) is None
     assert native.linear_pullbacks(big[:-1], g[:-1], s[:-1]) is not None  # below PARALLEL_FROM
+    assert native.linear_pullbacks(big.to("meta"), g, s) is None  # not on the CPU
+
+
+@needs_loops
+def test_arguments_that_do_not_fit_are_value_errors():
+    w, g = torch.randn(256, 256), torch.randn(256)
+    packed, h, a = torch.zeros(4, 3, 2, dtype=torch.uint8), torch.randn(1, 16), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="g and s must have the weight's rows"):
+        native.linear_pullbacks(w, torch.randn(2, 256), torch.randn(2, 256))
+    with pytest.raises(ValueError, match="one float dtype"):
+        native.linear_pullbacks(w, g.double(), g)
+    with pytest.raises(ValueError, match=r"h must be \(N, 8B\)"):
+        native.probe_products(packed.flatten(0, 1), torch.randn(1, 8))
+    with pytest.raises(ValueError, match=r"a must be \(M, I\)"):
+        native.probe_contraction(packed, a.T)
+    with pytest.raises(ValueError, match="one float dtype"):
+        native.probe_contraction(packed.float(), a)
+    assert native.probe_products(packed.flatten(0, 1), h).shape == (12, 1)
 
 
 def test_without_a_compiler_the_products_are_eager_with_a_warning(monkeypatch, fresh_library):
+    monkeypatch.delenv("HSBENCH_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_warned", False)
     monkeypatch.setenv("CC", str(fresh_library / "no-such-compiler"))
     w, g, s = torch.randn(256, 256), torch.randn(256), torch.randn(256)
     with pytest.warns(UserWarning, match="compiled loops unavailable, computed eagerly"):
@@ -68,8 +95,17 @@ def test_without_a_compiler_the_products_are_eager_with_a_warning(monkeypatch, f
     native._library.cache_clear()
     monkeypatch.setenv("HSBENCH_NATIVE", "0")
     assert native.linear_pullbacks(w, g, s) is None
+    assert not native.available(torch.float64)
 
 
+@needs_loops
+def test_a_compiler_command_with_options_is_split(monkeypatch, fresh_library):
+    monkeypatch.setenv("CC", f"{shutil.which('cc') or shutil.which('gcc')} -Wall")
+    assert native.available(torch.float32)
+    assert len(list(fresh_library.glob("native-*.so"))) == 1
+
+
+@needs_loops
 @pytest.mark.parametrize("variant", ["hesscale", "hesscale-gn", "bl89"])
 def test_the_walk_with_the_kernel_equals_the_walk_without(variant, monkeypatch):
     """Batch size one, factored diagonals (as the optimizers take them): a network whose middle

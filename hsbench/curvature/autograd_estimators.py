@@ -83,12 +83,13 @@ def rademacher_sets(
     kept bytes themselves, uint8 of shape (sum of the counts, rows, number of blocks), for the
     compiled loops that read them (``native.probe_products``, ``native.probe_contraction``)."""
     blocks = blocks or {}
-    probes = {k: p.new_empty((sum(sample_counts), *_kept_shape(p, blocks.get(k)))) for k, p in params.items()}
-    if packed:
-        probes |= {
-            k: params[k].new_empty((len(probes[k]), params[k].shape[0], len(b)), dtype=torch.uint8)
-            for k, b in blocks.items()
-        }
+    total = sum(sample_counts)
+    probes = {
+        k: p.new_empty((total, p.shape[0], _kept_shape(p, blocks[k])[1] // 8), dtype=torch.uint8)
+        if packed and k in blocks
+        else p.new_empty((total, *_kept_shape(p, blocks.get(k))))
+        for k, p in params.items()
+    }
     kept_bytes = {}  # per blocked parameter: the position of each (probe row, kept block) byte in its set's bytes
     for k, b in blocks.items():
         rows = torch.arange(len(probes[k]) * params[k].shape[0], device=b.device)

@@ -239,6 +239,7 @@ class Linear(WeightedMap):
         left as its factors ŝ ⊗ x² (``RankOne``): the optimizers' update reads it without writing
         it out. The input parts g W and ŝ (W ∘ W) of a large weight come from one pass over it
         (``native.linear_pullbacks``)."""
+        assert g.shape[0] == s.shape[0] == 1
         diagonal = {"weight": RankOne(s[0, 0], ctx.x[0].square())}
         if module.bias is not None:
             diagonal["bias"] = s[0, 0]

@@ -20,12 +20,13 @@ are first written out as floats (M · out · in of them, 8 bytes each in float64
 these loops read the bytes, eight entries per byte, from a 256-row table of ±1.
 
 Both are compiled once per machine with the system's C compiler (``cc``, or ``$CC``) into a cache
-folder (``$XDG_CACHE_HOME/hsbench``, default ``~/.cache/hsbench``), as clones for AVX-512, AVX2 and
-plain x86-64 that the loader picks from (GCC's ``target_clones``), without contracting multiplies
-and adds into FMAs, so that every clone gives the same bits. Where there is no compiler, or the
-compile fails, the functions return None (with one warning) and the callers compute eagerly: the
-same numbers to float rounding (the sums run in another order). ``HSBENCH_NATIVE=0`` in the
-environment switches them off.
+folder (``$XDG_CACHE_HOME/hsbench``, default ``~/.cache/hsbench``); with GCC on x86-64 as clones
+for AVX-512, AVX2 and plain x86-64 that the loader picks from (``target_clones``), without
+contracting multiplies and adds into FMAs, so that every clone gives the same bits. Where there is
+no compiler, or the compile fails, ``available`` is False (with one warning), ``linear_pullbacks``
+returns None, and the callers compute eagerly: the same numbers to float rounding (the sums run
+in another order). ``HSBENCH_NATIVE=0`` in the environment when the loops are first asked for
+switches them off.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -75,18 +77,14 @@ CLONES void linear_pullbacks_##SUFFIX(const T *restrict w, const T *restrict g, 
 }                                                                                             \
 typedef T v8_##SUFFIX __attribute__((vector_size(8 * sizeof(T))));                           \
 static v8_##SUFFIX SIGNS_##SUFFIX[256];  /* row v: bit k of v as +1 or -1 */                 \
-static int signs_made_##SUFFIX = 0;                                                          \
-static void make_signs_##SUFFIX(void) {                                                       \
-    if (signs_made_##SUFFIX) return;                                                          \
+__attribute__((constructor)) static void make_signs_##SUFFIX(void) { /* when loaded */      \
     for (int v = 0; v < 256; v++)                                                             \
         for (int k = 0; k < 8; k++) SIGNS_##SUFFIX[v][k] = (v >> k) & 1 ? 1 : -1;             \
-    signs_made_##SUFFIX = 1; /* after the table: a race only writes the same values twice */ \
 }                                                                                             \
 INLINE v8_##SUFFIX load_##SUFFIX(const T *p) { v8_##SUFFIX x; memcpy(&x, p, sizeof x); return x; } \
 /* t[r, n] = sum_j z[r, j] h[n, j] for bytes (rows, blocks), h (n_in, 8 blocks), t (rows, n_in) */ \
 CLONES void probe_products_##SUFFIX(const uint8_t *restrict bytes, const T *restrict h,       \
         T *restrict t, int64_t rows, int64_t blocks, int64_t n_in) {                          \
-    make_signs_##SUFFIX();                                                                    \
     for (int64_t r = 0; r < rows; r++) {                                                      \
         const uint8_t *row = bytes + r * blocks;                                              \
         for (int64_t n = 0; n < n_in; n++) {                                                  \
@@ -100,7 +98,6 @@ CLONES void probe_products_##SUFFIX(const uint8_t *restrict bytes, const T *rest
 /* c[i, j] = sum_m a[m, i] z[m, i, j] for bytes (m_count, rows, blocks), a (m_count, rows) */ \
 CLONES void probe_contraction_##SUFFIX(const uint8_t *restrict bytes, const T *restrict a,    \
         T *restrict c, int64_t m_count, int64_t rows, int64_t blocks) {                       \
-    make_signs_##SUFFIX();                                                                    \
     memset(c, 0, sizeof(T) * rows * blocks * 8);                                              \
     for (int64_t m = 0; m < m_count; m++)                                                     \
         for (int64_t i = 0; i < rows; i++) {                                                  \
@@ -124,14 +121,25 @@ _ARGUMENTS = {"linear_pullbacks": (5, 2), "probe_products": (3, 3), "probe_contr
 
 
 def available(dtype: torch.dtype) -> bool:
-    """Whether the compiled loops serve tensors of ``dtype`` (compiling them on first use)."""
-    return dtype in _SUFFIX and _library() is not None
+    """Whether the compiled loops serve tensors of ``dtype`` (compiling them on first use; where
+    that fails, one warning)."""
+    global _warned
+    if dtype not in _SUFFIX:
+        return False
+    library = _library()
+    if isinstance(library, str):
+        if not _warned:
+            _warned = True
+            warnings.warn(f"hsbench: compiled loops unavailable, computed eagerly ({library})", stacklevel=3)
+        return False
+    return library is not None
 
 
 def linear_pullbacks(weight: Tensor, g: Tensor, s: Tensor) -> tuple[Tensor, Tensor] | None:
     """(g W, ŝ (W ∘ W)), each (in,), for ``weight`` (out, in) and ``g``, ``s`` (out,), in one pass
-    over the weight; None where the loop does not serve these tensors (a small weight, another
-    device or dtype, a strided weight, several threads on a large weight) or is not available."""
+    over the weight, without autograd; None where the loop does not serve these tensors (a small
+    weight, another device or dtype, a strided weight, several threads on a large weight) or is
+    not available."""
     if (
         weight.numel() < SERVES_FROM
         or weight.device.type != "cpu"
@@ -140,6 +148,7 @@ def linear_pullbacks(weight: Tensor, g: Tensor, s: Tensor) -> tuple[Tensor, Tens
         or not available(weight.dtype)
     ):
         return None
+    _check(g.shape == s.shape == weight.shape[:1], "g and s must have the weight's rows", [weight, g, s])
     g, s = g.contiguous(), s.contiguous()
     out_g, out_s = weight.new_empty(weight.shape[1]), weight.new_empty(weight.shape[1])
     _call("linear_pullbacks", weight.dtype, weight, g, s, out_g, out_s, *weight.shape)
@@ -148,7 +157,8 @@ def linear_pullbacks(weight: Tensor, g: Tensor, s: Tensor) -> tuple[Tensor, Tens
 
 def probe_products(packed: Tensor, h: Tensor) -> Tensor:
     """Z h: (R, N) for probes packed as bytes (R, B) (uint8, bit k of byte b: entry 8b + k is +1,
-    else −1) and ``h`` (N, 8B) on the CPU, in a dtype that ``available`` confirmed."""
+    else −1) and ``h`` (N, 8B), on the CPU, in a dtype that ``available`` confirmed."""
+    _check(packed.dim() == 2 and h.shape[1:] == (8 * packed.shape[1],), "h must be (N, 8B)", [h], packed)
     h = h.contiguous()
     t = h.new_empty(packed.shape[0], h.shape[0])
     _call("probe_products", h.dtype, packed.contiguous(), h, t, packed.shape[0], packed.shape[1], h.shape[0])
@@ -157,29 +167,52 @@ def probe_products(packed: Tensor, h: Tensor) -> Tensor:
 
 def probe_contraction(packed: Tensor, a: Tensor) -> Tensor:
     """Σ_m a_mi Z_mij: (I, 8B) for probes packed as bytes (M, I, B) (as in ``probe_products``) and
-    weights ``a`` (M, I), in a dtype that ``available`` confirmed."""
+    weights ``a`` (M, I), on the CPU, in a dtype that ``available`` confirmed."""
+    _check(packed.dim() == 3 and a.shape == packed.shape[:2], "a must be (M, I)", [a], packed)
     a = a.contiguous()
     c = a.new_empty(packed.shape[1], 8 * packed.shape[2])
     _call("probe_contraction", a.dtype, packed.contiguous(), a, c, *packed.shape)
     return c
 
 
+def _check(shapes_fit: bool, message: str, tensors: list[Tensor], packed: Tensor | None = None) -> None:
+    """ValueError unless the shapes fit, ``tensors`` share one float dtype of the loops, ``packed``
+    is uint8, and all are on the CPU: the loops read raw memory, where torch would refuse."""
+    everything = tensors if packed is None else [*tensors, packed]
+    fit = (
+        shapes_fit
+        and tensors[0].dtype in _SUFFIX
+        and all(t.dtype == tensors[0].dtype for t in tensors)
+        and (packed is None or packed.dtype == torch.uint8)
+        and all(t.device.type == "cpu" for t in everything)
+    )
+    if not fit:
+        found = ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in everything)
+        raise ValueError(f"hsbench.curvature.native: {message}, on the CPU, in one float dtype; got {found}")
+
+
 def _call(kernel: str, dtype: torch.dtype, *args: Tensor | int) -> None:
     library = _library()
-    assert library is not None  # the callers checked ``available``
+    if not isinstance(library, ctypes.CDLL):
+        raise RuntimeError("hsbench.curvature.native: the compiled loops are not available (see `available`)")
     getattr(library, f"{kernel}_{_SUFFIX[dtype]}")(*(a.data_ptr() if isinstance(a, Tensor) else a for a in args))
 
 
+_warned = False
+
+
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled loops (compiled on the first call on this machine), or None with a warning."""
+def _library() -> ctypes.CDLL | str | None:
+    """The compiled loops (compiled on the first call on this machine); None where switched off
+    (``HSBENCH_NATIVE=0``); the reason where they could not be built or loaded."""
     if os.environ.get("HSBENCH_NATIVE", "1") == "0":
         return None
     try:
         library = ctypes.CDLL(str(_compiled()))
-    except (OSError, subprocess.CalledProcessError, RuntimeError) as error:
-        warnings.warn(f"hsbench: compiled loops unavailable, computed eagerly ({error})", stacklevel=4)
-        return None
+    except subprocess.CalledProcessError as error:
+        return f"{error}: {error.stderr.decode(errors='replace').strip()[-300:]}"
+    except (OSError, RuntimeError) as error:
+        return str(error)
     for suffix in _SUFFIX.values():
         for kernel, (pointers, integers) in _ARGUMENTS.items():
             function = getattr(library, f"{kernel}_{suffix}")
@@ -192,10 +225,11 @@ def _compiled() -> Path:
     """The shared library, compiled into the cache folder unless there already: named by the
     source, flags, compiler and machine, written under a temporary name and renamed into place
     (processes compiling at once each write their own and the last rename wins)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "")
+    if not compiler:
         raise RuntimeError("no C compiler (cc, gcc or $CC) found")
-    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, compiler, platform.machine(), sys.platform]).encode())
+    flags = [*FLAGS, "-march=x86-64"] if platform.machine() in ("x86_64", "AMD64") else FLAGS  # clones pick more
+    key = hashlib.sha256("\0".join([SOURCE, *flags, *compiler, platform.machine(), sys.platform]).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hsbench"
     target = cache / f"native-{key.hexdigest()[:16]}.so"
     if not target.exists():
@@ -203,6 +237,6 @@ def _compiled() -> Path:
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             source, built = Path(tmp) / "native.c", Path(tmp) / "native.so"
             source.write_text(SOURCE)
-            subprocess.run([compiler, *FLAGS, "-o", str(built), str(source)], check=True, capture_output=True)
+            subprocess.run([*compiler, *flags, "-o", str(built), str(source)], check=True, capture_output=True)
             os.replace(built, target)
     return target
