@@ -240,18 +240,20 @@ class Linear(WeightedMap):
         it out. The input parts g W and ŝ (W ∘ W) of a large weight come from one pass over it
         (``native.linear_pullbacks``)."""
         assert g.shape[0] == s.shape[0] == 1
-        diagonal = {"weight": RankOne(s[0, 0], ctx.x[0].square())}
+        g_row, s_row = g.reshape(1, -1), s.reshape(1, -1)  # (1, out): one view each, not index after index
+        s_entries = s_row.view(-1)
+        diagonal = {"weight": RankOne(s_entries, ctx.x.reshape(-1).square())}
         if module.bias is not None:
-            diagonal["bias"] = s[0, 0]
-        gradient = self.param_sums(module, ctx.x, g[:, 0], False) if gradients else {}
+            diagonal["bias"] = s_entries
+        gradient = self.param_sums(module, ctx.x, g_row, False) if gradients else {}
         if not need_input:
             return None, gradient, None, diagonal
-        fused = native.linear_pullbacks(module.weight, g[0, 0], s[0, 0])
+        fused = native.linear_pullbacks(module.weight, g_row.view(-1), s_entries)
         if fused is None:
-            g_in, s_in = torch.mm(g[0], module.weight), torch.mm(s[0], squared_weight(module.weight))
+            g_in, s_in = torch.mm(g_row, module.weight), torch.mm(s_row, squared_weight(module.weight))
         else:
-            g_in, s_in = (t.view(1, -1) for t in fused)
-        return g_in.unsqueeze(1), gradient, s_in.unsqueeze(1), diagonal
+            g_in, s_in = fused
+        return g_in.view(1, 1, -1), gradient, s_in.view(1, 1, -1), diagonal
 
     def extra(self, module, x, y):
         if x.dim() != 2:

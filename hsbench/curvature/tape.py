@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -23,25 +22,27 @@ class Step:
     module: nn.Module
     rule: ModuleRule
     ctx: Context
+    parameters: tuple[Tensor, ...] = field(init=False, repr=False, compare=False)
+    """The module's own parameters, read once per recorded step (the walks ask several times) off
+    its ``_parameters`` dict: ``parameters(recurse=False)`` costs microseconds per module through
+    its generators, which the optimizers pay for every module at every step."""
+    has_parameters: bool = field(init=False, repr=False, compare=False)
+    """Whether any of them is trainable."""
+
+    def __post_init__(self) -> None:
+        # set when recorded, not as cached properties: on Python 3.11 a cached property's first
+        # read takes a lock, microseconds that every step of every update would pay
+        self.parameters = tuple(p for p in self.module._parameters.values() if p is not None)
+        self.has_parameters = any(p.requires_grad for p in self.parameters)
 
     def accumulate(self, into: dict[Tensor, Tensor], values: dict[str, Tensor]) -> None:
         """Add values keyed by the module's local parameter names ('weight', 'bias') into ``into``,
-        keyed by the parameter tensors themselves (a parameter used twice gets the sum)."""
+        keyed by the parameter tensors themselves (a parameter used twice gets the sum). Read off
+        ``_parameters``: ``getattr`` goes through ``nn.Module.__getattr__``, in Python."""
         for local, value in values.items():
-            p = getattr(self.module, local)
+            p = self.module._parameters[local]
             if p.requires_grad:
                 into[p] = into[p] + value if p in into else value
-
-    @functools.cached_property
-    def parameters(self) -> tuple[Tensor, ...]:
-        """The module's own parameters (read once per recorded step: the walks ask several times),
-        read off its ``_parameters`` dict: ``parameters(recurse=False)`` costs microseconds per
-        module through its generators, which the optimizers pay for every module at every step."""
-        return tuple(p for p in self.module._parameters.values() if p is not None)
-
-    @functools.cached_property
-    def has_parameters(self) -> bool:
-        return any(p.requires_grad for p in self.parameters)
 
 
 @dataclass
