@@ -41,7 +41,7 @@ class Step:
         ``_parameters``: ``getattr`` goes through ``nn.Module.__getattr__``, in Python."""
         for local, value in values.items():
             p = self.module._parameters[local]
-            if p.requires_grad:
+            if p is not None and p.requires_grad:
                 into[p] = into[p] + value if p in into else value
 
 
