@@ -101,11 +101,12 @@ def rademacher_sets(
                 0, 256, ((samples * p.numel() + 7) // 8,), dtype=torch.uint8, generator=generator, device=p.device
             )
             into = probes[k][start : start + samples]
-            if k in kept_bytes and packed:
-                torch.index_select(random_bytes, 0, kept_bytes[k][: into.numel()], out=into.view(-1))
-                continue
             if k in kept_bytes:  # the bytes of the kept blocks, row after row
-                random_bytes = random_bytes.index_select(0, kept_bytes[k][: into.numel() // 8])
+                kept = kept_bytes[k][: samples * p.shape[0] * len(blocks[k])]
+                if packed:  # kept as they are
+                    torch.index_select(random_bytes, 0, kept, out=into.view(-1))
+                    continue
+                random_bytes = random_bytes.index_select(0, kept)
             signs, n = _signs(p.dtype, p.device), into.numel()
             if n % 8:
                 into.copy_(torch.index_select(signs, 0, random_bytes.int()).flatten()[:n].view(into.shape))
