@@ -32,12 +32,15 @@ Divergence: ``backward`` on a non-finite loss, and a ``step`` that would write a
 parameter or state, raise :class:`Diverged` before changing any parameter or optimizer state
 (Adam and SGD: ``step`` checks that the gradients are finite, then runs torch's update).
 
-Speed: the update's arithmetic is written once (``_new_state``); parameters of at least
-``_CompiledUpdate.MIN_SIZE`` entries run it as two compiled loops (a read-only one for the sums
-that the check and η need, then one in place; ``_CompiledUpdate``), the others op by op, those
-below ``_JOIN_BELOW`` entries joined into one vector so that each operation runs once over all of
-them (``_Batch``). As in torch's optimizers, the state of joined and compiled parameters is
-updated in place: copy a ``state_dict`` to keep it (``load_state_dict`` copies what it loads).
+Speed: the update's arithmetic is written once in Python (``_new_state``) and once in C for the
+CPU (``native.UpdatePasses``; the tests hold the two equal). Each step runs it in two passes, a
+read-only one for the sums that the divergence check and η need, then one in place: on the CPU
+in the C loop for parameters below ``_CompiledUpdate.MIN_SIZE`` entries (``_NativeUpdate``,
+where a C compiler is found), and for larger ones as two loops compiled by torch.compile
+(``_CompiledUpdate``). Where neither serves (no compiler, another device) a parameter is stepped
+op by op, those below ``_JOIN_BELOW`` entries joined into one vector so that each operation runs
+once over all of them (``_Batch``). As in torch's optimizers, the state of joined and compiled
+parameters is updated in place: copy a ``state_dict`` to keep it (``load_state_dict`` copies what it loads).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
-from hsbench.curvature import loss_diagonals
+from hsbench.curvature import loss_diagonals, native
 from hsbench.curvature.modules import RankOne
 
 
@@ -296,8 +299,9 @@ def _new_state(
     reuse_root: bool = False,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
     """The shared update of one parameter, out of place: (new moments, move −U, h's term √v̂ ∘ U²
-    or None without step-size scaling). The one place where the update's arithmetic is written:
-    the eager step calls it with ``reuse_root``, and ``_CompiledUpdate`` compiles it without."""
+    or None without step-size scaling). The update's arithmetic in Python (in C for the CPU:
+    ``native.UpdatePasses``): the eager step calls it with ``reuse_root``, and ``_CompiledUpdate``
+    compiles it without."""
     new = {"exp_avg": m.lerp(grad, k[0]), "exp_avg_sq": v.mul(k[1]).addcmul_(d, d, value=k[2])}
     second = new["exp_avg_sq"]
     if form.gradient:
@@ -402,7 +406,61 @@ class _CompiledUpdate:
                 fn(*flat, item.k, form, scale)
 
 
+class _NativeUpdate:
+    """The update of parameters below ``_CompiledUpdate.MIN_SIZE`` entries on the CPU as the C loop
+    of ``native.UpdatePasses``, in the two passes of ``_CompiledUpdate`` (the sums, then the writes
+    once all are known), each one call for all of them: op by op the update makes about twenty
+    passes over each parameter (or over the small ones joined, ``_Batch``), allocating every
+    intermediate, and costs tens of µs of Python calls per step however small the network;
+    the loop reads each tensor once per pass. Its numbers are the eager step's to float rounding:
+    the moments bit for bit, the moves to the rounding of torch's vectorized square root (not
+    always correctly rounded) and h to the order of its sums."""
+
+    def applies(self, item: _Item) -> bool:
+        old, d = item.old, item.diagonal
+        tensors = (item.param, old["exp_avg"], old["exp_avg_sq"], old.get("exp_avg_grad_sq"), item.grad)
+        return (
+            item.param.numel() < _CompiledUpdate.MIN_SIZE
+            and item.param.device.type == "cpu"
+            and all(t is None or (t.is_contiguous() and t.dtype == item.param.dtype) for t in tensors)
+            and (
+                d.column.dtype == item.param.dtype
+                if isinstance(d, RankOne)
+                else d.is_contiguous() and d.dtype == item.param.dtype
+            )
+            and native.available(item.param.dtype)
+        )
+
+    @staticmethod
+    def passes(items: list[_Item], form: _Form, buffers: dict[torch.dtype, Tensor]) -> list[native.UpdatePasses]:
+        """The items' passes, one per dtype, their moves written into ``buffers`` (the optimizer's,
+        one per dtype, grown here where too small)."""
+        groups: dict[torch.dtype, list[native.Update]] = {}
+        for item in items:
+            old, d = item.old, item.diagonal
+            moments = (old["exp_avg"], old["exp_avg_sq"], old.get("exp_avg_grad_sq"))
+            diagonal = (d.column, d.row) if isinstance(d, RankOne) else d
+            update = native.Update(item.param, moments, item.grad, diagonal, item.k)
+            groups.setdefault(item.param.dtype, []).append(update)
+        for dtype, updates in groups.items():
+            size = sum(u.param.numel() for u in updates)
+            if dtype not in buffers or buffers[dtype].numel() < size:
+                buffers[dtype] = torch.empty(size, dtype=dtype)
+        return [native.UpdatePasses(updates, form.gradient, buffers[dtype]) for dtype, updates in groups.items()]
+
+    @staticmethod
+    def sums(passes: list[native.UpdatePasses], form: _Form) -> list[list[float]]:
+        """Per item, ``_check_sums``'s row: Σ of h's term (0 without step-size scaling), then Σ of each
+        finiteness witness."""
+        rows = []
+        for p in passes:
+            for h, w, move, v in p.sums(form.trust_region, form.corrected):
+                rows.append([h] + [w] * form.gradient + [move, v] * (not form.trust_region))
+        return rows
+
+
 _FUSED = _CompiledUpdate()
+_NATIVE = _NativeUpdate()
 
 
 class DiagonalAdam(torch.optim.Optimizer):
@@ -432,6 +490,7 @@ class DiagonalAdam(torch.optim.Optimizer):
         self.trust_region_bias_correction = trust_region_bias_correction
         self.last_scale = 1.0  # η of the last step (1 without step-size scaling)
         self._diagonal: dict[Tensor, Tensor] | None = None
+        self._moves: dict[torch.dtype, Tensor] = {}  # ``_NativeUpdate``'s buffers
 
     def __getstate__(self) -> dict[str, Any]:
         """torch's (defaults, state, param_groups) and the step-size scaling's settings and η, for
@@ -442,6 +501,7 @@ class DiagonalAdam(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # also called by torch's load_state_dict
         self.__dict__.setdefault("_diagonal", None)
+        self.__dict__.setdefault("_moves", {})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's, with the state's tensors copied: the step writes moments in place, and torch
@@ -477,11 +537,12 @@ class DiagonalAdam(torch.optim.Optimizer):
             )
         with flush_denormals():
             items = self._items(self._diagonal)
-            fused = [_FUSED.applies(item) for item in items]
-            large = [item for item, f in zip(items, fused, strict=True) if f]
-            small = self._batches([item for item, f in zip(items, fused, strict=True) if not f])
-            if items and not (large and self._fused_step(large, small)):
-                self._eager_step(small + self._batches(large))  # each alone (at least _JOIN_BELOW entries)
+            compiled = [item for item in items if _FUSED.applies(item)]
+            own = [item for item in items if not _FUSED.applies(item) and _NATIVE.applies(item)]
+            chosen = {id(item) for item in compiled + own}
+            small = self._batches([item for item in items if id(item) not in chosen])
+            if items and not (chosen and self._fused_step(compiled, own, small)):
+                self._eager_step(small + self._batches(compiled + own))  # each alone (at least _JOIN_BELOW entries)
         self._diagonal = None
 
     def _items(self, diagonal: dict[Tensor, Tensor]) -> list[_Item]:
@@ -519,27 +580,33 @@ class DiagonalAdam(torch.optim.Optimizer):
         for batch, update in zip(batches, updates, strict=True):
             batch.commit(self.state, update, scale)
 
-    def _fused_step(self, large: list[_Item], small: list[_Batch]) -> bool:
-        """The step with the large parameters' update compiled (``_CompiledUpdate``), the small
-        ones' op by op in batches (``_Batch``). False, with nothing changed, where a sum is not
-        finite (an overflowing sum of finite numbers included): the eager step then checks entry
-        by entry."""
+    def _fused_step(self, compiled: list[_Item], own: list[_Item], small: list[_Batch]) -> bool:
+        """The step with the large parameters' update compiled (``_CompiledUpdate``), the mid-sized
+        ones' in C (``_NativeUpdate``), the small ones' op by op in batches (``_Batch``). False,
+        with nothing changed, where a sum is not finite (an overflowing sum of finite numbers
+        included): the eager step then checks entry by entry."""
         form = self._form()
         updates = [batch.update(form) for batch in small]
         ours, n_h, _ = _sums(small, updates, form)
-        flats = [_FUSED.flat(item) for item in large]  # made once, for both passes
-        rows = _FUSED.sums(large, flats, form)  # per item: Σ of h's term, then Σ of each witness
-        sums = torch.cat(([torch.stack(ours)] if ours else []) + rows).tolist()  # one synchronization
-        if not all(math.isfinite(s) for s in sums):
+        flats = [_FUSED.flat(item) for item in compiled]  # made once, for both passes
+        rows = _FUSED.sums(compiled, flats, form) if compiled else []  # per item: Σ of h's term, then Σ of each witness
+        sums = torch.cat(([torch.stack(ours)] if ours else []) + rows).tolist() if ours or rows else []
+        width = (len(sums) - len(ours)) // len(compiled) if compiled else 0
+        fused = [sums[i : i + width] for i in range(len(ours), len(sums), width)] if width else []
+        passes = _NATIVE.passes(own, form, self._moves)
+        fused += _NATIVE.sums(passes, form)
+        if not all(math.isfinite(s) for s in sums) or not all(math.isfinite(s) for row in fused for s in row):
             return False
-        fused = sums[len(ours) :]
-        h = _total(sums[:n_h] + fused[:: len(fused) // len(large)])
+        h = _total(sums[:n_h] + [row[0] for row in fused])
         if not math.isfinite(h):
             return False
         scale = self._scale(h)
-        for item in large:  # updated in place: on a parameter's first step, its initial zeros become its state
+        for item in compiled + own:  # updated in place: on a parameter's first step, its initial zeros become its state
             self.state[item.param].update({k: v for k, v in item.old.items() if k != "step"}, step=item.t)
-        _FUSED.apply(large, flats, scale, form)
+        if compiled:  # (patching dynamo's configuration costs tens of µs)
+            _FUSED.apply(compiled, flats, scale, form)
+        for p in passes:
+            p.apply(scale)
         for batch, update in zip(small, updates, strict=True):
             batch.commit(self.state, update, scale)
         return True

@@ -1,11 +1,13 @@
 """The compiled loops (``hsbench.curvature.native``) against the eager computations they replace."""
 
+import math
 import shutil
 
 import pytest
 import torch
 from torch import nn
 
+from hsbench import optim
 from hsbench.curvature import autograd_estimators, extend, loss_diagonals, native
 from hsbench.curvature.modules import RankOne
 
@@ -132,3 +134,62 @@ def test_the_walk_with_the_kernel_equals_the_walk_without(variant, monkeypatch):
         assert isinstance(d, RankOne) == isinstance(e, RankOne) == (p.dim() == 2)
         torch.testing.assert_close(d.materialize() if p.dim() == 2 else d, e.materialize() if p.dim() == 2 else e)
         torch.testing.assert_close(found.gradients[p], eager.gradients[p])
+
+
+FORMS = [  # (gradient, trust, corrected): AdaHesScale, Scaled AdaHesScale (bias-corrected h or not), Scaled Adam
+    (False, False, True),
+    (False, True, True),
+    (False, True, False),
+    (True, True, True),
+]
+
+
+@needs_loops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("form", FORMS)
+# torch's lerp takes one form for a weight 1 - β1 below 0.5, another above
+@pytest.mark.parametrize("beta1", [0.9, 0.3])
+def test_the_update_passes_give_the_eager_update(dtype, form, beta1):
+    """Parameters of 37 × 29 (rank-one d and written out: four rows of 8 lanes and a tail of 5 per
+    row), 300 and 3 entries, one call per pass, against ``optim._new_state`` and ``_check_sums``."""
+    generator = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.rand(shape, generator=generator, dtype=dtype)  # noqa: E731
+    gradient, trust, corrected = form
+    shapes = [(37, 29), (37, 29), (300,), (3,)]
+    k = (1 - beta1, 0.999, 0.001, math.sqrt(1 - 0.999**2), 1e-8, -0.01 / (1 - beta1**2))
+    params = [rand(*s) - 0.5 for s in shapes]
+    moments = [(rand(*s) - 0.5, rand(*s) * 1e-3, rand(*s) * 1e-3 if gradient else None) for s in shapes]
+    grads = [rand(*s) - 0.5 for s in shapes]
+    diagonals = [(rand(37), rand(29)), rand(37, 29), rand(300) - 0.5, rand(3)]
+    updates = [native.Update(*args, k) for args in zip(params, moments, grads, diagonals, strict=True)]
+
+    before = [
+        (p.clone(), tuple(t if t is None else t.clone() for t in m)) for p, m in zip(params, moments, strict=True)
+    ]
+    written = [t for p, m in zip(params, moments, strict=True) for t in (p, *m) if t is not None]
+    copies = [t.clone() for t in written]
+    passes = native.UpdatePasses(updates, gradient, torch.empty(2 * 37 * 29 + 303 + 5, dtype=dtype))
+    sums = passes.sums(trust, corrected)
+    assert all(torch.equal(t, c) for t, c in zip(written, copies, strict=True))  # the first pass writes none of them
+    passes.apply(0.7)
+    form_ = optim._Form(gradient, trust, corrected)
+    rtol, eps = (1e-12, 2.3e-16) if dtype == torch.float64 else (1e-5, 1.2e-7)
+    for (p0, (m0, v0, w0)), p, (m, v, w), g, d, found in zip(
+        before, params, moments, grads, diagonals, sums, strict=True
+    ):
+        d = d[0].unsqueeze(1) * d[1].unsqueeze(0) if isinstance(d, tuple) else d
+        new, move, h = optim._new_state(m0, v0, w0, g, d, k, form_, True)
+        # the moments: the same operations (bit for bit where torch fuses multiply-adds as the loop does)
+        torch.testing.assert_close(m, new["exp_avg"], rtol=2 * eps, atol=0)
+        torch.testing.assert_close(v, new["exp_avg_sq"], rtol=2 * eps, atol=0)
+        if gradient:
+            torch.testing.assert_close(w, new["exp_avg_grad_sq"], rtol=2 * eps, atol=0)
+        torch.testing.assert_close(p, p0 + 0.7 * move, rtol=rtol, atol=rtol * float(p0.abs().max()))
+        expected = [
+            0.0 if h is None else float(h.double().sum()),
+            float(new["exp_avg_grad_sq"].double().sum()) if gradient else 0.0,
+        ]
+        expected += [float(move.double().sum()), float(new["exp_avg_sq"].double().sum())]
+        assert list(found[:2]) == pytest.approx(expected[:2], rel=rtol, abs=1e-300)
+        if not trust:
+            assert list(found[2:]) == pytest.approx(expected[2:], rel=rtol, abs=rtol * float(move.abs().sum()))

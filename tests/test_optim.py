@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hsbench import optim
-from hsbench.curvature import diagonal, diagonal_backprop, extend
+from hsbench.curvature import diagonal, diagonal_backprop, extend, native
 from hsbench.data import embedded_mnist
 from hsbench.engine.kind import ExperimentKind
 from hsbench.engine.runner import RunOptions, execute
@@ -244,8 +244,9 @@ DIAGONAL_ADAM = [name for name, cls in OPTIMIZERS.items() if issubclass(cls, opt
 @pytest.mark.parametrize("batch", [1, 4])  # 1: the linear weights' diagonals are rank-one factors
 @pytest.mark.parametrize("join_below", [optim._JOIN_BELOW, 10])  # 10: the weights alone, the biases joined
 def test_parameters_stepped_together_equal_one_at_a_time(name, batch, join_below, monkeypatch):
-    """The step joins the small parameters into one vector (``optim._Batch``): the same numbers,
-    bit for bit, as parameter by parameter, and the moments stay views of one flat buffer."""
+    """Where the C loop does not serve them (``optim._NativeUpdate``: no compiler, another device),
+    the step joins the small parameters into one vector (``optim._Batch``): the same numbers, bit
+    for bit, as parameter by parameter, and the moments stay views of one flat buffer."""
     one_by_one = staticmethod(
         lambda items, *args, group=optim._Batch.group: [b for i in items for b in group([i], *args)]
     )
@@ -253,6 +254,7 @@ def test_parameters_stepped_together_equal_one_at_a_time(name, batch, join_below
     def train(together: bool):
         model, loss_fn, x, y = small_problem(conv=True)  # 4-D, 2-D and 1-D parameters
         monkeypatch.setattr(optim, "_JOIN_BELOW", join_below)
+        monkeypatch.setattr(optim._NativeUpdate, "applies", lambda self, item: False)
         if not together:
             monkeypatch.setattr(optim._Batch, "group", one_by_one)
         opt = make(name, model.parameters(), lr=0.01, **({"trust_region": 1e-8} if "scaled" in name else {}))
@@ -535,15 +537,16 @@ def test_curvature_optimizers_flush_subnormals_inside_and_restore_the_callers_mo
     seen = []
     walk, update = diagonal_backprop.backpropagate, optim._new_state
 
-    def spying(function):  # records whether subnormals flush to zero while ``function`` runs
+    def spying(function, name):  # records whether subnormals flush to zero while ``function`` runs
         def spy(*args, **kwargs):
-            seen.append((function.__name__, flushing()))
+            seen.append((name, flushing()))
             return function(*args, **kwargs)
 
         return spy
 
-    monkeypatch.setattr(diagonal_backprop, "backpropagate", spying(walk))
-    monkeypatch.setattr(optim, "_new_state", spying(update))
+    monkeypatch.setattr(diagonal_backprop, "backpropagate", spying(walk, "backpropagate"))
+    monkeypatch.setattr(optim, "_new_state", spying(update, "update"))  # the eager update
+    monkeypatch.setattr(native.UpdatePasses, "sums", spying(native.UpdatePasses.sums, "update"))  # the C loop's
     model, loss_fn, x, y = small_problem(conv=False)
     opt = make("adahesscale", model.parameters())
     torch.set_flush_denormal(caller_flushes)
@@ -552,4 +555,4 @@ def test_curvature_optimizers_flush_subnormals_inside_and_restore_the_callers_mo
         after = flushing()
     finally:
         torch.set_flush_denormal(False)
-    assert set(seen) == {("backpropagate", True), ("_new_state", True)} and after == caller_flushes
+    assert set(seen) == {("backpropagate", True), ("update", True)} and after == caller_flushes

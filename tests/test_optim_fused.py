@@ -1,4 +1,5 @@
-"""The compiled update of large parameters (``hsbench.optim._CompiledUpdate``) against the eager one."""
+"""The compiled updates of larger parameters (torch.compile's ``hsbench.optim._CompiledUpdate``, the
+C loop's ``_NativeUpdate``) against the eager one."""
 
 import copy
 import math
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from hsbench import optim
-from hsbench.curvature import extend, loss_diagonals
+from hsbench.curvature import extend, loss_diagonals, native
 from hsbench.curvature.modules import RankOne
 from hsbench.optim import Diverged, make, train_step
 
@@ -28,22 +29,37 @@ def problem(dtype=torch.float64, batch=3):
     return model, extend(nn.CrossEntropyLoss()), x, y
 
 
-def fused_everywhere(monkeypatch, on: bool, min_size: int = 0) -> None:
-    monkeypatch.setattr(optim._CompiledUpdate, "MIN_SIZE", min_size if on else 1 << 62)
+ENGINES = {"compiled": optim._CompiledUpdate, "native": native.UpdatePasses}
+needs_loops = pytest.mark.skipif(not native.available(torch.float64), reason="no C compiler: the loops are off")
+engines = pytest.mark.parametrize("engine", ["compiled", pytest.param("native", marks=needs_loops)])
 
 
+APPLIES = optim._NativeUpdate.applies
+
+
+def fused_everywhere(monkeypatch, engine: str | None, min_size: int = 0) -> None:
+    """Parameters of ``min_size`` entries or more take ``engine``'s update, the others the eager
+    one, joined (``optim._Batch``); ``engine`` None: every parameter the eager one."""
+    monkeypatch.setattr(optim._CompiledUpdate, "MIN_SIZE", min_size if engine == "compiled" else 1 << 62)
+    native_from = min_size if engine == "native" else 1 << 62
+    monkeypatch.setattr(
+        optim._NativeUpdate, "applies", lambda s, item: item.param.numel() >= native_from and APPLIES(s, item)
+    )
+
+
+@engines
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("batch", [1, 3])  # 1: linear weights' diagonals as factors (RankOne)
 @pytest.mark.parametrize("min_size", [0, 20])  # 20: the weights compiled, the biases joined (optim._Batch)
-def test_compiled_update_equals_the_eager_one(form, batch, min_size, monkeypatch):
+def test_compiled_update_equals_the_eager_one(engine, form, batch, min_size, monkeypatch):
     name, hyper = form.split()[0], {"lr": 0.05, **FORMS[form]}
     model, loss_fn, x, y = problem(batch=batch)
     twin = copy.deepcopy(model)
     results = []
-    for on, net in ((False, model), (True, twin)):
+    for on, net in ((None, model), (engine, twin)):
         fused_everywhere(monkeypatch, on, min_size)
         calls = []
-        monkeypatch.setattr(optim._CompiledUpdate, "apply", _spy(optim._CompiledUpdate.apply, calls))
+        monkeypatch.setattr(ENGINES[engine], "apply", _spy(ENGINES[engine].apply, calls))
         opt = make(name, net.parameters(), **hyper)
         scales = []
         for _ in range(4):
@@ -70,10 +86,11 @@ def _spy(method, calls):
     return spied
 
 
+@engines
 @pytest.mark.parametrize("name", ["adahesscale", "scaled-adam"])
 @pytest.mark.parametrize("min_size", [0, 20])
-def test_compiled_update_changes_nothing_on_divergence(name, min_size, monkeypatch):
-    fused_everywhere(monkeypatch, True, min_size)
+def test_compiled_update_changes_nothing_on_divergence(engine, name, min_size, monkeypatch):
+    fused_everywhere(monkeypatch, engine, min_size)
     model, loss_fn, x, y = problem(torch.float32)
     opt = make(name, model.parameters(), lr=0.01)
     train_step(opt, model, loss_fn, x, y)

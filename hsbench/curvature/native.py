@@ -1,4 +1,5 @@
-"""Compiled loops for two memory-bound steps of the walks, each one pass where torch makes several.
+"""Compiled loops for steps of the walks and of the optimizers' update, each one pass where torch
+makes several.
 
 **A linear layer's two pullbacks at batch size one** (``linear_pullbacks``). HesScale's walk pulls
 the gradient g and the diagonal ŝ (both (out,)) back through a linear layer's weight W (out, in).
@@ -19,10 +20,22 @@ Z h over the inputs (forward) and Σ_m a_m Z_m over the probes (the estimate). E
 are first written out as floats (M · out · in of them, 8 bytes each in float64) and read twice;
 these loops read the bytes, eight entries per byte, from a 256-row table of ±1.
 
-Both are compiled once per machine with the system's C compiler (``cc``, or ``$CC``) into a cache
+**The optimizers' update** (``UpdatePasses``). The Adam-style step of ``optim._new_state`` runs
+op by op as about twenty passes over each parameter, each a Python call of several µs: on the
+small networks of figure 8 and of the reinforcement-learning policies those calls cost more than
+the arithmetic. Here each of the step's two passes (the sums that the divergence check and the
+step-size scaling need, then the writes) is one loop over every entry of every parameter, and
+one call. Its arithmetic is torch's, operation by operation, with the fused multiply-adds that
+torch's vectorized lerp and addcmul make on this VM, so the moments come out the same bit for bit
+there; the moves differ where torch's vectorized square root is not correctly rounded (by one
+unit in the last place, on this VM for 1.3 % of float64 and 17 % of float32 entries), and h by
+the order of its sum.
+
+All are compiled once per machine with the system's C compiler (``cc``, or ``$CC``) into a cache
 folder (``$XDG_CACHE_HOME/hsbench``, default ``~/.cache/hsbench``); with GCC on x86-64 as clones
 for AVX-512, AVX2 and plain x86-64 that the loader picks from (``target_clones``), without
-contracting multiplies and adds into FMAs, so that every clone gives the same bits. Where there is
+contracting multiplies and adds into FMAs (the update's are written out), so that every clone
+gives the same bits. Where there is
 no compiler, or the compile fails, ``available`` is False (with one warning), ``linear_pullbacks``
 returns None, and the callers compute eagerly: the same numbers to float rounding (the sums run
 in another order). ``HSBENCH_NATIVE=0`` in the environment when the loops are first asked for
@@ -43,6 +56,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -51,6 +65,17 @@ SERVES_FROM = 1 << 15
 """``linear_pullbacks``: weights with fewer entries keep torch's products."""
 PARALLEL_FROM = 1 << 20
 """``linear_pullbacks``: with several torch threads, weights this large take torch's parallel products."""
+
+
+def _macro(signature: str, body: str) -> str:
+    """``#define signature body``, the line continuations added here (``body`` has no // comments)."""
+    return f"#define {signature} \\\n" + " \\\n".join(body.strip("\n").splitlines()) + "\n"
+
+
+UPDATE_FLAGS = {"gradient": 1, "trust": 2, "corrected": 4, "rank_one": 8, "apply": 16}
+_FORMS = [f for f in range(32) if not (f & 16 and f & 6) and not (f & 4 and not f & 2)]
+"""The flags that ``update`` compiles a loop for: the writing pass needs no h (no TRUST or
+CORRECTED), and CORRECTED only matters with TRUST."""
 
 SOURCE = r"""
 #include <stdint.h>
@@ -61,6 +86,17 @@ SOURCE = r"""
 #define CLONES
 #endif
 #define INLINE static inline __attribute__((always_inline))
+#define GRADIENT 1 /* update's flags: optim._Form's, */
+#define TRUST 2
+#define CORRECTED 4
+#define RANK_ONE 8 /* d as factors */
+#define APPLY 16 /* the writing pass */
+#define LANES 8
+#define RUN(SUFFIX, F) rows_##SUFFIX(F, p, m, v, w, g, d, col, row, moves, rows, cols, k, s, acc); break;
+#define FMA_f32 __builtin_fmaf
+#define FMA_f64 __builtin_fma
+#define SQRT_f32 __builtin_sqrtf
+#define SQRT_f64 __builtin_sqrt
 
 #define KERNELS(T, SUFFIX)                                                                    \
 CLONES void linear_pullbacks_##SUFFIX(const T *restrict w, const T *restrict g,               \
@@ -111,13 +147,107 @@ CLONES void probe_contraction_##SUFFIX(const uint8_t *restrict bytes, const T *r
             }                                                                                 \
         }                                                                                     \
 }
-KERNELS(float, f32)
-KERNELS(double, f64)
+
 """
-FLAGS = ["-O3", "-ffp-contract=off", "-Wno-psabi", "-shared", "-fPIC"]
+SOURCE += _macro(
+    "UPDATE(T, SUFFIX)",
+    r"""
+/* the new moments of one entry (optim._new_state): m, v and (GRADIENT) w, in place. Op by op as
+   torch computes them, with the fused multiply-adds of torch's vectorized lerp and addcmul. */
+INLINE void moments_##SUFFIX(T *m, T *v, T *w, T g, T d, const T *k, const int form) {
+    const int small = k[0] < (T)0.5; /* torch's lerp: m + c (g - m) for a small weight c, else g + (c - 1) (g - m) */
+    *m = FMA_##SUFFIX(small ? k[0] : k[0] - (T)1, g - *m, small ? *m : g);
+    *v = FMA_##SUFFIX(k[2] * d, d, *v * k[1]);
+    if (form & GRADIENT) *w = FMA_##SUFFIX(k[2] * g, g, *w * k[1]);
+}
+/* the move -U of one entry from its new moments, and h's term into *h (TRUST) */
+INLINE T move_##SUFFIX(T m, T v, T w, const T *k, const int form, T *h) {
+    const T root = SQRT_##SUFFIX(form & GRADIENT ? w : v) / k[3];
+    const T move = m / (root + k[4]) * k[5];
+    if (form & TRUST) {
+        T curvature = root;
+        if ((form & GRADIENT) || !(form & CORRECTED)) {
+            curvature = SQRT_##SUFFIX(v);
+            if (form & CORRECTED) curvature = curvature / k[3];
+        }
+        *h = curvature * (move * move);
+    }
+    return move;
+}
+/* entry j of a row, lane l. Without APPLY: its move into moves[j], its values added to the sums acc
+   (in double): h's term, w, the move, v. With APPLY: its new moments written, p += s moves[j]. */
+INLINE void one_##SUFFIX(const int form, T *restrict p, T *restrict m, T *restrict v, T *restrict w,
+        const T *restrict g, const T *restrict d, T col, const T *restrict row, T *restrict moves,
+        int64_t j, int l, const T *k, T s, double acc[4][LANES]) {
+    T new_m = m[j], new_v = v[j], new_w = form & GRADIENT ? w[j] : 0, h = 0;
+    moments_##SUFFIX(&new_m, &new_v, &new_w, g[j], form & RANK_ONE ? col * row[j] : d[j], k, form);
+    if (form & APPLY) {
+        m[j] = new_m; v[j] = new_v;
+        if (form & GRADIENT) w[j] = new_w;
+        p[j] = FMA_##SUFFIX(moves[j], s, p[j]);
+    } else {
+        const T move = moves[j] = move_##SUFFIX(new_m, new_v, new_w, k, form, &h);
+        acc[0][l] += h; acc[1][l] += new_w; acc[2][l] += move; acc[3][l] += new_v;
+    }
+}
+/* every row, LANES entries at a time (vectorized), then the rest of the row */
+INLINE void rows_##SUFFIX(const int form, T *restrict p, T *restrict m, T *restrict v, T *restrict w,
+        const T *restrict g, const T *restrict d, const T *restrict col, const T *restrict row,
+        T *restrict moves, int64_t rows, int64_t cols, const T *k, T s, double acc[4][LANES]) {
+    for (int64_t i = 0; i < rows; i++) {
+        const int64_t at = i * cols, r = form & RANK_ONE ? 0 : at;
+        T *pi = form & APPLY ? p + at : p, *wi = form & GRADIENT ? w + at : w;
+        const T ci = form & RANK_ONE ? col[i] : 0;
+        int64_t j = 0;
+        for (; j + LANES <= cols; j += LANES)
+            for (int l = 0; l < LANES; l++)
+                one_##SUFFIX(form, pi, m + at, v + at, wi, g + at, d + r, ci, row, moves + at, j + l, l, k, s, acc);
+        for (; j < cols; j++)
+            one_##SUFFIX(form, pi, m + at, v + at, wi, g + at, d + r, ci, row, moves + at, j, 0, k, s, acc);
+    }
+}
+/* one parameter's pass (see update); its own function, not inlined, so that its pointers stay restrict */
+static CLONES void one_update_##SUFFIX(T *restrict p, T *restrict m, T *restrict v, T *restrict w,
+        const T *restrict g, const T *restrict d, const T *restrict col, const T *restrict row,
+        T *restrict moves, int64_t rows, int64_t cols, int64_t form, const double *ks, double scale,
+        double *restrict out) {
+    const T k[6] = {ks[0], ks[1], ks[2], ks[3], ks[4], ks[5]}, s = scale;
+    double acc[4][LANES] = {{0}};
+    switch (form) { /* each flag a constant in its own loop */
+    CASES
+    default: return;
+    }
+    for (int q = 0; q < 4; q++) {
+        out[q] = 0;
+        for (int l = 0; l < LANES; l++) out[q] += acc[q][l];
+    }
+}
+/* One pass of the update of n parameters. Parameter q: pointers[9 q ...] are its p, m, v, w (GRADIENT,
+   else NULL), g, d (NULL where d is rank-one: col[i] row[j]), col, row and moves, shapes[2 q ...]
+   its (rows, cols), ks[6 q ...] its coefficients. The first pass (no APPLY in form) writes only
+   the moves and the four sums of each parameter into out[4 q ...]; the second (APPLY, the same
+   arguments) the moments, and p += scale moves. */
+void update_##SUFFIX(int64_t n, void *const *pointers, const int64_t *shapes, const double *ks,
+        int64_t form, double scale, double *out) {
+    for (int64_t q = 0; q < n; q++) {
+        void *const *a = pointers + 9 * q;
+        one_update_##SUFFIX(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], shapes[2 * q],
+            shapes[2 * q + 1], form | (a[5] ? 0 : RANK_ONE), ks + 6 * q, scale, out + 4 * q);
+    }
+}
+""".replace("CASES", " ".join(f"case {f}: RUN(SUFFIX, {f})" for f in _FORMS)),
+)
+SOURCE += "KERNELS(float, f32)\nKERNELS(double, f64)\nUPDATE(float, f32)\nUPDATE(double, f64)\n"
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi", "-shared", "-fPIC"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-_ARGUMENTS = {"linear_pullbacks": (5, 2), "probe_products": (3, 3), "probe_contraction": (3, 3)}
-"""Each kernel's numbers of pointer and of int64 arguments."""
+_ARGUMENTS = {
+    "linear_pullbacks": "pppppii",
+    "probe_products": "pppiii",
+    "probe_contraction": "pppiii",
+    "update": "ipppidp",
+}
+"""Each kernel's arguments: pointer (p), int64 (i), double (d)."""
+_CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "d": ctypes.c_double}
 
 
 def available(dtype: torch.dtype) -> bool:
@@ -175,6 +305,83 @@ def probe_contraction(packed: Tensor, a: Tensor) -> Tensor:
     return c
 
 
+class Update(NamedTuple):
+    """One parameter's tensors for ``UpdatePasses``: ``param``, its ``moments`` (m, v, and Scaled
+    Adam's w or None), ``grad``, all with the parameter's entries; ``diagonal``, d with those
+    entries or the factors (column (R,), row (C,)) of a rank-one d of R × C entries; and its
+    six coefficients ``k`` (``optim._Item``'s)."""
+
+    param: Tensor
+    moments: tuple[Tensor, Tensor, Tensor | None]
+    grad: Tensor
+    diagonal: Tensor | tuple[Tensor, Tensor]
+    k: tuple[float, ...]
+
+
+class UpdatePasses:
+    """The Adam-style update of ``optim._new_state`` for several parameters of one float dtype on
+    the CPU, as two passes of one C call each: ``sums`` computes every entry's new moments and
+    move −U and writes only the moves (into a buffer of its own); then ``apply`` writes the new
+    moments and moves the parameters by scale · (−U), the square roots and divisions that bound
+    the loop not computed again. Every tensor is checked (shapes, dtype, device, contiguity) when
+    the passes are made; they must not change between the two."""
+
+    def __init__(self, updates: list[Update], gradient: bool, moves: Tensor) -> None:
+        """``gradient``: every update has Scaled Adam's w (and only then). ``moves``: a contiguous
+        buffer of at least as many entries as all parameters together, written by ``sums`` (a
+        buffer kept from step to step: a fresh one would have its pages faulted in every step)."""
+        self._dtype, self._gradient, self._count = updates[0].grad.dtype, gradient, len(updates)
+        sizes = [u.param.numel() for u in updates]
+        fits = moves.is_contiguous() and moves.numel() >= sum(sizes)
+        _check(fits, "moves must be a contiguous buffer of at least the parameters' entries", [updates[0].grad, moves])
+        self._moves = moves
+        at, step = self._moves.data_ptr(), self._moves.element_size()
+        pointers: list[int | None] = []
+        shapes: list[int] = []
+        ks: list[float] = []
+        self._kept: list[Tensor] = []  # alive as long as their pointers
+        for u, size in zip(updates, sizes, strict=True):
+            m, v, w = u.moments
+            if isinstance(u.diagonal, Tensor):
+                full, factors, rows = u.diagonal, [], 1
+            else:
+                full, factors = None, [t.contiguous() for t in u.diagonal]
+                rows = factors[0].numel()
+            whole = [t for t in (u.param, m, v, w, u.grad, full) if t is not None]
+            fits = (
+                all(t.numel() == size and t.is_contiguous() for t in whole)
+                and (not factors or rows * factors[1].numel() == size)
+                and (w is not None) == gradient
+                and len(u.k) == 6
+            )
+            _check(fits, "update needs contiguous tensors of the parameter's entries", whole + factors)
+            self._kept += whole + factors
+            ends: list[Tensor | None] = [*factors] if factors else [None, None]
+            pointers += [None if t is None else t.data_ptr() for t in (u.param, m, v, w, u.grad, full, *ends)] + [at]
+            at += size * step
+            shapes += [rows, size // max(rows, 1)]
+            ks += u.k
+        self._pointers = (ctypes.c_void_p * len(pointers))(*pointers)
+        self._shapes = (ctypes.c_int64 * len(shapes))(*shapes)
+        self._ks = (ctypes.c_double * len(ks))(*ks)
+        self._out = (ctypes.c_double * (4 * self._count))()
+
+    def sums(self, trust: bool, corrected: bool) -> list[tuple[float, float, float, float]]:
+        """Per parameter, the sums (in double) of h's term (0 without ``trust``: step-size scaling;
+        ``corrected``: from the bias-corrected v̂), of w (0 without), of −U and of v."""
+        flags = UPDATE_FLAGS["gradient"] * self._gradient + UPDATE_FLAGS["trust"] * trust
+        self._run(flags + UPDATE_FLAGS["corrected"] * (trust and corrected), 0.0)
+        out = self._out
+        return [(out[q], out[q + 1], out[q + 2], out[q + 3]) for q in range(0, 4 * self._count, 4)]
+
+    def apply(self, scale: float) -> None:
+        """The new moments written, every parameter moved by scale · (−U) (after ``sums``)."""
+        self._run(UPDATE_FLAGS["gradient"] * self._gradient + UPDATE_FLAGS["apply"], scale)
+
+    def _run(self, flags: int, scale: float) -> None:
+        _call("update", self._dtype, self._count, self._pointers, self._shapes, self._ks, flags, scale, self._out)
+
+
 def _check(shapes_fit: bool, message: str, tensors: list[Tensor], packed: Tensor | None = None) -> None:
     """ValueError unless the shapes fit, ``tensors`` share one float dtype of the loops, ``packed``
     is uint8, and all are on the CPU: the loops read raw memory, where torch would refuse."""
@@ -191,7 +398,7 @@ def _check(shapes_fit: bool, message: str, tensors: list[Tensor], packed: Tensor
         raise ValueError(f"hsbench.curvature.native: {message}, on the CPU, in one float dtype; got {found}")
 
 
-def _call(kernel: str, dtype: torch.dtype, *args: Tensor | int) -> None:
+def _call(kernel: str, dtype: torch.dtype, *args: Tensor | int | float | ctypes.Array) -> None:
     library = _library()
     if not isinstance(library, ctypes.CDLL):
         raise RuntimeError("hsbench.curvature.native: the compiled loops are not available (see `available`)")
@@ -214,9 +421,9 @@ def _library() -> ctypes.CDLL | str | None:
     except (OSError, RuntimeError) as error:
         return str(error)
     for suffix in _SUFFIX.values():
-        for kernel, (pointers, integers) in _ARGUMENTS.items():
+        for kernel, arguments in _ARGUMENTS.items():
             function = getattr(library, f"{kernel}_{suffix}")
-            function.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * integers
+            function.argtypes = [_CTYPES[a] for a in arguments]
             function.restype = None
     return library
 
