@@ -124,3 +124,31 @@ def test_factored_diagonals_are_the_diagonals(variant, dtype):
         assert isinstance(d, RankOne) == (p.dim() == 2)
         assert torch.equal(d.materialize() if isinstance(d, RankOne) else d, written.diagonals[p])
         assert torch.equal(factored.gradients[p], written.gradients[p])
+
+
+@needs_loops
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_c_loop_takes_large_parameters_only_with_one_thread(threads, monkeypatch):
+    """The C loop is single-threaded: with several threads, parameters of ``MIN_SIZE`` entries or
+    more take the compiled loops, which run in parallel."""
+    monkeypatch.setattr(optim._CompiledUpdate, "MIN_SIZE", 20)  # the weights (30 and 20 entries) large, the biases not
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    served = {"compiled": [], "native": []}
+    compiled_apply, passes = optim._CompiledUpdate.apply, native.UpdatePasses.__init__
+
+    def spy_compiled(self, items, *args):
+        served["compiled"] += [item.param.numel() for item in items]
+        return compiled_apply(self, items, *args)
+
+    def spy_native(self, updates, *args):
+        served["native"] += [u.param.numel() for u in updates]
+        return passes(self, updates, *args)
+
+    monkeypatch.setattr(optim._CompiledUpdate, "apply", spy_compiled)
+    monkeypatch.setattr(native.UpdatePasses, "__init__", spy_native)
+    model, loss_fn, x, y = problem()
+    train_step(make("adahesscale", model.parameters()), model, loss_fn, x, y)
+    if threads == 1:
+        assert served == {"compiled": [], "native": [30, 5, 20, 4]}
+    else:
+        assert served == {"compiled": [30, 20], "native": [5, 4]}
