@@ -37,10 +37,11 @@ CPU (``native.UpdatePasses``; the tests hold the two equal). Each step runs it i
 read-only one for the sums that the divergence check and η need, then one in place: on the CPU
 in the C loop (``_NativeUpdate``, where a C compiler is found; with several torch threads only
 for parameters below ``_CompiledUpdate.MIN_SIZE`` entries), and elsewhere for parameters of that
-size or more as two loops compiled by torch.compile (``_CompiledUpdate``). Where neither serves (no compiler, another device) a parameter is stepped
-op by op, those below ``_JOIN_BELOW`` entries joined into one vector so that each operation runs
-once over all of them (``_Batch``). As in torch's optimizers, the state of joined and compiled
-parameters is updated in place: copy a ``state_dict`` to keep it (``load_state_dict`` copies what it loads).
+size or more as two loops compiled by torch.compile (``_CompiledUpdate``). Where neither serves
+(no compiler, another device) a parameter is stepped op by op, those below ``_JOIN_BELOW``
+entries joined into one vector so that each operation runs once over all of them (``_Batch``).
+As in torch's optimizers, the state of joined and compiled parameters is updated in place: copy
+a ``state_dict`` to keep it (``load_state_dict`` copies what it loads).
 """
 
 from __future__ import annotations
