@@ -415,7 +415,8 @@ class _NativeUpdate:
     Python calls per step however small the network; the loop reads each tensor once per pass.
     It is single-threaded: with several torch threads, parameters of ``_CompiledUpdate.MIN_SIZE``
     entries or more take the compiled loops, which run in parallel (with one thread the C loop
-    measured faster: figure 8(b) at 8 layers, AdaHesScale's step 2.5 ms against 3.5 ms). Its
+    measured faster: figure 8(b) at 8 layers, AdaHesScale's step 2.5 ms against 3.5 ms). The moves
+    between the passes take a buffer as large as the parameters, kept by the optimizer. Its
     numbers are the eager step's to float rounding: the moments bit for bit (on this VM), the
     moves to the rounding of torch's vectorized square root (not always correctly rounded) and h
     to the order of its sums."""
