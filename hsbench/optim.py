@@ -40,7 +40,7 @@ for parameters below ``_CompiledUpdate.MIN_SIZE`` entries), and elsewhere for pa
 size or more as two loops compiled by torch.compile (``_CompiledUpdate``). Where neither serves
 (no compiler, another device) a parameter is stepped op by op, those below ``_JOIN_BELOW``
 entries joined into one vector so that each operation runs once over all of them (``_Batch``).
-As in torch's optimizers, the state of joined and compiled parameters is updated in place: copy
+As in torch's optimizers, the state of joined, compiled and C-stepped parameters is updated in place: copy
 a ``state_dict`` to keep it (``load_state_dict`` copies what it loads).
 """
 
@@ -360,10 +360,11 @@ class _CompiledUpdate:
     Compiled once per dtype, form of the update and kind of d (vector or rank-one), for any shape
     (``dynamic=True``; the step's numbers are symbolic floats, so no recompilation per step). Where
     no compiler works (no C++ compiler, an unsupported device or Python), ``suppress_errors`` makes
-    torch run the same two functions eagerly, which gives the same results. Parameters below
-    ``MIN_SIZE`` entries take the eager step: a compiled call costs about 20 µs of Python, and on
-    figure 8(a)'s networks the compiled path measured slower than the eager one up to 131,072
-    entries (512 × 256)."""
+    torch run the same two functions eagerly, which gives the same results. It serves parameters
+    of ``MIN_SIZE`` entries or more that the C loop does not (``_NativeUpdate``: another device,
+    several threads, no C compiler): a compiled call costs about 20 µs of Python, and on figure
+    8(a)'s networks the compiled path measured slower than the eager one up to 131,072 entries
+    (512 × 256)."""
 
     MIN_SIZE = 1 << 18
     RECOMPILE_LIMIT = 64  # graphs per function (dtypes × forms × vector or rank-one d × shapes); torch's is 8
@@ -425,7 +426,8 @@ class _NativeUpdate:
         old, d = item.old, item.diagonal
         tensors = (item.param, old["exp_avg"], old["exp_avg_sq"], old.get("exp_avg_grad_sq"), item.grad)
         return (
-            (item.param.numel() < _CompiledUpdate.MIN_SIZE or torch.get_num_threads() == 1)
+            item.param.numel() > 0
+            and (item.param.numel() < _CompiledUpdate.MIN_SIZE or torch.get_num_threads() == 1)
             and item.param.device.type == "cpu"
             and all(t is None or (t.is_contiguous() and t.dtype == item.param.dtype) for t in tensors)
             and (
@@ -542,12 +544,13 @@ class DiagonalAdam(torch.optim.Optimizer):
             )
         with flush_denormals():
             items = self._items(self._diagonal)
-            own = [item for item in items if _NATIVE.applies(item)]
-            compiled = [item for item in items if not _NATIVE.applies(item) and _FUSED.applies(item)]
+            native = [_NATIVE.applies(item) for item in items]
+            own = [item for item, n in zip(items, native, strict=True) if n]
+            compiled = [item for item, n in zip(items, native, strict=True) if not n and _FUSED.applies(item)]
             chosen = {id(item) for item in compiled + own}
             small = self._batches([item for item in items if id(item) not in chosen])
             if items and not (chosen and self._fused_step(compiled, own, small)):
-                self._eager_step(small + self._batches(compiled + own))  # each alone (at least _JOIN_BELOW entries)
+                self._eager_step(small + self._batches(compiled + own))
         self._diagonal = None
 
     def _items(self, diagonal: dict[Tensor, Tensor]) -> list[_Item]:
@@ -586,8 +589,8 @@ class DiagonalAdam(torch.optim.Optimizer):
             batch.commit(self.state, update, scale)
 
     def _fused_step(self, compiled: list[_Item], own: list[_Item], small: list[_Batch]) -> bool:
-        """The step with the large parameters' update compiled (``_CompiledUpdate``), the mid-sized
-        ones' in C (``_NativeUpdate``), the small ones' op by op in batches (``_Batch``). False,
+        """The step with the update of ``own`` in C (``_NativeUpdate``), of ``compiled`` by
+        torch.compile (``_CompiledUpdate``) and of the rest op by op in batches (``_Batch``). False,
         with nothing changed, where a sum is not finite (an overflowing sum of finite numbers
         included): the eager step then checks entry by entry."""
         form = self._form()

@@ -136,11 +136,13 @@ def test_the_walk_with_the_kernel_equals_the_walk_without(variant, monkeypatch):
         torch.testing.assert_close(found.gradients[p], eager.gradients[p])
 
 
-FORMS = [  # (gradient, trust, corrected): AdaHesScale, Scaled AdaHesScale (bias-corrected h or not), Scaled Adam
-    (False, False, True),
+FORMS = [  # (gradient, trust, corrected): AdaHesScale, Scaled AdaHesScale and Scaled Adam (bias-corrected h or
+    (False, False, True),  # not), Adam's preconditioner without the scaling
     (False, True, True),
     (False, True, False),
     (True, True, True),
+    (True, True, False),
+    (True, False, True),
 ]
 
 
@@ -150,17 +152,18 @@ FORMS = [  # (gradient, trust, corrected): AdaHesScale, Scaled AdaHesScale (bias
 # torch's lerp takes one form for a weight 1 - β1 below 0.5, another above
 @pytest.mark.parametrize("beta1", [0.9, 0.3])
 def test_the_update_passes_give_the_eager_update(dtype, form, beta1):
-    """Parameters of 37 × 29 (rank-one d and written out: four rows of 8 lanes and a tail of 5 per
-    row), 300 and 3 entries, one call per pass, against ``optim._new_state`` and ``_check_sums``."""
+    """Parameters of 37 × 29 (rank-one d and written out: three blocks of 8 lanes and a tail of 5
+    per row), 300, 3 and no entries, one call per pass, against ``optim._new_state`` and
+    ``_check_sums``; the moves buffer is written up to the parameters' entries, not beyond."""
     generator = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.rand(shape, generator=generator, dtype=dtype)  # noqa: E731
     gradient, trust, corrected = form
-    shapes = [(37, 29), (37, 29), (300,), (3,)]
+    shapes = [(37, 29), (37, 29), (300,), (3,), (0,)]
     k = (1 - beta1, 0.999, 0.001, math.sqrt(1 - 0.999**2), 1e-8, -0.01 / (1 - beta1**2))
     params = [rand(*s) - 0.5 for s in shapes]
     moments = [(rand(*s) - 0.5, rand(*s) * 1e-3, rand(*s) * 1e-3 if gradient else None) for s in shapes]
     grads = [rand(*s) - 0.5 for s in shapes]
-    diagonals = [(rand(37), rand(29)), rand(37, 29), rand(300) - 0.5, rand(3)]
+    diagonals = [(rand(37), rand(29)), rand(37, 29), rand(300) - 0.5, rand(3), rand(0)]
     updates = [native.Update(*args, k) for args in zip(params, moments, grads, diagonals, strict=True)]
 
     before = [
@@ -168,8 +171,10 @@ def test_the_update_passes_give_the_eager_update(dtype, form, beta1):
     ]
     written = [t for p, m in zip(params, moments, strict=True) for t in (p, *m) if t is not None]
     copies = [t.clone() for t in written]
-    passes = native.UpdatePasses(updates, gradient, torch.empty(2 * 37 * 29 + 303 + 5, dtype=dtype))
+    moves = torch.full((2 * 37 * 29 + 303 + 5,), 7.0, dtype=dtype)
+    passes = native.UpdatePasses(updates, gradient, moves)
     sums = passes.sums(trust, corrected)
+    assert torch.equal(moves[-5:], torch.full((5,), 7.0, dtype=dtype))
     assert all(torch.equal(t, c) for t, c in zip(written, copies, strict=True))  # the first pass writes none of them
     passes.apply(0.7)
     form_ = optim._Form(gradient, trust, corrected)
@@ -184,7 +189,7 @@ def test_the_update_passes_give_the_eager_update(dtype, form, beta1):
         torch.testing.assert_close(v, new["exp_avg_sq"], rtol=2 * eps, atol=0)
         if gradient:
             torch.testing.assert_close(w, new["exp_avg_grad_sq"], rtol=2 * eps, atol=0)
-        torch.testing.assert_close(p, p0 + 0.7 * move, rtol=rtol, atol=rtol * float(p0.abs().max()))
+        torch.testing.assert_close(p, p0 + 0.7 * move, rtol=rtol, atol=rtol)  # |p| < 1
         expected = [
             0.0 if h is None else float(h.double().sum()),
             float(new["exp_avg_grad_sq"].double().sum()) if gradient else 0.0,
@@ -193,3 +198,24 @@ def test_the_update_passes_give_the_eager_update(dtype, form, beta1):
         assert list(found[:2]) == pytest.approx(expected[:2], rel=rtol, abs=1e-300)
         if not trust:
             assert list(found[2:]) == pytest.approx(expected[2:], rel=rtol, abs=rtol * float(move.abs().sum()))
+
+
+@needs_loops
+def test_update_passes_refuse_tensors_that_do_not_fit():
+    shape, k = (4, 3), (0.1, 0.999, 0.001, 0.05, 1e-8, -0.01)
+    tensors = lambda dtype: [torch.zeros(shape, dtype=dtype) for _ in range(4)]  # noqa: E731
+    p, m, v, g = tensors(torch.float64)
+    moves = torch.empty(12, dtype=torch.float64)
+    float32 = native.Update(p.float(), (m.float(), v.float(), None), g.float(), g.float(), k)
+    with pytest.raises(ValueError, match="one float dtype"):  # a float32 parameter after a float64 one
+        native.UpdatePasses(
+            [native.Update(p, (m, v, None), g, g, k), float32], False, torch.empty(24, dtype=torch.float64)
+        )
+    with pytest.raises(ValueError, match="contiguous tensors of the parameter's entries"):
+        native.UpdatePasses([native.Update(p, (m, v, None), g.T, g, k)], False, moves)
+    with pytest.raises(ValueError, match="contiguous tensors of the parameter's entries"):  # w without gradient
+        native.UpdatePasses([native.Update(p, (m, v, v), g, g, k)], False, moves)
+    with pytest.raises(ValueError, match="contiguous tensors of the parameter's entries"):  # factors of 3 × 3
+        native.UpdatePasses([native.Update(p, (m, v, None), g, (g[0], g[0]), k)], False, moves)
+    with pytest.raises(ValueError, match="moves must be a contiguous buffer"):
+        native.UpdatePasses([native.Update(p, (m, v, None), g, g, k)], False, moves[:11])

@@ -91,6 +91,8 @@ def _spy(method, calls):
 @pytest.mark.parametrize("min_size", [0, 20])
 def test_compiled_update_changes_nothing_on_divergence(engine, name, min_size, monkeypatch):
     fused_everywhere(monkeypatch, engine, min_size)
+    calls = []
+    monkeypatch.setattr(ENGINES[engine], "sums", _spy(ENGINES[engine].sums, calls))
     model, loss_fn, x, y = problem(torch.float32)
     opt = make(name, model.parameters(), lr=0.01)
     train_step(opt, model, loss_fn, x, y)
@@ -104,6 +106,13 @@ def test_compiled_update_changes_nothing_on_divergence(engine, name, min_size, m
     opt.backward(1e25 * loss_fn(model(x), y))  # finite gradients, an overflowing second moment
     with pytest.raises(Diverged, match="not finite"):
         opt.step()
+    if name == "scaled-adam":  # only Adam's second moment w overflows (h's term and the move stay finite)
+        opt.zero_grad()
+        opt.backward(loss_fn(model(x), y))
+        model[0].weight.grad[1, 2] = 1e30
+        with pytest.raises(Diverged, match="not finite"):
+            opt.step()
+    assert len(calls) == (4 if name == "scaled-adam" else 3)  # every step went through the engine's sums
     assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), params.values(), strict=True))
     for p, entries in opt.state_dict()["state"].items():
         for key, value in entries.items():
@@ -152,3 +161,31 @@ def test_the_c_loop_takes_large_parameters_only_with_one_thread(threads, monkeyp
         assert served == {"compiled": [], "native": [30, 5, 20, 4]}
     else:
         assert served == {"compiled": [30, 20], "native": [5, 4]}
+
+
+@pytest.mark.parametrize("engine", [None, "compiled", pytest.param("native", marks=needs_loops)])
+def test_a_step_advances_the_version_counters_of_the_parameters(engine, monkeypatch):
+    """As with torch's optimizers, a graph that saved the weights before a step cannot be
+    backpropagated after it: autograd sees the parameters written (the C loop writes raw memory)."""
+    fused_everywhere(monkeypatch, engine)
+    model, loss_fn, x, y = problem()
+    opt = make("adahesscale", model.parameters(), lr=0.01)
+    train_step(opt, model, loss_fn, x, y)
+    loss = loss_fn(model(x), y)
+    train_step(opt, model, loss_fn, x, y)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("engine", [None, pytest.param("native", marks=needs_loops)])
+def test_a_parameter_without_entries_is_stepped_with_the_others(engine, monkeypatch):
+    fused_everywhere(monkeypatch, engine)
+    a, empty = nn.Parameter(torch.tensor([1.0, -2.0, 0.5])), nn.Parameter(torch.zeros(0))
+    opt = make("adahessian", [a, empty], lr=0.1)
+    opt.zero_grad()
+    opt.backward((a**4).sum() + (empty**2).sum())
+    opt.step()
+    start = torch.tensor([1.0, -2.0, 0.5])  # first step: g / (|z Hz| + eps), g = 4a³, Hz = 12a² z, z = ±1
+    expected = start - 0.1 * 4 * start**3 / (12 * start**2 + 1e-4)
+    torch.testing.assert_close(a.detach(), expected, rtol=1e-6, atol=0)
+    assert empty.shape == (0,) and opt.state[empty]["step"] == 1

@@ -195,15 +195,15 @@ INLINE void rows_##SUFFIX(const int form, T *restrict p, T *restrict m, T *restr
         const T *restrict g, const T *restrict d, const T *restrict col, const T *restrict row,
         T *restrict moves, int64_t rows, int64_t cols, const T *k, T s, double acc[4][LANES]) {
     for (int64_t i = 0; i < rows; i++) {
-        const int64_t at = i * cols, r = form & RANK_ONE ? 0 : at;
+        const int64_t at = i * cols;
         T *pi = form & APPLY ? p + at : p, *wi = form & GRADIENT ? w + at : w;
-        const T ci = form & RANK_ONE ? col[i] : 0;
+        const T *di = form & RANK_ONE ? d : d + at, ci = form & RANK_ONE ? col[i] : 0;
         int64_t j = 0;
         for (; j + LANES <= cols; j += LANES)
             for (int l = 0; l < LANES; l++)
-                one_##SUFFIX(form, pi, m + at, v + at, wi, g + at, d + r, ci, row, moves + at, j + l, l, k, s, acc);
+                one_##SUFFIX(form, pi, m + at, v + at, wi, g + at, di, ci, row, moves + at, j + l, l, k, s, acc);
         for (; j < cols; j++)
-            one_##SUFFIX(form, pi, m + at, v + at, wi, g + at, d + r, ci, row, moves + at, j, 0, k, s, acc);
+            one_##SUFFIX(form, pi, m + at, v + at, wi, g + at, di, ci, row, moves + at, j, 0, k, s, acc);
     }
 }
 /* one parameter's pass (see update); its own function, not inlined, so that its pointers stay restrict */
@@ -215,7 +215,9 @@ static CLONES void one_update_##SUFFIX(T *restrict p, T *restrict m, T *restrict
     double acc[4][LANES] = {{0}};
     switch (form) { /* each flag a constant in its own loop */
     CASES
-    default: return;
+    default: /* flags no loop was compiled for: sums that fail the step's check */
+        for (int q = 0; q < 4; q++) out[q] = __builtin_nan("");
+        return;
     }
     for (int q = 0; q < 4; q++) {
         out[q] = 0;
@@ -223,22 +225,23 @@ static CLONES void one_update_##SUFFIX(T *restrict p, T *restrict m, T *restrict
     }
 }
 /* One pass of the update of n parameters. Parameter q: pointers[9 q ...] are its p, m, v, w (GRADIENT,
-   else NULL), g, d (NULL where d is rank-one: col[i] row[j]), col, row and moves, shapes[2 q ...]
-   its (rows, cols), ks[6 q ...] its coefficients. The first pass (no APPLY in form) writes only
+   else NULL), g, d (NULL where d is rank-one: col[i] row[j]), col, row and moves, shapes[3 q ...]
+   its rows, cols and whether d is rank-one, ks[6 q ...] its coefficients. The first pass (no APPLY in form) writes only
    the moves and the four sums of each parameter into out[4 q ...]; the second (APPLY, the same
    arguments) the moments, and p += scale moves. */
 void update_##SUFFIX(int64_t n, void *const *pointers, const int64_t *shapes, const double *ks,
         int64_t form, double scale, double *out) {
     for (int64_t q = 0; q < n; q++) {
         void *const *a = pointers + 9 * q;
-        one_update_##SUFFIX(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], shapes[2 * q],
-            shapes[2 * q + 1], form | (a[5] ? 0 : RANK_ONE), ks + 6 * q, scale, out + 4 * q);
+        one_update_##SUFFIX(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], shapes[3 * q],
+            shapes[3 * q + 1], form | (shapes[3 * q + 2] ? RANK_ONE : 0), ks + 6 * q, scale, out + 4 * q);
     }
 }
 """.replace("CASES", " ".join(f"case {f}: RUN(SUFFIX, {f})" for f in _FORMS)),
 )
 SOURCE += "KERNELS(float, f32)\nKERNELS(double, f64)\nUPDATE(float, f32)\nUPDATE(double, f64)\n"
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi", "-shared", "-fPIC"]
+LIBRARIES = ["-lm"]  # fma where the CPU has no instruction for it (the plain x86-64 clone)
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _ARGUMENTS = {
     "linear_pullbacks": "pppppii",
@@ -323,8 +326,9 @@ class UpdatePasses:
     the CPU, as two passes of one C call each: ``sums`` computes every entry's new moments and
     move −U and writes only the moves (into a buffer of its own); then ``apply`` writes the new
     moments and moves the parameters by scale · (−U), the square roots and divisions that bound
-    the loop not computed again. Every tensor is checked (shapes, dtype, device, contiguity) when
-    the passes are made; they must not change between the two."""
+    the loop not computed again, and autograd's version counters of the tensors it wrote are
+    advanced (as torch's in-place operations do). Every tensor is checked (shapes, dtype, device,
+    contiguity) when the passes are made; they must not change between the two."""
 
     def __init__(self, updates: list[Update], gradient: bool, moves: Tensor) -> None:
         """``gradient``: every update has Scaled Adam's w (and only then). ``moves``: a contiguous
@@ -340,6 +344,7 @@ class UpdatePasses:
         shapes: list[int] = []
         ks: list[float] = []
         self._kept: list[Tensor] = []  # alive as long as their pointers
+        self._written: list[Tensor] = []  # by ``apply``
         for u, size in zip(updates, sizes, strict=True):
             m, v, w = u.moments
             if isinstance(u.diagonal, Tensor):
@@ -354,12 +359,13 @@ class UpdatePasses:
                 and (w is not None) == gradient
                 and len(u.k) == 6
             )
-            _check(fits, "update needs contiguous tensors of the parameter's entries", whole + factors)
+            _check(fits, "update needs contiguous tensors of the parameter's entries", whole + factors + [moves])
             self._kept += whole + factors
+            self._written += [t for t in (u.param, m, v, w) if t is not None]
             ends: list[Tensor | None] = [*factors] if factors else [None, None]
             pointers += [None if t is None else t.data_ptr() for t in (u.param, m, v, w, u.grad, full, *ends)] + [at]
             at += size * step
-            shapes += [rows, size // max(rows, 1)]
+            shapes += [rows, size // max(rows, 1), bool(factors)]
             ks += u.k
         self._pointers = (ctypes.c_void_p * len(pointers))(*pointers)
         self._shapes = (ctypes.c_int64 * len(shapes))(*shapes)
@@ -377,6 +383,8 @@ class UpdatePasses:
     def apply(self, scale: float) -> None:
         """The new moments written, every parameter moved by scale · (−U) (after ``sums``)."""
         self._run(UPDATE_FLAGS["gradient"] * self._gradient + UPDATE_FLAGS["apply"], scale)
+        for t in self._written:
+            torch.autograd.graph.increment_version(t)
 
     def _run(self, flags: int, scale: float) -> None:
         _call("update", self._dtype, self._count, self._pointers, self._shapes, self._ks, flags, scale, self._out)
@@ -436,7 +444,7 @@ def _compiled() -> Path:
     if not compiler:
         raise RuntimeError("no C compiler (cc, gcc or $CC) found")
     flags = [*FLAGS, "-march=x86-64"] if platform.machine() in ("x86_64", "AMD64") else FLAGS  # clones pick more
-    key = hashlib.sha256("\0".join([SOURCE, *flags, *compiler, platform.machine(), sys.platform]).encode())
+    key = hashlib.sha256("\0".join([SOURCE, *flags, *LIBRARIES, *compiler, platform.machine(), sys.platform]).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hsbench"
     target = cache / f"native-{key.hexdigest()[:16]}.so"
     if not target.exists():
@@ -444,6 +452,7 @@ def _compiled() -> Path:
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             source, built = Path(tmp) / "native.c", Path(tmp) / "native.so"
             source.write_text(SOURCE)
-            subprocess.run([*compiler, *flags, "-o", str(built), str(source)], check=True, capture_output=True)
+            command = [*compiler, *flags, "-o", str(built), str(source), *LIBRARIES]
+            subprocess.run(command, check=True, capture_output=True)
             os.replace(built, target)
     return target
