@@ -40,8 +40,8 @@ for parameters below ``_CompiledUpdate.MIN_SIZE`` entries), and elsewhere for pa
 size or more as two loops compiled by torch.compile (``_CompiledUpdate``). Where neither serves
 (no compiler, another device) a parameter is stepped op by op, those below ``_JOIN_BELOW``
 entries joined into one vector so that each operation runs once over all of them (``_Batch``).
-As in torch's optimizers, the state of joined, compiled and C-stepped parameters is updated in place: copy
-a ``state_dict`` to keep it (``load_state_dict`` copies what it loads).
+As in torch's optimizers, the state of joined, compiled and C-stepped parameters is updated in
+place: copy a ``state_dict`` to keep it (``load_state_dict`` copies what it loads).
 """
 
 from __future__ import annotations
@@ -597,21 +597,24 @@ class DiagonalAdam(torch.optim.Optimizer):
         updates = [batch.update(form) for batch in small]
         ours, n_h, _ = _sums(small, updates, form)
         flats = [_FUSED.flat(item) for item in compiled]  # made once, for both passes
-        rows = _FUSED.sums(compiled, flats, form) if compiled else []  # per item: Σ of h's term, then Σ of each witness
-        sums = torch.cat(([torch.stack(ours)] if ours else []) + rows).tolist() if ours or rows else []
-        width = (len(sums) - len(ours)) // len(compiled) if compiled else 0
-        fused = [sums[i : i + width] for i in range(len(ours), len(sums), width)] if width else []
+        # per compiled or C-stepped item a row: Σ of h's term, then Σ of each finiteness witness
+        # (dynamo's configuration patch costs tens of µs: only where something is compiled)
+        stacked = ([torch.stack(ours)] if ours else []) + (_FUSED.sums(compiled, flats, form) if compiled else [])
+        sums = torch.cat(stacked).tolist() if stacked else []  # one synchronization
+        ours_sums, rest = sums[: len(ours)], sums[len(ours) :]
+        width = len(rest) // len(compiled) if compiled else 0
+        rows = [rest[i * width : (i + 1) * width] for i in range(len(compiled))]
         passes = _NATIVE.passes(own, form, self._moves)
-        fused += _NATIVE.sums(passes, form)
-        if not all(math.isfinite(s) for s in sums) or not all(math.isfinite(s) for row in fused for s in row):
+        rows += _NATIVE.sums(passes, form)
+        if not all(math.isfinite(s) for s in ours_sums) or not all(math.isfinite(s) for row in rows for s in row):
             return False
-        h = _total(sums[:n_h] + [row[0] for row in fused])
+        h = _total(ours_sums[:n_h] + [row[0] for row in rows])
         if not math.isfinite(h):
             return False
         scale = self._scale(h)
         for item in compiled + own:  # updated in place: on a parameter's first step, its initial zeros become its state
             self.state[item.param].update({k: v for k, v in item.old.items() if k != "step"}, step=item.t)
-        if compiled:  # (patching dynamo's configuration costs tens of µs)
+        if compiled:
             _FUSED.apply(compiled, flats, scale, form)
         for p in passes:
             p.apply(scale)
