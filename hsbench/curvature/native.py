@@ -73,9 +73,14 @@ def _macro(signature: str, body: str) -> str:
 
 
 UPDATE_FLAGS = {"gradient": 1, "trust": 2, "corrected": 4, "rank_one": 8, "apply": 16}
-_FORMS = [f for f in range(32) if not (f & 16 and f & 6) and not (f & 4 and not f & 2)]
-"""The flags that ``update`` compiles a loop for: the writing pass needs no h (no TRUST or
-CORRECTED), and CORRECTED only matters with TRUST."""
+"""``UpdatePasses``'s flags (also the C source's): ``optim._Form``'s three (Scaled Adam's
+preconditioner, step-size scaling, h from the bias-corrected v̂), d as factors, the writing pass."""
+_GRADIENT, _TRUST, _CORRECTED, _RANK_ONE, _APPLY = UPDATE_FLAGS.values()
+_FORMS = [
+    f for f in range(32) if not (f & _APPLY and f & (_TRUST | _CORRECTED)) and not (f & _CORRECTED and not f & _TRUST)
+]
+"""The flags that the update's C function has a loop for: the writing pass needs no h (no trust
+or corrected), and corrected only matters with trust."""
 
 SOURCE = r"""
 #include <stdint.h>
@@ -86,11 +91,7 @@ SOURCE = r"""
 #define CLONES
 #endif
 #define INLINE static inline __attribute__((always_inline))
-#define GRADIENT 1 /* update's flags: optim._Form's, */
-#define TRUST 2
-#define CORRECTED 4
-#define RANK_ONE 8 /* d as factors */
-#define APPLY 16 /* the writing pass */
+FLAG_DEFINES
 #define LANES 8
 #define RUN(SUFFIX, F) rows_##SUFFIX(F, p, m, v, w, g, d, col, row, moves, rows, cols, k, s, acc); break;
 #define FMA_f32 __builtin_fmaf
@@ -149,6 +150,9 @@ CLONES void probe_contraction_##SUFFIX(const uint8_t *restrict bytes, const T *r
 }
 
 """
+SOURCE = SOURCE.replace(
+    "FLAG_DEFINES", "\n".join(f"#define {name.upper()} {bit}" for name, bit in UPDATE_FLAGS.items())
+)
 SOURCE += _macro(
     "UPDATE(T, SUFFIX)",
     r"""
