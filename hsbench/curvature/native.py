@@ -72,10 +72,10 @@ def _macro(signature: str, body: str) -> str:
     return f"#define {signature} \\\n" + " \\\n".join(body.strip("\n").splitlines()) + "\n"
 
 
-UPDATE_FLAGS = {"gradient": 1, "trust": 2, "corrected": 4, "rank_one": 8, "apply": 16}
-"""``UpdatePasses``'s flags (also the C source's): ``optim._Form``'s three (Scaled Adam's
+_UPDATE_FLAGS = {"gradient": 1, "trust": 2, "corrected": 4, "rank_one": 8, "apply": 16}
+"""``UpdatePasses``'s flags (also the C source's defines): ``optim._Form``'s three (Scaled Adam's
 preconditioner, step-size scaling, h from the bias-corrected v̂), d as factors, the writing pass."""
-_GRADIENT, _TRUST, _CORRECTED, _RANK_ONE, _APPLY = UPDATE_FLAGS.values()
+_GRADIENT, _TRUST, _CORRECTED, _RANK_ONE, _APPLY = _UPDATE_FLAGS.values()
 _FORMS = [
     f for f in range(32) if not (f & _APPLY and f & (_TRUST | _CORRECTED)) and not (f & _CORRECTED and not f & _TRUST)
 ]
@@ -151,7 +151,7 @@ CLONES void probe_contraction_##SUFFIX(const uint8_t *restrict bytes, const T *r
 
 """
 SOURCE = SOURCE.replace(
-    "FLAG_DEFINES", "\n".join(f"#define {name.upper()} {bit}" for name, bit in UPDATE_FLAGS.items())
+    "FLAG_DEFINES", "\n".join(f"#define {name.upper()} {bit}" for name, bit in _UPDATE_FLAGS.items())
 )
 SOURCE += _macro(
     "UPDATE(T, SUFFIX)",
@@ -379,14 +379,13 @@ class UpdatePasses:
     def sums(self, trust: bool, corrected: bool) -> list[tuple[float, float, float, float]]:
         """Per parameter, the sums (in double) of h's term (0 without ``trust``: step-size scaling;
         ``corrected``: from the bias-corrected v̂), of w (0 without), of −U and of v."""
-        flags = UPDATE_FLAGS["gradient"] * self._gradient + UPDATE_FLAGS["trust"] * trust
-        self._run(flags + UPDATE_FLAGS["corrected"] * (trust and corrected), 0.0)
+        self._run(_GRADIENT * self._gradient | _TRUST * trust | _CORRECTED * (trust and corrected), 0.0)
         out = self._out
         return [(out[q], out[q + 1], out[q + 2], out[q + 3]) for q in range(0, 4 * self._count, 4)]
 
     def apply(self, scale: float) -> None:
         """The new moments written, every parameter moved by scale · (−U) (after ``sums``)."""
-        self._run(UPDATE_FLAGS["gradient"] * self._gradient + UPDATE_FLAGS["apply"], scale)
+        self._run(_GRADIENT * self._gradient | _APPLY, scale)
         for t in self._written:
             torch.autograd.graph.increment_version(t)
 
