@@ -13,10 +13,13 @@ from the diagonal w.r.t. the distribution's probabilities (see ``LossRule.bl89_d
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
+from hsbench.curvature import native
 from hsbench.curvature.contracts import Elementwise, ParametrizedRule
-from hsbench.curvature.modules import Linear
+from hsbench.curvature.modules import Activation, Linear, RankOne
 from hsbench.curvature.tape import Backward, Tape
 
 VARIANTS = ("hesscale", "hesscale-gn", "bl89")
@@ -31,15 +34,21 @@ def backpropagate(
     leading batch dimension and belong to each sample's own loss ℓ_n (unscaled). ``factored``:
     for a batch of one sample, the diagonals of linear layers' weights are ``RankOne`` factors,
     not tensors (for the optimizers, which never need them written out). ``gradients=False``:
-    the parameters' gradients are not computed (empty), only ∂ℓ/∂y that the diagonals need."""
+    the parameters' gradients are not computed (empty), only ∂ℓ/∂y that the diagonals need.
+    Factored with gradients, a chain of linear layers and activations is walked in C
+    (``native.diagonal_walk``, the same numbers)."""
     z = tape.output
     scale = 1.0 if per_sample else tape.scale()  # everything below is linear in (g, ŝ) at the output
     g, s = tape.loss_derivatives("grad", "bl89_diagonal" if variant == "bl89" else "hessian_diagonal")
+    factored = factored and not per_sample and z.shape[0] == 1
+    if factored and gradients:
+        walked = _walked_natively(tape, variant, g, s, scale)
+        if walked is not None:
+            return walked
     g = (scale * g).reshape(z.shape[0], 1, *z.shape[1:])
     s = (scale * s).reshape(g.shape)
     grads: dict[Tensor, Tensor] = {}
     diags: dict[Tensor, Tensor] = {}
-    factored = factored and not per_sample and z.shape[0] == 1
     for step, need_input in tape.backward_steps():
         module, rule, ctx = step.module, step.rule, step.ctx
         if isinstance(rule, Elementwise):
@@ -66,4 +75,33 @@ def backpropagate(
             g, s = g_in, s_in
         elif need_input:
             g, s = rule.vjp(module, ctx, g), rule.vjp_squared(module, ctx, s)
+    return Backward(grads, diags)
+
+
+def _walked_natively(tape: Tape, variant: str, g: Tensor, s: Tensor, scale: float) -> Backward | None:
+    """``backpropagate`` factored, with gradients, through a chain of linear layers and
+    activations, as one C call (``native.diagonal_walk``: the Python calls per module cost more
+    than the arithmetic of a batch of one); None where another module is walked or the loop
+    does not serve. ``g``, ``s``: the loss's derivatives at the output, unscaled."""
+    walked = [step for step, _ in tape.backward_steps()]
+    if not walked or not all(type(step.rule) in (Linear, Activation) for step in walked):
+        return None
+    plan: list[native.WalkLinear | native.WalkDerivatives | native.WalkActivation] = []
+    for step in walked:
+        rule = step.rule
+        if isinstance(rule, Linear):
+            plan.append(native.WalkLinear(step.parameters[0], step.ctx.x))  # a Linear's weight comes first
+        elif isinstance(rule, Activation) and rule.native is not None and not tape.shared:
+            plan.append(native.WalkActivation(rule.native, step.ctx.y))
+        else:
+            plan.append(native.WalkDerivatives(*tape.activation_derivatives(step)))
+    found = native.diagonal_walk(g, s, scale, plan, second=variant != "hesscale-gn")
+    if found is None:
+        return None
+    grads: dict[Tensor, Tensor] = {}
+    diags: dict[Tensor, Tensor] = {}
+    for step, sums in zip([step for step in walked if type(step.rule) is Linear], found, strict=True):
+        diagonal: dict[str, Any] = {"weight": RankOne(sums.s, sums.x2), "bias": sums.s}  # RankOne: see Linear
+        step.accumulate(grads, {"weight": sums.grad, "bias": sums.g})
+        step.accumulate(diags, diagonal)
     return Backward(grads, diags)

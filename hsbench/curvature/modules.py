@@ -417,10 +417,13 @@ class Conv(WeightedMap):
 
 
 class Activation(Elementwise):
-    """An activation given by a function ``(module, x, y) -> (σ'(x), σ''(x))``."""
+    """An activation given by a function ``(module, x, y) -> (σ'(x), σ''(x))``; ``native``: its
+    name in ``native.WALK_ACTIVATIONS`` where the compiled walk computes the same numbers itself."""
 
-    def __init__(self, derivatives: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]):
-        self.derivatives_fn = derivatives
+    def __init__(
+        self, derivatives: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]], native: str | None = None
+    ):
+        self.derivatives_fn, self.native = derivatives, native
 
     def derivatives(self, module: nn.Module, ctx: Context) -> tuple[Tensor, Tensor]:
         return self.derivatives_fn(module, ctx.x, ctx.y)
@@ -494,8 +497,8 @@ RULES: dict[type[nn.Module], ModuleRule] = {
     nn.Dropout: Dropout(),
     nn.ReLU: Activation(_relu),
     nn.LeakyReLU: Activation(_leaky_relu),
-    nn.Tanh: Activation(_tanh),
-    nn.Sigmoid: Activation(_sigmoid),
+    nn.Tanh: Activation(_tanh, native="tanh"),
+    nn.Sigmoid: Activation(_sigmoid, native="sigmoid"),
     nn.ELU: Activation(_elu),
     nn.SELU: Activation(_selu),
     nn.Softplus: Activation(_softplus),

@@ -81,6 +81,13 @@ _FORMS = [
 ]
 """The flags that the update's C function has a loop for: the writing pass needs no h (no trust
 or corrected), and corrected only matters with trust."""
+_WALK_STEPS = {"walk_scaled": 0, "walk_linear": 1, "walk_derivatives": 2, "walk_tanh": 3, "walk_sigmoid": 4}
+"""The C walk's kinds of step (also the C source's defines): the scaled start, a linear layer,
+an activation with σ' and σ'' given, and the activations whose derivatives it computes itself."""
+_WALK_SCALED, _WALK_LINEAR, _WALK_DERIVATIVES = (_WALK_STEPS[f"walk_{k}"] for k in ("scaled", "linear", "derivatives"))
+WALK_ACTIVATIONS = {"tanh": _WALK_STEPS["walk_tanh"], "sigmoid": _WALK_STEPS["walk_sigmoid"]}
+"""The activations whose σ', σ'' ``diagonal_walk`` computes from their output y
+(``WalkActivation``), with the roundings of ``modules._tanh`` and ``modules._sigmoid``."""
 
 SOURCE = r"""
 #include <stdint.h>
@@ -100,18 +107,6 @@ FLAG_DEFINES
 #define SQRT_f64 __builtin_sqrt
 
 #define KERNELS(T, SUFFIX)                                                                    \
-CLONES void linear_pullbacks_##SUFFIX(const T *restrict w, const T *restrict g,               \
-        const T *restrict s, T *restrict out_g, T *restrict out_s, int64_t rows, int64_t cols) { \
-    for (int64_t j = 0; j < cols; j++) { out_g[j] = 0; out_s[j] = 0; }                        \
-    for (int64_t i = 0; i < rows; i++) {                                                      \
-        const T *row = w + i * cols, gi = g[i], si = s[i];                                    \
-        for (int64_t j = 0; j < cols; j++) {                                                  \
-            const T x = row[j];                                                               \
-            out_g[j] += gi * x;                                                               \
-            out_s[j] += si * (x * x);                                                         \
-        }                                                                                     \
-    }                                                                                         \
-}                                                                                             \
 typedef T v8_##SUFFIX __attribute__((vector_size(8 * sizeof(T))));                           \
 static v8_##SUFFIX SIGNS_##SUFFIX[256];  /* row v: bit k of v as +1 or -1 */                 \
 __attribute__((constructor)) static void make_signs_##SUFFIX(void) { /* when loaded */      \
@@ -151,7 +146,7 @@ CLONES void probe_contraction_##SUFFIX(const uint8_t *restrict bytes, const T *r
 
 """
 SOURCE = SOURCE.replace(
-    "FLAG_DEFINES", "\n".join(f"#define {name.upper()} {bit}" for name, bit in _UPDATE_FLAGS.items())
+    "FLAG_DEFINES", "\n".join(f"#define {name.upper()} {n}" for name, n in {**_UPDATE_FLAGS, **_WALK_STEPS}.items())
 )
 SOURCE += _macro(
     "UPDATE(T, SUFFIX)",
@@ -243,15 +238,72 @@ void update_##SUFFIX(int64_t n, void *const *pointers, const int64_t *shapes, co
 }
 """.replace("CASES", " ".join(f"case {f}: RUN(SUFFIX, {f})" for f in _FORMS)),
 )
-SOURCE += "KERNELS(float, f32)\nKERNELS(double, f64)\nUPDATE(float, f32)\nUPDATE(double, f64)\n"
+SOURCE += _macro(
+    "WALK(T, SUFFIX)",
+    r"""
+/* a linear step y = W x: where grad is not NULL the weight's gradient g x^T (rows, cols) and x o x
+   (cols); where out_g is not NULL the pullbacks g W and s (W o W) (cols), row by row in one pass */
+static CLONES void walk_linear_##SUFFIX(const T *restrict w, const T *restrict x, const T *restrict g,
+        const T *restrict s, T *restrict grad, T *restrict x2, T *restrict out_g, T *restrict out_s,
+        int64_t rows, int64_t cols) {
+    if (grad) for (int64_t j = 0; j < cols; j++) x2[j] = x[j] * x[j];
+    if (out_g) for (int64_t j = 0; j < cols; j++) { out_g[j] = 0; out_s[j] = 0; }
+    for (int64_t i = 0; i < rows; i++) {
+        const T *row = w + i * cols, gi = g[i], si = s[i];
+        if (grad)
+            for (int64_t j = 0; j < cols; j++) grad[i * cols + j] = gi * x[j];
+        if (out_g)
+            for (int64_t j = 0; j < cols; j++) {
+                const T wj = row[j];
+                out_g[j] += gi * wj;
+                out_s[j] += si * (wj * wj);
+            }
+    }
+}
+/* an elementwise step y = sigma(x), in place: s = s d1 d1 (+ d2 g where second), g = g d1, with the
+   roundings of the torch walk's s.mul_(d1).mul_(d1).addcmul_(d2, g) and g.mul_(d1); d1 = sigma'(x)
+   and d2 = sigma''(x) read from a and b (WALK_DERIVATIVES) or computed from y in a as modules.py does */
+static CLONES void walk_elementwise_##SUFFIX(int64_t kind, const T *restrict a, const T *restrict b,
+        T *restrict g, T *restrict s, int64_t n, int64_t second) {
+    for (int64_t j = 0; j < n; j++) {
+        T d1, d2;
+        if (kind == WALK_TANH) { d1 = (T)1 - a[j] * a[j]; d2 = (T)-2 * a[j] * d1; }
+        else if (kind == WALK_SIGMOID) { d1 = a[j] * ((T)1 - a[j]); d2 = d1 * ((T)1 - (T)2 * a[j]); }
+        else { d1 = a[j]; d2 = b[j]; }
+        const T t = s[j] * d1 * d1;
+        s[j] = second ? FMA_##SUFFIX(d2, g[j], t) : t;
+        g[j] = g[j] * d1;
+    }
+}
+/* copies of g and s times scale */
+static void walk_scaled_##SUFFIX(const T *restrict g, const T *restrict s, T *restrict g_out,
+        T *restrict s_out, int64_t n, T scale) {
+    for (int64_t j = 0; j < n; j++) { g_out[j] = scale * g[j]; s_out[j] = scale * s[j]; }
+}
+/* n steps of the walk in order. Step q: shapes[3 q ...] its kind (a WALK_ define) and sizes (linear:
+   rows, cols; others: entries, 0), pointers[8 q ...] its arguments: walk_linear's w, x, g, s, grad,
+   x2, out_g, out_s; walk_elementwise's a, b, g, s; walk_scaled's g, s, g_out, s_out. second: the
+   elementwise steps' d2 g term; scale: walk_scaled's. */
+void walk_##SUFFIX(int64_t n, const int64_t *shapes, void *const *pointers, int64_t second, double scale) {
+    for (int64_t q = 0; q < n; q++) {
+        const int64_t *h = shapes + 3 * q;
+        void *const *a = pointers + 8 * q;
+        if (h[0] == WALK_LINEAR) walk_linear_##SUFFIX(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], h[1], h[2]);
+        else if (h[0] == WALK_SCALED) walk_scaled_##SUFFIX(a[0], a[1], a[2], a[3], h[1], (T)scale);
+        else walk_elementwise_##SUFFIX(h[0], a[0], a[1], a[2], a[3], h[1], second);
+    }
+}
+""",
+)
+SOURCE += "".join(f"{name}(float, f32)\n{name}(double, f64)\n" for name in ("KERNELS", "UPDATE", "WALK"))
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi", "-shared", "-fPIC"]
 LIBRARIES = ["-lm"]  # fma where the CPU has no instruction for it (the plain x86-64 clone)
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _ARGUMENTS = {
-    "linear_pullbacks": "pppppii",
     "probe_products": "pppiii",
     "probe_contraction": "pppiii",
     "update": "ipppidp",
+    "walk": "ippid",
 }
 """Each kernel's arguments: pointer (p), int64 (i), double (d)."""
 _CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "d": ctypes.c_double}
@@ -288,8 +340,106 @@ def linear_pullbacks(weight: Tensor, g: Tensor, s: Tensor) -> tuple[Tensor, Tens
     _check(g.shape == s.shape == weight.shape[:1], "g and s must have the weight's rows", [weight, g, s])
     g, s = g.contiguous(), s.contiguous()
     out_g, out_s = weight.new_empty(weight.shape[1]), weight.new_empty(weight.shape[1])
-    _call("linear_pullbacks", weight.dtype, weight, g, s, out_g, out_s, *weight.shape)
+    pointers = (weight.data_ptr(), None, g.data_ptr(), s.data_ptr(), None, None, out_g.data_ptr(), out_s.data_ptr())
+    _walk(weight.dtype, [_WALK_LINEAR, *weight.shape], list(pointers), False, 1.0)
     return out_g, out_s
+
+
+class WalkLinear(NamedTuple):
+    """A step of ``diagonal_walk`` through a linear layer y = W x (+ b): ``weight`` W (out, in)
+    and the recorded input ``x`` (``in`` entries)."""
+
+    weight: Tensor
+    x: Tensor
+
+
+class WalkDerivatives(NamedTuple):
+    """A step of ``diagonal_walk`` through an activation y = σ(x): σ'(x) and σ''(x), each with the
+    activation's entries."""
+
+    d1: Tensor
+    d2: Tensor
+
+
+class WalkActivation(NamedTuple):
+    """A step of ``diagonal_walk`` through an activation of ``WALK_ACTIVATIONS`` (``name``), its
+    derivatives computed in the loop from the recorded output ``y``."""
+
+    name: str
+    y: Tensor
+
+
+class LinearSums(NamedTuple):
+    """What ``diagonal_walk`` finds at a linear step: the weight's gradient ``grad`` = g ⊗ x
+    (out, in), ``g`` = ∂ℓ/∂y and ŝ (``s``) at the layer's output (out,) (the bias's gradient and
+    diagonal; the weight's diagonal is ŝ ⊗ x²), and ``x2`` = x ∘ x (in,)."""
+
+    grad: Tensor
+    g: Tensor
+    s: Tensor
+    x2: Tensor
+
+
+def diagonal_walk(
+    g: Tensor, s: Tensor, scale: float, steps: list[WalkLinear | WalkDerivatives | WalkActivation], second: bool
+) -> list[LinearSums] | None:
+    """HesScale's walk (``diagonal_backprop``) at batch size one through ``steps``, last module
+    first, as one C call: from scale · g and scale · ŝ at the network output (``g``, ``s``: its
+    entries), every activation makes ŝ ← σ'² ŝ (+ σ'' g if ``second``) and g ← σ' g, every linear
+    layer its weight's gradient, x², and (above the last step) the pullbacks g W and ŝ (W ∘ W) in
+    one pass as ``linear_pullbacks``. Returns the ``LinearSums`` of the linear steps in order, or
+    None where the loop does not serve: no compiler, not on the CPU, not float32 or float64, or
+    several threads and a weight of ``PARALLEL_FROM`` entries or more (torch's products are then
+    parallel). The last step must be a linear one (its input side is not computed). The numbers
+    are those of the torch walk with ``linear_pullbacks``, bit for bit: the gradient's products
+    are single roundings, and the sums run in the same order."""
+    weights = [step.weight for step in steps if isinstance(step, WalkLinear)]
+    parallel = torch.get_num_threads() > 1 and any(w.numel() >= PARALLEL_FROM for w in weights)
+    if not g.is_cpu or not available(g.dtype) or parallel:
+        return None
+    last = len(steps) - 1
+    size = g.numel()
+    sizes = [size, size]  # the scaled g and s at the output, then per linear layer x² and (but the last) its pullbacks
+    for i, step in enumerate(steps):
+        if isinstance(step, WalkLinear):
+            sizes += [step.weight.shape[-1]] * (1 if i == last else 3)
+    vectors = iter(g.new_empty(sum(sizes)).split_with_sizes(sizes))
+    g_now, s_now = next(vectors), next(vectors)
+    g, s = g.contiguous(), s.contiguous()
+    read = [g, s]  # every tensor the loop reads, checked before the call
+    fits = g.shape == s.shape and isinstance(steps[-1], WalkLinear)
+    shapes = [_WALK_SCALED, size, 0]
+    pointers = [g.data_ptr(), s.data_ptr(), g_now.data_ptr(), s_now.data_ptr(), None, None, None, None]
+    found = []
+    for i, step in enumerate(steps):
+        if isinstance(step, WalkLinear):
+            weight, x = step.weight.contiguous(), step.x.contiguous()
+            rows, cols = weight.shape
+            fits = fits and rows == size and x.numel() == cols
+            read += (weight, x)
+            grad, x2 = torch.empty_like(weight), next(vectors)
+            found.append(LinearSums(grad, g_now, s_now, x2))
+            pointers += (weight.data_ptr(), x.data_ptr(), g_now.data_ptr(), s_now.data_ptr())
+            pointers += (grad.data_ptr(), x2.data_ptr())
+            if i < last:
+                g_now, s_now, size = next(vectors), next(vectors), cols
+                pointers += (g_now.data_ptr(), s_now.data_ptr())
+            else:
+                pointers += (None, None)
+            shapes += (_WALK_LINEAR, rows, cols)
+            continue
+        if isinstance(step, WalkDerivatives):
+            kind, a, b = _WALK_DERIVATIVES, step.d1.contiguous(), step.d2.contiguous()
+        else:
+            kind, a = WALK_ACTIVATIONS[step.name], step.y.contiguous()
+            b = a
+        fits = fits and a.numel() == b.numel() == size
+        read += (a, b)
+        shapes += (kind, size, 0)
+        pointers += (a.data_ptr(), b.data_ptr(), g_now.data_ptr(), s_now.data_ptr(), None, None, None, None)
+    _check(fits, "the walk's steps must chain from g and s at the output to a last linear layer", read)
+    _walk(g.dtype, shapes, pointers, second, scale)
+    return found
 
 
 def probe_products(packed: Tensor, h: Tensor) -> Tensor:
@@ -407,6 +557,12 @@ def _check(shapes_fit: bool, message: str, tensors: list[Tensor], packed: Tensor
     if not fit:
         found = ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in everything)
         raise ValueError(f"hsbench.curvature.native: {message}, on the CPU, in one float dtype; got {found}")
+
+
+def _walk(dtype: torch.dtype, shapes: list[int], pointers: list[int | None], second: bool, scale: float) -> None:
+    """The C walk of len(shapes) // 3 steps (see ``SOURCE``'s ``walk``)."""
+    arrays = (ctypes.c_int64 * len(shapes))(*shapes), (ctypes.c_void_p * len(pointers))(*pointers)
+    _call("walk", dtype, len(shapes) // 3, *arrays, second, scale)
 
 
 def _call(kernel: str, dtype: torch.dtype, *args: Tensor | int | float | ctypes.Array) -> None:
