@@ -7,7 +7,10 @@ every optimizer's update, side by side in one process, as one table.
   forward pass of a copy registered with ``extend`` (its hooks record it), then
   ``loss_diagonals(loss, variant, factored=True)``, which also yields the gradient (at batch size
   1 the linear weights' diagonals stay rank-one factors); the others through
-  ``hsbench.curvature.diagonal`` (one sample for the Monte-Carlo ones).
+  ``hsbench.curvature.diagonal`` (one sample for the Monte-Carlo ones), as part ``backward,
+  autograd``: timed in a group of their own with the gradient again, since interleaved with the
+  exact Hessian's 8 ms tasks the 0.2 ms ones would be timed in the caches and freshly mapped
+  pages those leave behind (the gradient's median then doubled, its interquartile range half of it).
 * ``update``: one whole update (zero_grad, forward, backward, step) of every optimizer on
   networks of figure 8 (a) and (b) at batch size 1 (and depth 8 at batch size 128) and on
   DeepOBS's cifar100_3c3d network (ELU) at ``--batch-3c3d``, divided by ``torch.optim.Adam``'s
@@ -166,7 +169,10 @@ def measure(args: argparse.Namespace) -> pd.DataFrame:
     model = panel_network("b", 2).to(device)
     x, y = torch.randn(1, INPUTS, generator=gen).to(device), torch.randint(OUTPUTS_B, (1,), generator=gen).to(device)
     params = sum(p.numel() for p in model.parameters())
-    rows += rows_of("backward", "MLP 64-512-512-100 tanh, batch 1", params, run(backward_tasks(model, x, y)), GRADIENT)
+    tasks = backward_tasks(model, x, y)
+    for part, methods in (("backward", VARIANTS), ("backward, autograd", AUTOGRAD_METHODS)):
+        group = {name: tasks[name] for name in (GRADIENT, *methods)}
+        rows += rows_of(part, "MLP 64-512-512-100 tanh, batch 1", params, run(group), GRADIENT)
     for label, build, batch in update_networks(args.tiny, args.batch_3c3d):
         x, y = (t.to(device) for t in batch(gen))
         plain, extended = twin_models(build, 0, device)
@@ -188,7 +194,7 @@ def header(args: argparse.Namespace) -> str:
             f"device: {args.device}; torch threads: {torch.get_num_threads()}; clock: {args.clock}; "
             f"{args.rounds} timed rounds after {args.warmup} warm-up rounds",
             f"versions: {lib}; git {git_revision()}",
-            "ratio: median / median of the gradient-only backward (part backward) or of Adam's update "
+            "ratio: median / median of the gradient-only backward (parts backward) or of Adam's update "
             "(parts update, rl update)",
         ]
     )

@@ -137,6 +137,135 @@ def test_the_walk_with_the_kernel_equals_the_walk_without(variant, monkeypatch):
         torch.testing.assert_close(found.gradients[p], eager.gradients[p])
 
 
+def _chain(name: str, dtype: torch.dtype) -> tuple[nn.Sequential, nn.Module, torch.Tensor, torch.Tensor]:
+    """Networks of linear layers and activations whose pullbacks are all large enough for
+    ``linear_pullbacks`` (so that the torch walk sums in the compiled walk's order), batch size one."""
+    torch.manual_seed(0)
+    if name == "tanh":
+        layers = [nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 130)]
+    elif name == "sigmoid, no bias, a frozen weight":
+        layers = [nn.Linear(8, 256, bias=False), nn.Sigmoid(), nn.Linear(256, 256), nn.Sigmoid(), nn.Linear(256, 130)]
+        layers[2].weight.requires_grad_(False)
+    else:  # derivatives handed to the loop, an activation after the last layer
+        layers = [nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 256), nn.ELU(), nn.Linear(256, 130), nn.Tanh()]
+    model = extend(nn.Sequential(*layers).to(dtype))
+    if name.startswith("relu"):
+        return model, extend(nn.MSELoss()), torch.randn(1, 8, dtype=dtype), torch.randn(1, 130, dtype=dtype)
+    return model, extend(nn.CrossEntropyLoss()), torch.randn(1, 8, dtype=dtype), torch.tensor([3])
+
+
+@needs_loops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("network", ["tanh", "sigmoid, no bias, a frozen weight", "relu, elu, tanh output"])
+@pytest.mark.parametrize("variant", ["hesscale", "hesscale-gn", "bl89"])
+def test_the_compiled_walk_equals_the_torch_walk_bit_for_bit(variant, network, dtype, monkeypatch):
+    model, loss_fn, x, y = _chain(network, dtype)
+    kernel, served = native.diagonal_walk, []
+
+    def spy(*args, **kwargs):
+        found = kernel(*args, **kwargs)
+        served.append(found is not None)
+        return found
+
+    monkeypatch.setattr(native, "diagonal_walk", spy)
+    compiled = loss_diagonals(loss_fn(model(x), y), variant, factored=True)
+    assert served == [True]
+    monkeypatch.setattr(native, "diagonal_walk", lambda *args, **kwargs: None)
+    walked = loss_diagonals(loss_fn(model(x), y), variant, factored=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert list(compiled.gradients) == list(walked.gradients) and set(compiled.diagonals) == set(trainable)
+    for p in trainable:
+        assert torch.equal(compiled.gradients[p], walked.gradients[p])
+        d, e = compiled.diagonals[p], walked.diagonals[p]
+        assert isinstance(d, RankOne) == isinstance(e, RankOne) == (p.dim() == 2)
+        assert torch.equal(d.materialize(), e.materialize()) if p.dim() == 2 else torch.equal(d, e)
+
+
+def _eager_walk(g, s, scale, steps, second):
+    """``native.diagonal_walk`` op by op in torch: the LinearSums' (grad, g, s, x2) of each linear step."""
+    g, s, found = scale * g.reshape(-1), scale * s.reshape(-1), []
+    for i, step in enumerate(steps):
+        if isinstance(step, native.WalkLinear):
+            x = step.x.reshape(-1)
+            found.append((torch.outer(g, x), g, s, x.square()))
+            if i < len(steps) - 1:
+                g, s = g @ step.weight, s @ step.weight.square()
+            continue
+        if isinstance(step, native.WalkActivation):
+            y = step.y.reshape(-1)
+            d1 = 1 - y.square() if step.name == "tanh" else y * (1 - y)
+            d2 = -2 * y * d1 if step.name == "tanh" else d1 * (1 - 2 * y)
+        else:
+            d1, d2 = step.d1, step.d2
+        s = s * d1 * d1 + (d2 * g if second else 0)
+        g = g * d1
+    return found
+
+
+@needs_loops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("second", [True, False])
+def test_the_compiled_walk_gives_the_eager_walk(dtype, second):
+    """Steps of every kind, an activation above the first linear layer, odd sizes, a scale."""
+    generator = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(shape, generator=generator, dtype=dtype)  # noqa: E731
+    steps = [
+        native.WalkActivation("sigmoid", torch.rand(1, 37, generator=generator, dtype=dtype)),
+        native.WalkLinear(rand(37, 29), rand(1, 29)),
+        native.WalkActivation("tanh", rand(29).tanh()),
+        native.WalkDerivatives(rand(29), rand(29)),
+        native.WalkLinear(rand(29, 300), rand(300)),
+        native.WalkLinear(rand(300, 3), rand(1, 3)),
+    ]
+    g, s = rand(1, 37), rand(1, 37).abs()
+    found = native.diagonal_walk(g, s, 0.25, steps, second)
+    expected = _eager_walk(g, s, 0.25, steps, second)
+    assert found is not None and len(found) == len(expected) == 3
+    for sums, values in zip(found, expected, strict=True):
+        for a, b in zip(sums, values, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+@needs_loops
+def test_walks_the_compiled_loop_does_not_serve_get_none(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    big, x = torch.randn(native.PARALLEL_FROM // 256, 256), torch.randn(256)
+    g = torch.randn(big.shape[0])
+    assert native.diagonal_walk(g, g, 1.0, [native.WalkLinear(big, x)], True) is not None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # several threads: torch's parallel products
+    assert native.diagonal_walk(g, g, 1.0, [native.WalkLinear(big, x)], True) is None
+    assert native.diagonal_walk(g[:-1], g[:-1], 1.0, [native.WalkLinear(big[:-1], x)], True) is not None  # smaller
+    small = [native.WalkLinear(big[:3], x)]
+    assert native.diagonal_walk(g[:3], g[:3], 1.0, small, True) is not None
+    assert native.diagonal_walk(g[:3].half(), g[:3].half(), 1.0, small, True) is None
+    assert native.diagonal_walk(g[:3].to("meta"), g[:3].to("meta"), 1.0, small, True) is None
+
+
+@needs_loops
+def test_the_walk_of_other_modules_is_not_compiled(monkeypatch):
+    monkeypatch.setattr(native, "diagonal_walk", lambda *args, **kwargs: pytest.fail("called"))
+    model = extend(nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.0), nn.Tanh(), nn.Linear(6, 3)))
+    loss_fn = extend(nn.CrossEntropyLoss())
+    found = loss_diagonals(loss_fn(model(torch.randn(1, 4)), torch.tensor([1])), "hesscale", factored=True)
+    assert len(found.diagonals) == 4
+
+
+@needs_loops
+def test_walk_steps_that_do_not_chain_are_value_errors():
+    w, x, g = torch.randn(5, 4), torch.randn(4), torch.randn(5)
+    with pytest.raises(ValueError, match="must chain"):
+        native.diagonal_walk(g, g, 1.0, [native.WalkLinear(w, torch.randn(3))], True)  # x of another size
+    with pytest.raises(ValueError, match="must chain"):
+        native.diagonal_walk(g[:4], g[:4], 1.0, [native.WalkLinear(w, x)], True)  # g of another size
+    with pytest.raises(ValueError, match="must chain"):
+        native.diagonal_walk(g, g, 1.0, [native.WalkLinear(w, x), native.WalkDerivatives(x, x)], True)  # last
+    with pytest.raises(ValueError, match="must chain"):
+        steps = [native.WalkDerivatives(g, g[:4]), native.WalkLinear(w, x)]
+        native.diagonal_walk(g, g, 1.0, steps, True)
+    with pytest.raises(ValueError, match="one float dtype"):
+        native.diagonal_walk(g, g, 1.0, [native.WalkLinear(w.double(), x.double())], True)
+
+
 FORMS = [  # (gradient, trust, corrected): AdaHesScale, Scaled AdaHesScale and Scaled Adam (bias-corrected h or
     (False, False, True),  # not), Adam's preconditioner without the scaling
     (False, True, True),

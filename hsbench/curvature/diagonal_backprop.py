@@ -91,7 +91,7 @@ def _walked_natively(tape: Tape, variant: str, g: Tensor, s: Tensor, scale: floa
         rule = step.rule
         if isinstance(rule, Linear):
             plan.append(native.WalkLinear(step.parameters[0], step.ctx.x))  # a Linear's weight comes first
-        elif isinstance(rule, Activation) and rule.native is not None and not tape.shared:
+        elif isinstance(rule, Activation) and rule.native is not None:
             plan.append(native.WalkActivation(rule.native, step.ctx.y))
         else:
             plan.append(native.WalkDerivatives(*tape.activation_derivatives(step)))
