@@ -13,6 +13,19 @@ keep torch's products bit for bit (the reinforcement-learning policies, figure 2
 single-threaded: with more than one torch thread it serves only weights below ``PARALLEL_FROM``
 entries, larger ones take torch's parallel products.
 
+**HesScale's whole walk at batch size one** (``diagonal_walk``). What the optimizers ask for at
+batch size one (``diagonal_backprop.backpropagate``, factored, with gradients) through a chain of
+linear layers and activations, the MLPs of figure 8 and of the reinforcement-learning policies:
+each module's step is a few passes over vectors plus, per linear layer, the pullbacks above and
+the gradient's outer product g ⊗ x, yet walked from Python it is ten to twenty torch calls per
+module, which cost more than the arithmetic. Here the whole walk is one call: the linear layers
+in the pullbacks' loop at every size (bit for bit the torch walk's numbers where that walk uses
+the loop; below ``SERVES_FROM`` it takes torch's products, which sum in another order), the
+activations' updates ŝ ← σ'² ŝ + σ'' g and g ← σ' g with torch's roundings (its fused
+multiply-add included), and the derivatives σ', σ'' of tanh and sigmoid computed in the loop from
+the recorded outputs, as ``modules`` writes them (other activations hand them over). The same
+thread rule as the pullbacks'.
+
 **Rademacher probes kept as bits** (``probe_products``, ``probe_contraction``). Hutchinson's walk
 (``hutchinson_backprop``) needs two contractions of the first layer's probes Z (M, out, in), drawn
 as random bytes whose bit k gives entry 8b + k of byte b (``autograd_estimators.rademacher``):
