@@ -57,6 +57,7 @@ switches them off.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import hashlib
@@ -353,8 +354,8 @@ def linear_pullbacks(weight: Tensor, g: Tensor, s: Tensor) -> tuple[Tensor, Tens
     _check(g.shape == s.shape == weight.shape[:1], "g and s must have the weight's rows", [weight, g, s])
     g, s = g.contiguous(), s.contiguous()
     out_g, out_s = weight.new_empty(weight.shape[1]), weight.new_empty(weight.shape[1])
-    pointers = (weight.data_ptr(), None, g.data_ptr(), s.data_ptr(), None, None, out_g.data_ptr(), out_s.data_ptr())
-    _walk(weight.dtype, [_WALK_LINEAR, *weight.shape], list(pointers), False, 1.0)
+    pointers = [weight.data_ptr(), 0, g.data_ptr(), s.data_ptr(), 0, 0, out_g.data_ptr(), out_s.data_ptr()]
+    _walk(weight.dtype, [_WALK_LINEAR, *weight.shape], pointers, False, 1.0)
     return out_g, out_s
 
 
@@ -422,7 +423,7 @@ def diagonal_walk(
     read = [g, s]  # every tensor the loop reads, checked before the call
     fits = g.shape == s.shape and isinstance(steps[-1], WalkLinear)
     shapes = [_WALK_SCALED, size, 0]
-    pointers = [g.data_ptr(), s.data_ptr(), g_now.data_ptr(), s_now.data_ptr(), None, None, None, None]
+    pointers = [g.data_ptr(), s.data_ptr(), g_now.data_ptr(), s_now.data_ptr(), 0, 0, 0, 0]
     found = []
     for i, step in enumerate(steps):
         if isinstance(step, WalkLinear):
@@ -438,7 +439,7 @@ def diagonal_walk(
                 g_now, s_now, size = next(vectors), next(vectors), cols
                 pointers += (g_now.data_ptr(), s_now.data_ptr())
             else:
-                pointers += (None, None)
+                pointers += (0, 0)
             shapes += (_WALK_LINEAR, rows, cols)
             continue
         if isinstance(step, WalkDerivatives):
@@ -449,7 +450,7 @@ def diagonal_walk(
         fits = fits and a.numel() == b.numel() == size
         read += (a, b)
         shapes += (kind, size, 0)
-        pointers += (a.data_ptr(), b.data_ptr(), g_now.data_ptr(), s_now.data_ptr(), None, None, None, None)
+        pointers += (a.data_ptr(), b.data_ptr(), g_now.data_ptr(), s_now.data_ptr(), 0, 0, 0, 0)
     _check(fits, "the walk's steps must chain from g and s at the output to a last linear layer", read)
     _walk(g.dtype, shapes, pointers, second, scale)
     return found
@@ -565,17 +566,19 @@ def _check(shapes_fit: bool, message: str, tensors: list[Tensor], packed: Tensor
         and tensors[0].dtype in _SUFFIX
         and all(t.dtype == tensors[0].dtype for t in tensors)
         and (packed is None or packed.dtype == torch.uint8)
-        and all(t.device.type == "cpu" for t in everything)
+        and all(t.is_cpu for t in everything)
     )
     if not fit:
         found = ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in everything)
         raise ValueError(f"hsbench.curvature.native: {message}, on the CPU, in one float dtype; got {found}")
 
 
-def _walk(dtype: torch.dtype, shapes: list[int], pointers: list[int | None], second: bool, scale: float) -> None:
-    """The C walk of len(shapes) // 3 steps (see ``SOURCE``'s ``walk``)."""
-    arrays = (ctypes.c_int64 * len(shapes))(*shapes), (ctypes.c_void_p * len(pointers))(*pointers)
-    _call("walk", dtype, len(shapes) // 3, *arrays, second, scale)
+def _walk(dtype: torch.dtype, shapes: list[int], pointers: list[int], second: bool, scale: float) -> None:
+    """The C walk of len(shapes) // 3 steps (see ``SOURCE``'s ``walk``); 0 in ``pointers`` is NULL.
+    The arrays as ``array.array``s: built in C, where a ctypes array converts entry by entry."""
+    shape_array, pointer_array = array.array("q", shapes), array.array("Q", pointers)
+    addresses = shape_array.buffer_info()[0], pointer_array.buffer_info()[0]
+    _call("walk", dtype, len(shapes) // 3, *addresses, second, scale)
 
 
 def _call(kernel: str, dtype: torch.dtype, *args: Tensor | int | float | ctypes.Array) -> None:
