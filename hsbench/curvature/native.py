@@ -561,13 +561,10 @@ def _check(shapes_fit: bool, message: str, tensors: list[Tensor], packed: Tensor
     """ValueError unless the shapes fit, ``tensors`` share one float dtype of the loops, ``packed``
     is uint8, and all are on the CPU: the loops read raw memory, where torch would refuse."""
     everything = tensors if packed is None else [*tensors, packed]
-    fit = (
-        shapes_fit
-        and tensors[0].dtype in _SUFFIX
-        and all(t.dtype == tensors[0].dtype for t in tensors)
-        and (packed is None or packed.dtype == torch.uint8)
-        and all(t.is_cpu for t in everything)
-    )
+    dtype = tensors[0].dtype
+    fit = shapes_fit and dtype in _SUFFIX and (packed is None or packed.dtype == torch.uint8)
+    for t in everything if fit else ():  # a loop, not all(...) of generators: called once per walk
+        fit = fit and t.is_cpu and (t.dtype == dtype or t is packed)
     if not fit:
         found = ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in everything)
         raise ValueError(f"hsbench.curvature.native: {message}, on the CPU, in one float dtype; got {found}")
