@@ -181,6 +181,64 @@ def test_the_compiled_walk_equals_the_torch_walk_bit_for_bit(variant, network, d
         assert torch.equal(d.materialize(), e.materialize()) if p.dim() == 2 else torch.equal(d, e)
 
 
+@needs_loops
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_weight_used_by_two_layers_gets_the_sum_of_both_uses(compiled, monkeypatch):
+    """Weight tying: the gradient is autograd's (the sum over both uses), the diagonal the sum of both estimates."""
+    kernel, served = native.diagonal_walk, []
+
+    def spy(*args, **kwargs):
+        found = kernel(*args, **kwargs) if compiled else None
+        served.append(found is not None)
+        return found
+
+    monkeypatch.setattr(native, "diagonal_walk", spy)
+    torch.manual_seed(0)
+    first, second = nn.Linear(6, 6), nn.Linear(6, 6)
+    second.weight = first.weight
+    model = extend(nn.Sequential(first, nn.Tanh(), second, nn.Tanh(), nn.Linear(6, 3)))
+    loss_fn = extend(nn.CrossEntropyLoss())
+    x, y = torch.randn(1, 6, dtype=torch.float64), torch.tensor([2])
+    model.double()
+    loss = loss_fn(model(x), y)
+    found = loss_diagonals(loss, "hesscale", factored=True)
+    assert served == [compiled]
+    (expected,) = torch.autograd.grad(loss, [first.weight])
+    torch.testing.assert_close(found.gradients[first.weight], expected, rtol=1e-12, atol=1e-15)
+    written = loss_diagonals(loss, "hesscale").diagonals[first.weight]  # not factored: each use written out
+    assert isinstance(written, torch.Tensor)
+    torch.testing.assert_close(found.diagonals[first.weight], written, rtol=1e-12, atol=1e-15)
+
+
+@needs_loops
+def test_the_compiled_walk_finds_a_weight_registered_after_the_bias(monkeypatch):
+    torch.manual_seed(0)
+    last = nn.Linear(6, 3)
+    weight = last.weight
+    del last.weight
+    last.weight = weight  # now after the bias in _parameters
+    model = extend(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), last))
+    loss_fn = extend(nn.CrossEntropyLoss())
+    x, y = torch.randn(1, 4), torch.tensor([1])
+    compiled = loss_diagonals(loss_fn(model(x), y), "hesscale", factored=True)
+    monkeypatch.setattr(native, "diagonal_walk", lambda *args, **kwargs: None)
+    walked = loss_diagonals(loss_fn(model(x), y), "hesscale", factored=True)
+    for p in model.parameters():
+        torch.testing.assert_close(compiled.gradients[p], walked.gradients[p])
+
+
+@needs_loops
+def test_a_layer_without_outputs_leaves_the_next_layers_x2_right():
+    g = torch.randn(3)
+    steps = [
+        native.WalkLinear(torch.randn(3, 0), torch.empty(1, 0)),
+        native.WalkLinear(torch.randn(0, 4), torch.full((1, 4), 2.0)),
+    ]
+    found = native.diagonal_walk(g, g.abs(), 1.0, steps, True)
+    assert found is not None
+    assert torch.equal(found[1].x2, torch.full((4,), 4.0)) and found[1].grad.shape == (0, 4)
+
+
 def _eager_walk(g, s, scale, steps, second):
     """``native.diagonal_walk`` op by op in torch: the LinearSums' (grad, g, s, x2) of each linear step."""
     g, s, found = scale * g.reshape(-1), scale * s.reshape(-1), []

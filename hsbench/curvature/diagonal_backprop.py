@@ -13,7 +13,7 @@ from the diagonal w.r.t. the distribution's probabilities (see ``LossRule.bl89_d
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor
 
@@ -36,7 +36,8 @@ def backpropagate(
     not tensors (for the optimizers, which never need them written out). ``gradients=False``:
     the parameters' gradients are not computed (empty), only ∂ℓ/∂y that the diagonals need.
     Factored with gradients, a chain of linear layers and activations is walked in C
-    (``native.diagonal_walk``, the same numbers)."""
+    (``native.diagonal_walk``: bit for bit where this walk uses ``native.linear_pullbacks``, else
+    the same numbers to rounding)."""
     z = tape.output
     scale = 1.0 if per_sample else tape.scale()  # everything below is linear in (g, ŝ) at the output
     g, s = tape.loss_derivatives("grad", "bl89_diagonal" if variant == "bl89" else "hessian_diagonal")
@@ -86,11 +87,16 @@ def _walked_natively(tape: Tape, variant: str, g: Tensor, s: Tensor, scale: floa
     walked = [step for step, _ in tape.backward_steps()]
     if not walked or not all(type(step.rule) in (Linear, Activation) for step in walked):
         return None
+    linear = [step for step in walked if type(step.rule) is Linear]
+    weights = [cast(Tensor, step.module._parameters["weight"]) for step in linear]  # a Linear has one
+    if not native.serves_walk(g, weights):  # before any activation's derivatives are computed
+        return None
     plan: list[native.WalkLinear | native.WalkDerivatives | native.WalkActivation] = []
+    next_weight = iter(weights)
     for step in walked:
         rule = step.rule
         if isinstance(rule, Linear):
-            plan.append(native.WalkLinear(step.parameters[0], step.ctx.x))  # a Linear's weight comes first
+            plan.append(native.WalkLinear(next(next_weight), step.ctx.x))
         elif isinstance(rule, Activation) and rule.native is not None:
             plan.append(native.WalkActivation(rule.native, step.ctx.y))
         else:
@@ -100,7 +106,7 @@ def _walked_natively(tape: Tape, variant: str, g: Tensor, s: Tensor, scale: floa
         return None
     grads: dict[Tensor, Tensor] = {}
     diags: dict[Tensor, Tensor] = {}
-    for step, sums in zip([step for step in walked if type(step.rule) is Linear], found, strict=True):
+    for step, sums in zip(linear, found, strict=True):
         diagonal: dict[str, Any] = {"weight": RankOne(sums.s, sums.x2), "bias": sums.s}  # RankOne: see Linear
         step.accumulate(grads, {"weight": sums.grad, "bias": sums.g})
         step.accumulate(diags, diagonal)

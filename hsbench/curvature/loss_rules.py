@@ -114,14 +114,17 @@ class CrossEntropy(LossRule):
         if low < 0 or high >= z.shape[1]:
             raise ValueError(f"CrossEntropyLoss class targets must lie in [0, {z.shape[1]}); got {low} to {high}")
 
-    def _targets(self, z, target) -> tuple[Tensor | None, Tensor | None]:
-        """(P, None) for class probabilities: P = Σ_c p_c per sample, (N, 1). (None, rows) for class
-        indices: P = 1, the products with it (exact) left out, and p one-hot at ``rows``, the target
-        classes as (N, 1) int64 indices (torch also takes other integer class indices, e.g. uint8)."""
+    def _mass(self, z, target) -> Tensor | None:
+        """P = Σ_c p_c per sample, (N, 1); None for class indices, where P = 1 and the products
+        with it (exact) are left out, as is the one-hot p."""
         self._check(z, target)
-        if target.is_floating_point():
-            return target.sum(1, keepdim=True), None
-        return None, target.long().unsqueeze(1)
+        return target.sum(1, keepdim=True) if target.is_floating_point() else None
+
+    @staticmethod
+    def _rows(target) -> Tensor | None:
+        """For class indices the target classes as (N, 1) int64 indices, where p is one (torch also
+        takes other integer class indices, e.g. uint8); None for class probabilities."""
+        return None if target.is_floating_point() else target.long().unsqueeze(1)
 
     @staticmethod
     def _grad(q: Tensor, mass: Tensor | None, rows: Tensor | None, target) -> Tensor:
@@ -137,10 +140,10 @@ class CrossEntropy(LossRule):
         return q - q.square() if mass is None else mass * (q - q.square())
 
     def grad(self, z, target):
-        return self._grad(torch.softmax(z, 1), *self._targets(z, target), target)
+        return self._grad(torch.softmax(z, 1), self._mass(z, target), self._rows(target), target)
 
     def hessian_diagonal(self, z, target):
-        return self._hessian_diagonal(torch.softmax(z, 1), self._targets(z, target)[0])
+        return self._hessian_diagonal(torch.softmax(z, 1), self._mass(z, target))
 
     @staticmethod
     def _bl89_diagonal(q: Tensor, rows: Tensor | None, target) -> Tensor:
@@ -153,17 +156,19 @@ class CrossEntropy(LossRule):
 
     def grad_and_diagonal(self, z, target, diagonal):
         """Both from one softmax (and one conversion of class indices)."""
-        q, (mass, rows) = torch.softmax(z, 1), self._targets(z, target)
+        q, mass = torch.softmax(z, 1), self._mass(z, target)
+        rows = self._rows(target)
         d = self._bl89_diagonal(q, rows, target) if diagonal == "bl89_diagonal" else self._hessian_diagonal(q, mass)
         return self._grad(q, mass, rows, target), d
 
     def bl89_diagonal(self, z, target):
         """p ∘ q ∘ (1 − q): from ∂ℓ/∂q = −p/q and ∂²ℓ/∂q² = p/q² through the softmax's diagonal."""
-        return self._bl89_diagonal(torch.softmax(z, 1), self._targets(z, target)[1], target)
+        self._check(z, target)
+        return self._bl89_diagonal(torch.softmax(z, 1), self._rows(target), target)
 
     def hessian(self, z, target):
         """P (diag(q) − q qᵀ)."""
-        q, mass = torch.softmax(z, 1), self._targets(z, target)[0]
+        q, mass = torch.softmax(z, 1), self._mass(z, target)
         h = torch.diag_embed(q) - q.unsqueeze(2) * q.unsqueeze(1)
         return h if mass is None else mass.unsqueeze(2) * h
 
@@ -171,7 +176,7 @@ class CrossEntropy(LossRule):
         q = torch.softmax(z, 1)
         draws = torch.multinomial(q, samples, replacement=True, generator=generator)  # (N, M)
         drawn = q.new_zeros((*draws.shape, z.shape[1])).scatter_(2, draws.unsqueeze(2), 1.0)  # one-hot
-        mass = self._targets(z, target)[0]
+        mass = self._mass(z, target)
         return q.unsqueeze(1) - drawn if mass is None else mass.sqrt().unsqueeze(2) * (q.unsqueeze(1) - drawn)
 
 

@@ -255,12 +255,13 @@ void update_##SUFFIX(int64_t n, void *const *pointers, const int64_t *shapes, co
 SOURCE += _macro(
     "WALK(T, SUFFIX)",
     r"""
-/* a linear step y = W x: where grad is not NULL the weight's gradient g x^T (rows, cols) and x o x
-   (cols); where out_g is not NULL the pullbacks g W and s (W o W) (cols), row by row in one pass */
+/* a linear step y = W x: where grad is not NULL the weight's gradient g x^T (rows, cols), where x2
+   is not NULL x o x (cols), where out_g is not NULL the pullbacks g W and s (W o W) (cols), row by
+   row in one pass (a tensor without entries may come as NULL: its loop has no iterations) */
 static CLONES void walk_linear_##SUFFIX(const T *restrict w, const T *restrict x, const T *restrict g,
         const T *restrict s, T *restrict grad, T *restrict x2, T *restrict out_g, T *restrict out_s,
         int64_t rows, int64_t cols) {
-    if (grad) for (int64_t j = 0; j < cols; j++) x2[j] = x[j] * x[j];
+    if (x2) for (int64_t j = 0; j < cols; j++) x2[j] = x[j] * x[j];
     if (out_g) for (int64_t j = 0; j < cols; j++) { out_g[j] = 0; out_s[j] = 0; }
     for (int64_t i = 0; i < rows; i++) {
         const T *row = w + i * cols, gi = g[i], si = s[i];
@@ -394,6 +395,14 @@ class LinearSums(NamedTuple):
     x2: Tensor
 
 
+def serves_walk(g: Tensor, weights: list[Tensor]) -> bool:
+    """Whether ``diagonal_walk`` serves a walk from ``g`` through linear layers of ``weights``: a
+    compiler was found, on the CPU, in float32 or float64, and with several torch threads no
+    weight of ``PARALLEL_FROM`` entries or more (torch's products are then parallel)."""
+    parallel = torch.get_num_threads() > 1 and any(w.numel() >= PARALLEL_FROM for w in weights)
+    return g.is_cpu and available(g.dtype) and not parallel
+
+
 def diagonal_walk(
     g: Tensor, s: Tensor, scale: float, steps: list[WalkLinear | WalkDerivatives | WalkActivation], second: bool
 ) -> list[LinearSums] | None:
@@ -402,14 +411,10 @@ def diagonal_walk(
     entries), every activation makes ŝ ← σ'² ŝ (+ σ'' g if ``second``) and g ← σ' g, every linear
     layer its weight's gradient, x², and (above the last step) the pullbacks g W and ŝ (W ∘ W) in
     one pass as ``linear_pullbacks``. Returns the ``LinearSums`` of the linear steps in order, or
-    None where the loop does not serve: no compiler, not on the CPU, not float32 or float64, or
-    several threads and a weight of ``PARALLEL_FROM`` entries or more (torch's products are then
-    parallel). The last step must be a linear one (its input side is not computed). The numbers
-    are those of the torch walk with ``linear_pullbacks``, bit for bit: the gradient's products
-    are single roundings, and the sums run in the same order."""
-    weights = [step.weight for step in steps if isinstance(step, WalkLinear)]
-    parallel = torch.get_num_threads() > 1 and any(w.numel() >= PARALLEL_FROM for w in weights)
-    if not g.is_cpu or not available(g.dtype) or parallel:
+    None where the loop does not serve (``serves_walk``). The last step must be a linear one (its
+    input side is not computed). The numbers are those of the torch walk with ``linear_pullbacks``,
+    bit for bit: the gradient's products are single roundings, and the sums run in the same order."""
+    if not serves_walk(g, [step.weight for step in steps if isinstance(step, WalkLinear)]):
         return None
     last = len(steps) - 1
     size = g.numel()
@@ -421,7 +426,7 @@ def diagonal_walk(
     g_now, s_now = next(vectors), next(vectors)
     g, s = g.contiguous(), s.contiguous()
     read = [g, s]  # every tensor the loop reads, checked before the call
-    fits = g.shape == s.shape and isinstance(steps[-1], WalkLinear)
+    fits = g.shape == s.shape and len(steps) > 0 and isinstance(steps[-1], WalkLinear)
     shapes = [_WALK_SCALED, size, 0]
     pointers = [g.data_ptr(), s.data_ptr(), g_now.data_ptr(), s_now.data_ptr(), 0, 0, 0, 0]
     found = []

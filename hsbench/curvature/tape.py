@@ -41,8 +41,8 @@ class Step:
         ``_parameters``: ``getattr`` goes through ``nn.Module.__getattr__``, in Python."""
         for local, value in values.items():
             p = self.module._parameters[local]
-            if p is not None and p.requires_grad and into.setdefault(p, value) is not value:  # p's second use
-                into[p] = into[p] + value
+            if p is not None and p.requires_grad:
+                into[p] = into[p] + value if p in into else value
 
 
 @dataclass
