@@ -50,7 +50,7 @@ from hsbench.optim import OPTIMIZERS
 from hsbench.problems import get as get_problem
 from hsbench.rl import networks, ppo
 from hsbench.rl.training import make_optimizer
-from hsbench.timing import CLOCKS, Task, interleaved, summary
+from hsbench.timing import CLOCKS, Task, interleaved, steady_allocator, summary
 
 AUTOGRAD_METHODS = ("exact", "ggn", "ggn-mc", "hutchinson", "kfac")  # through hsbench.curvature.diagonal
 GRADIENT = "gradient (autograd)"
@@ -186,7 +186,7 @@ def measure(args: argparse.Namespace) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def header(args: argparse.Namespace) -> str:
+def header(args: argparse.Namespace, steady: bool) -> str:
     lib = ", ".join(f"{k} {v}" for k, v in versions().items())
     return "\n".join(
         [
@@ -194,6 +194,9 @@ def header(args: argparse.Namespace) -> str:
             f"device: {args.device}; torch threads: {torch.get_num_threads()}; clock: {args.clock}; "
             f"{args.rounds} timed rounds after {args.warmup} warm-up rounds",
             f"versions: {lib}; git {git_revision()}",
+            "allocator: "
+            + ("glibc's, mmap and trim thresholds raised" if steady else "the C library's default")
+            + " (hsbench.timing.steady_allocator)",
             "ratio: median / median of the gradient-only backward (parts backward) or of Adam's update "
             "(parts update, rl update)",
         ]
@@ -224,8 +227,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
+    steady = steady_allocator()
     table = measure(args)
-    text = f"{header(args)}\n\n{table.to_markdown(index=False)}\n"
+    text = f"{header(args, steady)}\n\n{table.to_markdown(index=False)}\n"
     print(text, end="")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

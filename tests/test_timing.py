@@ -1,6 +1,8 @@
 """Figure 8 (kind ``update-time``) at smoke scale through the CLI, the interleaved timer, and the bench's table.
 No timing assertions: only what was measured, on which networks, and that everything runs."""
 
+import ctypes
+import platform
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from hsbench.cli import main
 from hsbench.curvature.diagonal_backprop import VARIANTS
 from hsbench.experiments.update_time import panel_network
 from hsbench.optim import OPTIMIZERS
-from hsbench.timing import interleaved
+from hsbench.timing import interleaved, steady_allocator
 
 
 def test_figure8_smoke_records_true_parameter_counts_and_plots(tmp_path):
@@ -135,3 +137,34 @@ def test_original_implementation_harness_runs_on_the_originals_stack(tmp_path):
     (row,) = [line for line in text.splitlines() if line.startswith("| 16 |")]
     adam_ms, adahesscale, adahesscale_gn = (float(cell) for cell in row.strip("| ").split(" | ")[2:])
     assert adam_ms > 0 and adahesscale > 0 and adahesscale_gn > 0
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in [
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        ]
+    ]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_the_bench_raises_glibcs_allocator_thresholds_and_says_so(capsys, tmp_path):
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = _Mallinfo2, ctypes.c_void_p, [ctypes.c_void_p]
+    assert steady_allocator()
+    mapped = libc.mallinfo2().hblks
+    block = libc.malloc(48 << 20)  # above glibc's largest default threshold (32 MB): mapped unless raised
+    assert block and libc.mallinfo2().hblks == mapped
+    libc.free(block)
+    bench.main(["--tiny", "--rounds", "2", "--warmup", "0", "--batch-3c3d", "2", "--out", str(tmp_path / "bench.md")])
+    assert "allocator: glibc's, mmap and trim thresholds raised" in capsys.readouterr().out
