@@ -25,6 +25,10 @@ every optimizer's update, side by side in one process, as one table.
 
 Within each network all methods are interleaved round-robin in random order (``hsbench.timing``);
 the table gives the median and the interquartile range over ``--rounds`` calls after ``--warmup``.
+First, glibc's allocator is told to keep tensors of up to 64 MB on its heap
+(``hsbench.timing.steady_allocator``, named in the header): with its default thresholds, which
+adjust themselves to earlier allocations, a task's large tensors were in some processes mapped
+and page-faulted in anew every round, and the medians measured that.
 The table is printed and written to ``--out`` (default ``plots/bench.md``, which the README links).
 """
 
