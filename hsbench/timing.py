@@ -36,7 +36,7 @@ def steady_allocator() -> bool:
     tensors of up to ``MMAP_THRESHOLD`` bytes come from the heap and are reused, not mapped and
     page-faulted in anew whenever another task happened to free theirs. With glibc's default,
     self-adjusting thresholds that depends on the order of earlier allocations: in ``make bench``
-    the same gradient-only backward took 0.19 ms in one process and 0.64 ms in the next. False
+    the same gradient-only backward took 0.20 ms in one process and 0.64 ms in the next. False
     where the C library has no ``mallopt`` (not glibc): nothing changed."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:
