@@ -37,8 +37,11 @@ def steady_allocator() -> bool:
     page-faulted in anew whenever another task happened to free theirs. With glibc's default,
     self-adjusting thresholds that depends on the order of earlier allocations: in ``make bench``
     the same gradient-only backward took 0.20 ms in one process and 0.64 ms in the next. False
-    where the C library has no ``mallopt`` (not glibc): nothing changed."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    where the C library has no ``mallopt`` or refuses it (not glibc): nothing changed."""
+    try:
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    except (OSError, TypeError):  # no C library to load by that name (Windows)
+        return False
     if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h's parameter numbers

@@ -15,10 +15,10 @@ entries, larger ones take torch's parallel products.
 
 **HesScale's whole walk at batch size one** (``diagonal_walk``). What the optimizers ask for at
 batch size one (``diagonal_backprop.backpropagate``, factored, with gradients) through a chain of
-linear layers and activations, the MLPs of figure 8 and of the reinforcement-learning policies:
-each module's step is a few passes over vectors plus, per linear layer, the pullbacks above and
-the gradient's outer product g ⊗ x, yet walked from Python it is ten to twenty torch calls per
-module, which cost more than the arithmetic. Here the whole walk is one call: the linear layers
+linear layers and activations, such as the MLPs of figure 8: each module's step is a few passes
+over vectors plus, per linear layer, the pullbacks above and the gradient's outer product g ⊗ x,
+yet walked from Python it is ten to twenty torch calls per module, which cost more than the
+arithmetic. Here the whole walk is one call: the linear layers
 in the pullbacks' loop at every size (bit for bit the torch walk's numbers where that walk uses
 the loop; below ``SERVES_FROM`` it takes torch's products, which sum in another order), the
 activations' updates ŝ ← σ'² ŝ + σ'' g and g ← σ' g with torch's roundings (its fused
