@@ -544,9 +544,9 @@ class DiagonalAdam(torch.optim.Optimizer):
             )
         with flush_denormals():
             items = self._items(self._diagonal)
-            native = [_NATIVE.applies(item) for item in items]
-            own = [item for item, n in zip(items, native, strict=True) if n]
-            compiled = [item for item, n in zip(items, native, strict=True) if not n and _FUSED.applies(item)]
+            in_c = [_NATIVE.applies(item) for item in items]  # not named native: that is the module
+            own = [item for item, c in zip(items, in_c, strict=True) if c]
+            compiled = [item for item, c in zip(items, in_c, strict=True) if not c and _FUSED.applies(item)]
             chosen = {id(item) for item in compiled + own}
             small = self._batches([item for item in items if id(item) not in chosen])
             if items and not (chosen and self._fused_step(compiled, own, small)):

@@ -112,7 +112,7 @@ SOURCE = r"""
 #define CLONES
 #endif
 #define INLINE static inline __attribute__((always_inline))
-FLAG_DEFINES
+DEFINES
 #define LANES 8
 #define RUN(SUFFIX, F) rows_##SUFFIX(F, p, m, v, w, g, d, col, row, moves, rows, cols, k, s, acc); break;
 #define FMA_f32 __builtin_fmaf
@@ -160,7 +160,7 @@ CLONES void probe_contraction_##SUFFIX(const uint8_t *restrict bytes, const T *r
 
 """
 SOURCE = SOURCE.replace(
-    "FLAG_DEFINES", "\n".join(f"#define {name.upper()} {n}" for name, n in {**_UPDATE_FLAGS, **_WALK_STEPS}.items())
+    "DEFINES", "\n".join(f"#define {name.upper()} {n}" for name, n in {**_UPDATE_FLAGS, **_WALK_STEPS}.items())
 )
 SOURCE += _macro(
     "UPDATE(T, SUFFIX)",
