@@ -164,12 +164,12 @@ def test_the_compiled_walk_equals_the_torch_walk_bit_for_bit(variant, network, d
 
     def spy(*args, **kwargs):
         found = kernel(*args, **kwargs)
-        served.append(found is not None)
+        served.append(None if found is None else [sums.grad is None for sums in found])
         return found
 
     monkeypatch.setattr(native, "diagonal_walk", spy)
     compiled = loss_diagonals(loss_fn(model(x), y), variant, factored=True)
-    assert served == [True]
+    assert served == [[False, "frozen" in network, False]]  # last layer first: no gradient for the frozen weight
     monkeypatch.setattr(native, "diagonal_walk", lambda *args, **kwargs: None)
     walked = loss_diagonals(loss_fn(model(x), y), variant, factored=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -231,8 +231,8 @@ def test_the_compiled_walk_finds_a_weight_registered_after_the_bias(monkeypatch)
 def test_a_layer_without_outputs_leaves_the_next_layers_x2_right():
     g = torch.randn(3)
     steps = [
-        native.WalkLinear(torch.randn(3, 0), torch.empty(1, 0)),
-        native.WalkLinear(torch.randn(0, 4), torch.full((1, 4), 2.0)),
+        native.WalkLinear(torch.randn(3, 0, requires_grad=True), torch.empty(1, 0)),
+        native.WalkLinear(torch.randn(0, 4, requires_grad=True), torch.full((1, 4), 2.0)),
     ]
     found = native.diagonal_walk(g, g.abs(), 1.0, steps, True)
     assert found is not None
@@ -245,7 +245,7 @@ def _eager_walk(g, s, scale, steps, second):
     for i, step in enumerate(steps):
         if isinstance(step, native.WalkLinear):
             x = step.x.reshape(-1)
-            found.append((torch.outer(g, x), g, s, x.square()))
+            found.append((torch.outer(g, x) if step.weight.requires_grad else None, g, s, x.square()))
             if i < len(steps) - 1:
                 g, s = g @ step.weight, s @ step.weight.square()
             continue
@@ -264,16 +264,16 @@ def _eager_walk(g, s, scale, steps, second):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("second", [True, False])
 def test_the_compiled_walk_gives_the_eager_walk(dtype, second):
-    """Steps of every kind, an activation above the first linear layer, odd sizes, a scale."""
+    """Steps of every kind, an activation above the first linear layer, odd sizes, a scale, a frozen weight."""
     generator = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(shape, generator=generator, dtype=dtype)  # noqa: E731
     steps = [
         native.WalkActivation("sigmoid", torch.rand(1, 37, generator=generator, dtype=dtype)),
-        native.WalkLinear(rand(37, 29), rand(1, 29)),
+        native.WalkLinear(rand(37, 29).requires_grad_(), rand(1, 29)),
         native.WalkActivation("tanh", rand(29).tanh()),
         native.WalkDerivatives(rand(29), rand(29)),
-        native.WalkLinear(rand(29, 300), rand(300)),
-        native.WalkLinear(rand(300, 3), rand(1, 3)),
+        native.WalkLinear(rand(29, 300), rand(300)),  # frozen: no gradient
+        native.WalkLinear(rand(300, 3).requires_grad_(), rand(1, 3)),
     ]
     g, s = rand(1, 37), rand(1, 37).abs()
     found = native.diagonal_walk(g, s, 0.25, steps, second)

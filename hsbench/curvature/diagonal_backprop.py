@@ -108,6 +108,6 @@ def _walked_natively(tape: Tape, variant: str, g: Tensor, s: Tensor, scale: floa
     diags: dict[Tensor, Tensor] = {}
     for step, sums in zip(linear, found, strict=True):
         diagonal: dict[str, Any] = {"weight": RankOne(sums.s, sums.x2), "bias": sums.s}  # RankOne: see Linear
-        step.accumulate(grads, {"weight": sums.grad, "bias": sums.g})
+        step.accumulate(grads, {"bias": sums.g} if sums.grad is None else {"weight": sums.grad, "bias": sums.g})
         step.accumulate(diags, diagonal)
     return Backward(grads, diags)

@@ -386,10 +386,11 @@ class WalkActivation(NamedTuple):
 
 class LinearSums(NamedTuple):
     """What ``diagonal_walk`` finds at a linear step: the weight's gradient ``grad`` = g ⊗ x
-    (out, in), ``g`` = ∂ℓ/∂y and ŝ (``s``) at the layer's output (out,) (the bias's gradient and
-    diagonal; the weight's diagonal is ŝ ⊗ x²), and ``x2`` = x ∘ x (in,)."""
+    (out, in; None, and not computed, for a weight that does not require it), ``g`` = ∂ℓ/∂y and ŝ
+    (``s``) at the layer's output (out,) (the bias's gradient and diagonal; the weight's diagonal
+    is ŝ ⊗ x²), and ``x2`` = x ∘ x (in,)."""
 
-    grad: Tensor
+    grad: Tensor | None
     g: Tensor
     s: Tensor
     x2: Tensor
@@ -409,7 +410,7 @@ def diagonal_walk(
     """HesScale's walk (``diagonal_backprop``) at batch size one through ``steps``, last module
     first, as one C call: from scale · g and scale · ŝ at the network output (``g``, ``s``: its
     entries), every activation makes ŝ ← σ'² ŝ (+ σ'' g if ``second``) and g ← σ' g, every linear
-    layer its weight's gradient, x², and (above the last step) the pullbacks g W and ŝ (W ∘ W) in
+    layer its weight's gradient (where the weight requires one), x², and (above the last step) the pullbacks g W and ŝ (W ∘ W) in
     one pass as ``linear_pullbacks``. Returns the ``LinearSums`` of the linear steps in order, or
     None where the loop does not serve (``serves_walk``). The last step must be a linear one (its
     input side is not computed). The numbers are those of the torch walk with ``linear_pullbacks``,
@@ -436,10 +437,10 @@ def diagonal_walk(
             rows, cols = weight.shape
             fits = fits and rows == size and x.numel() == cols
             read += (weight, x)
-            grad, x2 = torch.empty_like(weight), next(vectors)
+            grad, x2 = torch.empty_like(weight) if step.weight.requires_grad else None, next(vectors)
             found.append(LinearSums(grad, g_now, s_now, x2))
             pointers += (weight.data_ptr(), x.data_ptr(), g_now.data_ptr(), s_now.data_ptr())
-            pointers += (grad.data_ptr(), x2.data_ptr())
+            pointers += (0 if grad is None else grad.data_ptr(), x2.data_ptr())
             if i < last:
                 g_now, s_now, size = next(vectors), next(vectors), cols
                 pointers += (g_now.data_ptr(), s_now.data_ptr())
