@@ -114,7 +114,7 @@ def test_ppo_losses_equal_cleanrl():
         actor, critic, PPOLoss("gaussian"), nn.MSELoss(), obs, actions, old_logprobs, advantages, returns
     )
 
-    # CleanRL's ppo_continuous_action, unclipped value loss
+    # CleanRL's ppo_continuous_action, unclipped value loss without CleanRL's 0.5 (the authors' MSELoss)
     mean = actor[:-1](obs)
     newlogprob = Normal(mean, actor[-1].log_std.exp()).log_prob(actions).sum(1)
     ratio = (newlogprob - old_logprobs).exp()
@@ -122,7 +122,7 @@ def test_ppo_losses_equal_cleanrl():
     pg_loss1 = -mb_advantages * ratio
     pg_loss2 = -mb_advantages * torch.clamp(ratio, 0.8, 1.2)
     expected_pg = torch.max(pg_loss1, pg_loss2).mean()
-    expected_v = 0.5 * ((critic(obs).view(-1) - returns) ** 2).mean()
+    expected_v = ((critic(obs).view(-1) - returns) ** 2).mean()
     assert ((ratio - 1).abs() > 0.2).any() and ((ratio - 1).abs() < 0.2).any()
     torch.testing.assert_close(pg_loss, expected_pg)
     torch.testing.assert_close(v_loss, expected_v)

@@ -410,11 +410,12 @@ def diagonal_walk(
     """HesScale's walk (``diagonal_backprop``) at batch size one through ``steps``, last module
     first, as one C call: from scale · g and scale · ŝ at the network output (``g``, ``s``: its
     entries), every activation makes ŝ ← σ'² ŝ (+ σ'' g if ``second``) and g ← σ' g, every linear
-    layer its weight's gradient (where the weight requires one), x², and (above the last step) the pullbacks g W and ŝ (W ∘ W) in
-    one pass as ``linear_pullbacks``. Returns the ``LinearSums`` of the linear steps in order, or
-    None where the loop does not serve (``serves_walk``). The last step must be a linear one (its
-    input side is not computed). The numbers are those of the torch walk with ``linear_pullbacks``,
-    bit for bit: the gradient's products are single roundings, and the sums run in the same order."""
+    layer its weight's gradient (where the weight requires one), x², and (above the last step)
+    the pullbacks g W and ŝ (W ∘ W) in one pass as ``linear_pullbacks``. Returns the
+    ``LinearSums`` of the linear steps in order, or None where the loop does not serve
+    (``serves_walk``). The last step must be a linear one (its input side is not computed). The
+    numbers are those of the torch walk with ``linear_pullbacks``, bit for bit: the gradient's
+    products are single roundings, and the sums run in the same order."""
     if not serves_walk(g, [step.weight for step in steps if isinstance(step, WalkLinear)]):
         return None
     last = len(steps) - 1

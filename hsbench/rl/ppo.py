@@ -2,11 +2,12 @@
 authors ran (section 7): one environment, rollouts of 2048 steps, 10 epochs of 32 minibatches
 (64 samples), GAE (γ 0.99, λ 0.95), clipped surrogate (0.2) with advantages normalized per
 minibatch, observation and reward normalization, no learning-rate annealing, no entropy bonus, no
-gradient clipping, an unclipped value loss 0.5·mean((V − R)²), and one optimizer per network.
+gradient clipping, an unclipped value loss mean((V − R)²) (the authors' ``nn.MSELoss()``, where
+CleanRL's one optimizer weighs 0.5·mean((V − R)²) by 0.5), and one optimizer per network.
 
 Any optimizer of ``hsbench.optim`` drives both networks through the shared loop
 ``opt.zero_grad(); opt.backward(loss); opt.step()``; the actor's loss is ``PPOLoss`` on the
-actor's output ``[μ, 2·log_std]``, the critic's ``0.5 * MSELoss``, so curvature optimizers see
+actor's output ``[μ, 2·log_std]``, the critic's ``MSELoss``, so curvature optimizers see
 losses they have exact last-layer diagonals for.
 
 Acting uses a NumPy copy of the actor (``NumpyPolicy``); values and the behaviour policy's
@@ -152,9 +153,10 @@ def losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The minibatch's clipped surrogate and value loss: obs (B, obs_dim), actions (B, act_dim),
     old log-probabilities, advantages and returns (B,). Advantages are normalized over the
-    minibatch, (A − mean) / (std + 1e-8) with the unbiased std; the value loss is
-    0.5·mean((V − R)²), written ``0.5 * mse`` so that curvature optimizers can read it."""
+    minibatch, (A − mean) / (std + 1e-8) with the unbiased std; the value loss is mean((V − R)²)
+    (the critic has its own optimizer: a factor would only rescale its loss, which changes the
+    step-size scaling's η by the factor's inverse square root)."""
     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     pg_loss = pg_loss_fn(actor(obs), (actions, advantages, old_logprobs))
-    v_loss = 0.5 * mse_fn(critic(obs), returns[:, None])
+    v_loss = mse_fn(critic(obs), returns[:, None])
     return pg_loss, v_loss
