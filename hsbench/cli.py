@@ -22,6 +22,7 @@ import sys
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
+from typing import NoReturn
 
 from hsbench import data, report
 from hsbench.check import DEFAULT_ATOL, DEFAULT_RTOL, compare
@@ -87,14 +88,20 @@ def _refused() -> tuple[type[Exception], ...]:
     return executors.SubmitError, executors.QueueUnavailable, data.DownloadError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (its subcommands' too), its errors in one line with exit code 2 as every
+    other error here: the usage it would print first is what ``--help`` is for."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hsbench", description="Run and plot the experiments declared in experiments/*.toml."
-    )
+    parser = _Parser(prog="hsbench", description="Run and plot the experiments declared in experiments/*.toml.")
     parser.add_argument("--version", action="version", version=f"hsbench {version('hsbench')}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    p = sub.add_parser("list", help="list experiments and their scales")
+    p: argparse.ArgumentParser = sub.add_parser("list", help="list experiments and their scales")
     p.add_argument("--experiments", type=Path, default=EXPERIMENTS_DIR, help="folder of specs (default: experiments/)")
     p.set_defaults(command=cmd_list)
 

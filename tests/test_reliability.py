@@ -390,6 +390,23 @@ def test_a_run_claimed_by_another_process_is_not_executed_twice(tmp_path):
 # 7. Docs match behaviour
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["run", "quadratic", "--jobs", "abc"], "hsbench run: error: argument --jobs: invalid int value: 'abc'"),
+        (["runn", "quadratic"], "hsbench: error: argument COMMAND: invalid choice: 'runn'"),
+        (["status", "quadratic", "--wait"], "hsbench: error: unrecognized arguments: --wait"),
+        ([], "hsbench: error: the following arguments are required: COMMAND"),
+    ],
+)
+def test_argument_errors_are_one_line_with_exit_code_2(argv, expected, capsys):
+    """argparse's own errors too (a mistyped flag or command), not its usage block first."""
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    assert one_line(capsys.readouterr().err).startswith(expected)
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--version"])
