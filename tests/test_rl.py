@@ -83,6 +83,54 @@ def test_normalized_reward_is_reward_over_std_of_discounted_return():
         assert step.reward == pytest.approx(expected, rel=1e-3)  # the 1e-4 prior of the statistics
 
 
+def test_time_feature_is_the_authors_elapsed_time():
+    """The authors' ``AddTimeInfo``: −0.5 at a reset and after an episode's first step, then
+    1 / (time limit) more per step; appended before normalization, so the observation statistics
+    average it over every observation seen (the last of an episode and the next one's first)."""
+    env, plain = NormalizedEnv(ENV, seed=0, time_feature=True), NormalizedEnv(ENV, seed=0)
+    assert env.obs_dim == plain.obs_dim + 1 and env.obs.shape == (env.obs_dim,)
+    limit, seen, done_once = env.max_episode_steps, [-0.5], False
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        action = rng.uniform(-3, 3, env.act_dim)
+        step, twin = env.step(action), plain.step(action)
+        length = step.episode[1] if step.done else env.episode_length
+        seen.append(-0.5 + (length - 1) / limit)
+        if step.done:
+            seen.append(-0.5)
+            done_once = True
+        assert step.reward == twin.reward and step.done == twin.done  # the task itself is unchanged
+    assert done_once and seen[2] == -0.5 + 1 / limit
+    np.testing.assert_allclose(env.obs_rms.mean[-1], np.mean(seen), rtol=1e-3)  # the 1e-4 prior count
+    np.testing.assert_allclose(env.obs_rms.mean[:-1], plain.obs_rms.mean, rtol=1e-12)
+
+
+def test_a2c_keeps_torch_initialization_and_the_time_feature(monkeypatch):
+    """As the authors' A2C runs: ``nn.Linear``'s own initialization, the elapsed time observed."""
+    seen = {}
+
+    def start_agent(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(a2c, "start_agent", start_agent)
+    with pytest.raises(RuntimeError, match="stop"):
+        a2c.train(ENV, "adam", 1e-3, seed=0, total_steps=10)
+    assert seen == {"time_feature": True, "init": "torch"}
+    torch.manual_seed(0)
+    actor, critic = networks.actor(4, 2, init="torch"), networks.critic(4, init="torch")
+    torch.manual_seed(0)
+    expected = [nn.Linear(4, 64), nn.Linear(64, 64), nn.Linear(64, 2), nn.Linear(4, 64), nn.Linear(64, 64)]
+    expected.append(nn.Linear(64, 1))
+    linears = [m for m in [*actor, *critic] if isinstance(m, nn.Linear)]
+    assert all(
+        torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias) for a, b in zip(linears, expected, strict=True)
+    )
+    assert torch.equal(actor[-1].log_std, torch.zeros(2))
+    with pytest.raises(ValueError, match="unknown init 'xavier'"):
+        networks.actor(4, 2, init="xavier")
+
+
 def test_gae_equals_cleanrl():
     """CleanRL's loop, where dones[t] flags that observation t starts a new episode."""
     rng = np.random.default_rng(0)

@@ -8,8 +8,10 @@ actor and critic after every 5 steps or at the end of an episode, whichever come
     critic loss mean_t (V(s_t) − R_t)²                (``MSELoss``, the authors' plain MSE),
 
 γ 0.99, no entropy bonus, no gradient clipping, one optimizer per network. Values are those of the
-critic before the update. The policy is the same Gaussian actor as PPO's (state-independent
-log-std; the authors' runs used a separate variance network).
+critic before the update. As in the authors' A2C runs (not CleanRL's PPO settings): the networks
+keep ``nn.Linear``'s initialization (``networks``, ``init="torch"``), and each observation carries
+the episode's elapsed time (``NormalizedEnv``, ``time_feature``). The policy is PPO's Gaussian
+actor (state-independent log-std; the authors' runs used a separate variance network).
 
 Acting uses a NumPy copy of the actor (``NumpyPolicy``), refreshed after every update.
 """
@@ -52,7 +54,8 @@ def train(
     if n_steps < 1 or record_every < 1:
         raise ValueError(f"n_steps and record_every must be positive; got {n_steps} and {record_every}")
     pg_loss_fn, mse_fn = PolicyGradientLoss("gaussian", variance="log"), nn.MSELoss()
-    agent = start_agent(env_id, seed, gamma, (pg_loss_fn, mse_fn), optimizer, lr, optimizer_options or {}, ctx)
+    losses, options = (pg_loss_fn, mse_fn), optimizer_options or {}
+    agent = start_agent(env_id, seed, gamma, losses, optimizer, lr, options, ctx, time_feature=True, init="torch")
     env, actor, critic, policy, rng = agent.env, agent.actor, agent.critic, agent.policy, agent.rng
     actor_opt, critic_opt, metrics = agent.actor_opt, agent.critic_opt, agent.metrics
 

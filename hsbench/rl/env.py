@@ -71,9 +71,13 @@ class Step:
 
 class NormalizedEnv:
     """``env_id`` (a gymnasium MuJoCo task such as "Hopper-v5") seeded with ``seed``, with
-    normalized observations and rewards (``gamma`` is the reward normalizer's discount)."""
+    normalized observations and rewards (``gamma`` is the reward normalizer's discount).
 
-    def __init__(self, env_id: str, seed: int, gamma: float = 0.99):
+    ``time_feature``: each observation gets one more entry before it is normalized, the episode's
+    elapsed time as the authors' A2C runs added it (their ``AddTimeInfo`` wrapper): −0.5 at a
+    reset and after the first step, then 1 / (time limit) more after each further step."""
+
+    def __init__(self, env_id: str, seed: int, gamma: float = 0.99, time_feature: bool = False):
         try:
             spec = gym.spec(env_id)
         except gym.error.Error as error:
@@ -84,7 +88,8 @@ class NormalizedEnv:
         assert isinstance(env.observation_space, gym.spaces.Box) and isinstance(env.action_space, gym.spaces.Box)
         self.env: MujocoEnv = env
         self.max_episode_steps: int = spec.max_episode_steps
-        self.obs_dim, self.act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        self.time_feature = time_feature
+        self.obs_dim, self.act_dim = env.observation_space.shape[0] + time_feature, env.action_space.shape[0]
         self.action_low, self.action_high = env.action_space.low, env.action_space.high
         self.gamma = gamma
         self.obs_rms = RunningMeanStd((self.obs_dim,))
@@ -94,6 +99,8 @@ class NormalizedEnv:
         self.obs = self._normalize_obs(self.env.reset(seed=seed)[0])
 
     def _normalize_obs(self, obs: np.ndarray) -> np.ndarray:
+        if self.time_feature:  # episode_length: the steps taken in this episode so far
+            obs = np.append(obs, -0.5 + max(self.episode_length - 1, 0) / self.max_episode_steps)
         self.obs_rms.update(obs)
         normalized = (obs - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + EPSILON)
         return np.clip(normalized, -CLIP, CLIP).astype(np.float32)

@@ -6,8 +6,10 @@
   state-independent parameter (CleanRL's ``actor_logstd``), initialized to 0.
 * ``critic(obs_dim)``: ``Sequential(Linear, Tanh, Linear, Tanh, Linear)``, output (N, 1).
 
-Initialization as CleanRL's ``layer_init``: orthogonal weights with gain √2, the actor's last
-layer gain 0.01, the critic's 1.0; biases 0.
+Initialization (``init``): ``"cleanrl"``, CleanRL's ``layer_init`` (the authors' PPO): orthogonal
+weights with gain √2, the actor's last layer gain 0.01, the critic's 1.0, biases 0; ``"torch"``,
+``nn.Linear``'s own (the authors' A2C networks).
+``log_std`` starts at 0 with either.
 
 ``NumpyPolicy`` holds a float32 NumPy copy of the actor (refreshed with ``load`` after every
 update): a 2×64 forward on one observation costs a fraction of torch's per-call overhead.
@@ -33,24 +35,30 @@ def _layer(n_in: int, n_out: int, gain: float) -> nn.Linear:
     return layer
 
 
-def _mlp(n_in: int, n_out: int, last_gain: float) -> list[nn.Module]:
+INITS = ("cleanrl", "torch")
+
+
+def _mlp(n_in: int, n_out: int, last_gain: float, init: str) -> list[nn.Module]:
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
+    layer = _layer if init == "cleanrl" else lambda n_in, n_out, gain: nn.Linear(n_in, n_out)
     return [
-        _layer(n_in, HIDDEN, math.sqrt(2)),
+        layer(n_in, HIDDEN, math.sqrt(2)),
         nn.Tanh(),
-        _layer(HIDDEN, HIDDEN, math.sqrt(2)),
+        layer(HIDDEN, HIDDEN, math.sqrt(2)),
         nn.Tanh(),
-        _layer(HIDDEN, n_out, last_gain),
+        layer(HIDDEN, n_out, last_gain),
     ]
 
 
-def actor(obs_dim: int, act_dim: int) -> nn.Sequential:
+def actor(obs_dim: int, act_dim: int, init: str = "cleanrl") -> nn.Sequential:
     """The Gaussian policy network (see the module docstring); draws from torch's global generator."""
-    return nn.Sequential(*_mlp(obs_dim, act_dim, 0.01), GaussianHead(act_dim, init_log_std=0.0))
+    return nn.Sequential(*_mlp(obs_dim, act_dim, 0.01, init), GaussianHead(act_dim, init_log_std=0.0))
 
 
-def critic(obs_dim: int) -> nn.Sequential:
+def critic(obs_dim: int, init: str = "cleanrl") -> nn.Sequential:
     """The state-value network; draws from torch's global generator."""
-    return nn.Sequential(*_mlp(obs_dim, 1, 1.0))
+    return nn.Sequential(*_mlp(obs_dim, 1, 1.0, init))
 
 
 class NumpyPolicy:

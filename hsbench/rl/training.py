@@ -155,12 +155,15 @@ def start_agent(
     lr: float,
     options: dict,
     ctx,
+    time_feature: bool = False,
+    init: str = "cleanrl",
 ) -> Agent:
-    """Seed, build the environment and the 2x64 tanh actor and critic with one optimizer each, on the
-    actor's and the critic's loss module in ``losses``, and resume from ``ctx``'s checkpoint if any."""
+    """Seed, build the environment (``NormalizedEnv``, ``time_feature``) and the 2x64 tanh actor
+    and critic (``networks``, ``init``) with one optimizer each, on the actor's and the critic's
+    loss module in ``losses``, and resume from ``ctx``'s checkpoint if any."""
     torch.manual_seed(seed)
-    env = NormalizedEnv(env_id, seed, gamma)
-    actor, critic = networks.actor(env.obs_dim, env.act_dim), networks.critic(env.obs_dim)
+    env = NormalizedEnv(env_id, seed, gamma, time_feature)
+    actor, critic = networks.actor(env.obs_dim, env.act_dim, init), networks.critic(env.obs_dim, init)
     agent = Agent(
         env=env,
         actor=actor,
