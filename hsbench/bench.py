@@ -17,7 +17,7 @@ every optimizer's update, side by side in one process, as one table.
   (defaults, plain ``loss.backward()``);
   measured as in the ``update-time`` kind (``hsbench.experiments.update_time``).
 * ``rl update``: one PPO minibatch update as ``hsbench.rl.ppo`` makes it (clipped surrogate of the
-  actor and 0.5·MSE of the critic, then per network zero_grad, backward, step; one optimizer per
+  actor and the MSE of the critic, then per network zero_grad, backward, step; one optimizer per
   network from ``hsbench.rl.training.make_optimizer``), minibatch 64, CleanRL's 2×64 tanh networks
   at Hopper-v5's sizes, for Adam, AdaHesScale, Scaled AdaHesScale and Scaled Adam, divided by Adam's;
   on the CPU (as the RL kinds), ten times ``--rounds`` and ``--warmup`` calls (an update takes
