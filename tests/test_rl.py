@@ -15,7 +15,7 @@ from torch.distributions import Normal
 
 from hsbench.engine.runner import RunContext
 from hsbench.losses import PPOLoss
-from hsbench.rl import a2c, networks, ppo
+from hsbench.rl import a2c, networks, ppo, training
 from hsbench.rl.env import NormalizedEnv, RunningMeanStd
 
 ENV = "InvertedPendulum-v5"  # cheap, and random actions end its episodes within a few steps
@@ -100,7 +100,9 @@ def test_time_feature_is_the_authors_elapsed_time():
             seen.append(-0.5)
             done_once = True
         assert step.reward == twin.reward and step.done == twin.done  # the task itself is unchanged
-    assert done_once and seen[2] == -0.5 + 1 / limit
+        normalized = (seen[-1] - env.obs_rms.mean[-1]) / np.sqrt(env.obs_rms.var[-1] + 1e-8)  # the agent's entry
+        assert step.obs[-1] == pytest.approx(np.clip(normalized, -10, 10), rel=1e-5, abs=1e-6)
+    assert done_once and len(seen) > 4 and seen[2] == -0.5 + 1 / limit
     np.testing.assert_allclose(env.obs_rms.mean[-1], np.mean(seen), rtol=1e-3)  # the 1e-4 prior count
     np.testing.assert_allclose(env.obs_rms.mean[:-1], plain.obs_rms.mean, rtol=1e-12)
 
@@ -129,6 +131,12 @@ def test_a2c_keeps_torch_initialization_and_the_time_feature(monkeypatch):
     assert torch.equal(actor[-1].log_std, torch.zeros(2))
     with pytest.raises(ValueError, match="unknown init 'xavier'"):
         networks.actor(4, 2, init="xavier")
+    # ``start_agent`` hands both on: the environment observes the time, the networks take it in
+    agent = training.start_agent(ENV, 0, 0.99, (nn.MSELoss(), nn.MSELoss()), "adam", 1e-3, {}, None, **seen)
+    assert agent.env.time_feature and agent.env.obs_dim == NormalizedEnv(ENV, 0).obs_dim + 1
+    torch.manual_seed(0)
+    first = nn.Linear(agent.env.obs_dim, 64)  # the actor's first layer as nn.Linear draws it
+    assert torch.equal(agent.actor[0].weight, first.weight) and agent.critic[0].in_features == agent.env.obs_dim
 
 
 def test_gae_equals_cleanrl():

@@ -5,7 +5,8 @@
 ±10, NormalizeReward, clip to ±10, gymnasium 1.x semantics), plus the episode's time limit and an
 immediate reset at the end of an episode, written out so that ``state_dict()`` holds everything
 a resumed run needs to continue bit for bit: the complete MuJoCo ``MjData``, the environment's
-random generator, the episode in progress and the normalizers' statistics.
+random generator, the episode in progress and the normalizers' statistics. ``time_feature=True``
+adds the authors' A2C observation entry, the episode's elapsed time (``NormalizedEnv``).
 
 Conventions: observations handed to the agent are float32 of shape (obs_dim,), normalized by the
 running statistics *including* the observation itself (gymnasium updates before normalizing);
