@@ -107,7 +107,9 @@ def _walked_natively(tape: Tape, variant: str, g: Tensor, s: Tensor, scale: floa
     grads: dict[Tensor, Tensor] = {}
     diags: dict[Tensor, Tensor] = {}
     for step, sums in zip(linear, found, strict=True):
+        # a frozen weight's grad is None: ``accumulate`` skips parameters that require no gradient
+        gradient: dict[str, Any] = {"weight": sums.grad, "bias": sums.g}
         diagonal: dict[str, Any] = {"weight": RankOne(sums.s, sums.x2), "bias": sums.s}  # RankOne: see Linear
-        step.accumulate(grads, {"bias": sums.g} if sums.grad is None else {"weight": sums.grad, "bias": sums.g})
+        step.accumulate(grads, gradient)
         step.accumulate(diags, diagonal)
     return Backward(grads, diags)

@@ -28,26 +28,26 @@ from hsbench.losses import GaussianHead
 HIDDEN = 64
 
 
-def _layer(n_in: int, n_out: int, gain: float) -> nn.Linear:
-    layer = nn.Linear(n_in, n_out)
-    nn.init.orthogonal_(layer.weight, gain)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
 INITS = ("cleanrl", "torch")
+
+
+def _layer(n_in: int, n_out: int, gain: float, init: str) -> nn.Linear:
+    layer = nn.Linear(n_in, n_out)  # nn.Linear's own initialization: "torch"
+    if init == "cleanrl":
+        nn.init.orthogonal_(layer.weight, gain)
+        nn.init.zeros_(layer.bias)
+    return layer
 
 
 def _mlp(n_in: int, n_out: int, last_gain: float, init: str) -> list[nn.Module]:
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
-    layer = _layer if init == "cleanrl" else lambda n_in, n_out, gain: nn.Linear(n_in, n_out)
     return [
-        layer(n_in, HIDDEN, math.sqrt(2)),
+        _layer(n_in, HIDDEN, math.sqrt(2), init),
         nn.Tanh(),
-        layer(HIDDEN, HIDDEN, math.sqrt(2)),
+        _layer(HIDDEN, HIDDEN, math.sqrt(2), init),
         nn.Tanh(),
-        layer(HIDDEN, n_out, last_gain),
+        _layer(HIDDEN, n_out, last_gain, init),
     ]
 
 
